@@ -1,0 +1,12 @@
+#pragma once
+
+/// advtrain: adversarial training for NLP models on LibTorch.
+/// This umbrella header brings in every strategy and the Trainer.
+
+#include <advtrain/attacker.h>
+#include <advtrain/fgm.h>
+#include <advtrain/fgsm.h>
+#include <advtrain/norm.h>
+#include <advtrain/pgd.h>
+#include <advtrain/trainer.h>
+#include <advtrain/version.h>

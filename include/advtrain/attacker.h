@@ -1,0 +1,419 @@
+#pragma once
+
+#include <advtrain/norm.h>
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+
+/// Runs the model on the current batch and returns its output (logits).
+using ForwardFunction = std::function<torch::Tensor()>;
+/// Turns the model's output into a scalar loss.
+using LossFunction = std::function<torch::Tensor(const torch::Tensor&)>;
+
+/// What one `Trainer::step` did.
+struct StepResult {
+  /// Loss of the clean (unperturbed) pass.
+  double loss = 0.0;
+  /// Loss of the last adversarial pass.
+  double adv_loss = 0.0;
+  /// Forward+backward passes run.
+  int64_t passes = 0;
+  /// ‖δ‖ of the last perturbation applied (0 when none was applied).
+  double perturbation_norm = 0.0;
+};
+
+/// Picks the parameters of `module` whose names contain `name_contains`, like
+/// the `emb_name` of the Python implementations. Throws std::invalid_argument,
+/// listing the available names, when nothing matches.
+inline std::vector<torch::Tensor> select_parameters(
+    const torch::nn::Module& module, const std::string& name_contains);
+
+namespace detail {
+
+/// Names and tensors of the parameters of `module` that contain `pattern`.
+inline std::pair<std::vector<std::string>, std::vector<torch::Tensor>>
+select_named(const torch::nn::Module& module, const std::string& pattern) {
+  std::vector<std::string> names;
+  std::vector<torch::Tensor> tensors;
+  std::vector<std::string> all;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+    all.push_back(item.key());
+    if (item.key().find(pattern) != std::string::npos) {
+      names.push_back(item.key());
+      tensors.push_back(item.value());
+    }
+  }
+  if (tensors.empty()) {
+    throw std::invalid_argument(fmt::format(
+        "advtrain: no parameter name contains \"{}\"; available: [{}]",
+        pattern,
+        fmt::join(all, ", ")));
+  }
+  return {std::move(names), std::move(tensors)};
+}
+
+/// Every tensor of `a`, then those of `b` that are not already in it.
+inline std::vector<torch::Tensor> union_of(
+    std::vector<torch::Tensor> a, const std::vector<torch::Tensor>& b) {
+  std::unordered_set<const void*> seen;
+  for (const auto& t : a) {
+    seen.insert(t.unsafeGetTensorImpl());
+  }
+  for (const auto& t : b) {
+    if (seen.insert(t.unsafeGetTensorImpl()).second) {
+      a.push_back(t);
+    }
+  }
+  return a;
+}
+
+/// The parameters of every param group of `optimizer`.
+inline std::vector<torch::Tensor> optimizer_parameters(
+    const torch::optim::Optimizer& optimizer) {
+  std::vector<torch::Tensor> params;
+  for (const auto& group : optimizer.param_groups()) {
+    params = union_of(std::move(params), group.params());
+  }
+  return params;
+}
+
+/// One batch's worth of work for a strategy's protocol: the closures, the
+/// optimizer and the parameters whose gradients the step owns. Gradients are
+/// cleared by dropping them (like `zero_grad(set_to_none=true)`) and moved,
+/// never copied, when a protocol sets them aside.
+struct StepContext {
+  torch::optim::Optimizer& optimizer;
+  const ForwardFunction& forward;
+  const LossFunction& loss_fn;
+  const std::vector<torch::Tensor>& params;
+  int64_t passes = 0;
+
+  /// Forward, loss and `backward(loss * scale)`; returns the loss, detached.
+  torch::Tensor pass(double scale = 1.0) {
+    const torch::Tensor out = forward();
+    const torch::Tensor loss = loss_fn(out);
+    TORCH_CHECK(
+        loss.defined() && loss.numel() == 1,
+        "advtrain: the loss function must return a scalar, got a tensor of "
+        "shape ",
+        loss.defined() ? loss.sizes() : torch::IntArrayRef{});
+    TORCH_CHECK(
+        loss.requires_grad(),
+        "advtrain: the loss does not require grad; is the model's forward run "
+        "under NoGradGuard?");
+    if (scale == 1.0) {
+      loss.backward();
+    } else {
+      (loss * scale).backward();
+    }
+    ++passes;
+    return loss.detach();
+  }
+
+  /// Moves every gradient out (leaving them undefined) and returns them.
+  std::vector<torch::Tensor> take_grads() const {
+    std::vector<torch::Tensor> grads;
+    grads.reserve(params.size());
+    for (const auto& p : params) {
+      grads.push_back(std::move(p.mutable_grad()));
+      p.mutable_grad() = torch::Tensor();
+    }
+    return grads;
+  }
+
+  /// Puts gradients taken by `take_grads` back, replacing the current ones.
+  void put_grads(std::vector<torch::Tensor> grads) const {
+    for (size_t i = 0; i < params.size(); ++i) {
+      params[i].mutable_grad() = std::move(grads[i]);
+    }
+  }
+
+  /// Drops every gradient (the next backward starts from zero).
+  void clear_grads() const {
+    for (const auto& p : params) {
+      p.mutable_grad() = torch::Tensor();
+    }
+  }
+};
+
+} // namespace detail
+
+class Trainer;
+
+/// Base of every strategy: it backs up the target tensors (embedding tables)
+/// before the first perturbation, moves them along their gradient by the
+/// strategy's rule, and puts them back bit for bit. It also saves and restores
+/// the gradients of the parameters it watches, for PGD-style loops.
+///
+/// No call leaves the targets perturbed when it throws.
+class Attacker {
+ public:
+  virtual ~Attacker() = default;
+  Attacker(const Attacker&) = delete;
+  Attacker& operator=(const Attacker&) = delete;
+  Attacker(Attacker&&) = default;
+  Attacker& operator=(Attacker&&) = default;
+
+  /// Backs the targets up if they are not perturbed yet, then moves them along
+  /// their current gradient by the strategy's rule.
+  void attack() {
+    attack(/*is_first_attack=*/!is_perturbed());
+  }
+
+  /// PGD-style: the first attack of a sequence backs the targets up. The backup
+  /// is taken whenever the targets are not perturbed and never overwritten
+  /// while they are (that case warns: a `restore()` is missing), so `restore()`
+  /// always returns to the weights of before the first attack.
+  void attack(bool is_first_attack) {
+    std::vector<torch::Tensor> grads = target_grads();
+    torch::NoGradGuard no_grad;
+    if (!is_perturbed()) {
+      backup_.reserve(targets_.size());
+      for (const auto& t : targets_) {
+        backup_.push_back(t.detach().clone());
+      }
+      on_backup();
+    } else if (is_first_attack) {
+      TORCH_WARN(
+          "advtrain: attack(is_first_attack=true) while the targets are still "
+          "perturbed (restore() was not called after the last attack); the "
+          "original backup is kept");
+    }
+    try {
+      double sq = 0.0;
+      for (size_t i = 0; i < targets_.size(); ++i) {
+        if (grads[i].defined()) {
+          torch::Tensor w = targets_[i].detach();
+          const double n = perturb(i, w, grads[i], backup_[i]);
+          sq += n * n;
+        }
+      }
+      perturbation_norm_ = std::sqrt(sq);
+    } catch (...) {
+      restore();
+      throw;
+    }
+  }
+
+  /// Puts the backed-up targets back, bit for bit; a no-op when nothing is
+  /// backed up.
+  void restore() {
+    if (!is_perturbed()) {
+      return;
+    }
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < targets_.size(); ++i) {
+      targets_[i].detach().copy_(backup_[i]);
+    }
+    backup_.clear();
+  }
+
+  /// Saves a copy of the `.grad` of every watched parameter (those whose grad
+  /// is undefined are skipped).
+  void backup_grad() {
+    TORCH_CHECK(
+        !watched_.empty(),
+        "advtrain: backup_grad() has no parameters to watch; build the "
+        "attacker from a module or call watch_grads(parameters) first");
+    grad_backup_.clear();
+    grad_backup_.reserve(watched_.size());
+    for (const auto& p : watched_) {
+      const auto& g = p.grad();
+      grad_backup_.push_back(g.defined() ? g.detach().clone() : g);
+    }
+  }
+
+  /// Puts the gradients saved by `backup_grad()` back in place of the current
+  /// ones (parameters skipped there are left alone). The backup is handed over,
+  /// not copied: a second call without a new `backup_grad()` does nothing.
+  void restore_grad() {
+    for (size_t i = 0; i < grad_backup_.size(); ++i) {
+      if (grad_backup_[i].defined()) {
+        watched_[i].mutable_grad() = std::move(grad_backup_[i]);
+      }
+    }
+    grad_backup_.clear();
+  }
+
+  /// Sets the parameters whose gradients `backup_grad()`/`restore_grad()`
+  /// handle (`Trainer` gives it the optimizer's parameters when none are set).
+  void watch_grads(std::vector<torch::Tensor> params) {
+    grad_backup_.clear();
+    watched_ = std::move(params);
+  }
+
+  /// The tensors this attacker perturbs.
+  const std::vector<torch::Tensor>& targets() const noexcept {
+    return targets_;
+  }
+  /// Their names (parameter names, or "target[i]" when built from tensors).
+  const std::vector<std::string>& target_names() const noexcept {
+    return names_;
+  }
+  /// The parameters whose gradients are watched.
+  const std::vector<torch::Tensor>& watched() const noexcept {
+    return watched_;
+  }
+  /// Whether the targets are perturbed (backed up and not yet restored).
+  bool is_perturbed() const noexcept {
+    return !backup_.empty();
+  }
+  /// ‖δ‖ of the last `attack()` (all targets together).
+  double perturbation_norm() const noexcept {
+    return perturbation_norm_;
+  }
+
+ protected:
+  /// `what` names the strategy in error messages.
+  Attacker(std::vector<torch::Tensor> targets, const char* what)
+      : targets_(std::move(targets)) {
+    for (size_t i = 0; i < targets_.size(); ++i) {
+      names_.push_back(fmt::format("target[{}]", i));
+    }
+    check_targets(what);
+  }
+
+  Attacker(
+      const torch::nn::Module& module,
+      const std::string& name_contains,
+      const char* what) {
+    auto selected = detail::select_named(module, name_contains);
+    names_ = std::move(selected.first);
+    targets_ = std::move(selected.second);
+    watched_ = module.parameters(/*recurse=*/true);
+    check_targets(what);
+  }
+
+  /// Moves target `i` (`w`, its data) along its gradient `g`; `origin` is its
+  /// backed-up value. Returns ‖δᵢ‖ after the move. Runs under NoGradGuard.
+  virtual double perturb(
+      size_t i,
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      const torch::Tensor& origin) = 0;
+
+  /// Called once right after the targets are backed up.
+  virtual void on_backup() {}
+
+  /// The strategy's protocol for one batch (see SPEC §3); called by Trainer,
+  /// which restores weights and gradients if it throws.
+  virtual StepResult run_step(detail::StepContext& ctx) = 0;
+
+  /// The protocol of FGSM and FGM: clean pass, one attack, adversarial pass,
+  /// restore, optimizer step.
+  StepResult run_single_attack(detail::StepContext& ctx) {
+    StepResult r;
+    r.loss = ctx.pass().item<double>();
+    attack();
+    r.perturbation_norm = perturbation_norm_;
+    r.adv_loss = ctx.pass().item<double>();
+    restore();
+    ctx.optimizer.step();
+    return r;
+  }
+
+  friend class Trainer;
+
+ private:
+  void check_targets(const char* what) {
+    TORCH_CHECK(
+        !targets_.empty(), "advtrain: ", what, " needs at least one target");
+    for (size_t i = 0; i < targets_.size(); ++i) {
+      const auto& t = targets_[i];
+      TORCH_CHECK(
+          t.defined(), "advtrain: ", what, ": ", names_[i], " is undefined");
+      TORCH_CHECK(
+          t.is_floating_point(),
+          "advtrain: ",
+          what,
+          ": ",
+          names_[i],
+          " must be a floating-point tensor, got ",
+          t.scalar_type());
+      TORCH_CHECK(
+          t.requires_grad(),
+          "advtrain: ",
+          what,
+          ": ",
+          names_[i],
+          " does not require grad, so it never gets a gradient to attack "
+          "along");
+      for (size_t j = 0; j < i; ++j) {
+        TORCH_CHECK(
+            !targets_[j].is_same(t),
+            "advtrain: ",
+            what,
+            ": ",
+            names_[i],
+            " is the same tensor as ",
+            names_[j]);
+      }
+    }
+  }
+
+  /// The targets' gradients, checked; undefined where a target got none.
+  std::vector<torch::Tensor> target_grads() const {
+    std::vector<torch::Tensor> grads;
+    bool any = false;
+    for (size_t i = 0; i < targets_.size(); ++i) {
+      const torch::Tensor& g = targets_[i].grad();
+      if (g.defined()) {
+        TORCH_CHECK(
+            !g.is_sparse(),
+            "advtrain: the gradient of ",
+            names_[i],
+            " is sparse (nn::EmbeddingOptions().sparse(true)); sparse "
+            "gradients are not supported: use a dense embedding");
+        TORCH_CHECK(
+            g.sizes() == targets_[i].sizes() &&
+                g.scalar_type() == targets_[i].scalar_type() &&
+                g.device() == targets_[i].device(),
+            "advtrain: the gradient of ",
+            names_[i],
+            " (",
+            g.scalar_type(),
+            g.sizes(),
+            " on ",
+            g.device(),
+            ") does not match the tensor (",
+            targets_[i].scalar_type(),
+            targets_[i].sizes(),
+            " on ",
+            targets_[i].device(),
+            ")");
+        any = true;
+      }
+      grads.push_back(g);
+    }
+    TORCH_CHECK(
+        any,
+        "advtrain: attack() found no gradient on [",
+        fmt::format("{}", fmt::join(names_, ", ")),
+        "]; run the loss's backward() first");
+    return grads;
+  }
+
+  std::vector<torch::Tensor> targets_;
+  std::vector<std::string> names_;
+  std::vector<torch::Tensor> backup_;
+  std::vector<torch::Tensor> watched_;
+  std::vector<torch::Tensor> grad_backup_;
+  double perturbation_norm_ = 0.0;
+};
+
+inline std::vector<torch::Tensor> select_parameters(
+    const torch::nn::Module& module, const std::string& name_contains) {
+  return detail::select_named(module, name_contains).second;
+}
+
+} // namespace advtrain

@@ -1,0 +1,97 @@
+#pragma once
+
+#include <advtrain/attacker.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+namespace detail {
+
+/// The fast-gradient step shared by FGSM and FGM: one step of size ε in the
+/// steepest-ascent direction of `Norm`, no projection.
+template <typename Norm, typename Options>
+class FastGradient : public Attacker {
+ public:
+  const Options& options() const noexcept {
+    return options_;
+  }
+
+ protected:
+  FastGradient(std::vector<torch::Tensor> params, Options o, const char* what)
+      : Attacker(std::move(params), what), options_(std::move(o)) {
+    check(what);
+  }
+  FastGradient(
+      const torch::nn::Module& module,
+      const std::string& name_contains,
+      Options o,
+      const char* what)
+      : Attacker(module, name_contains, what), options_(std::move(o)) {
+    check(what);
+  }
+
+  double perturb(
+      size_t /*i*/,
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      const torch::Tensor& /*origin*/) override {
+    return Norm::step(w, g, options_.epsilon());
+  }
+
+  StepResult run_step(StepContext& ctx) override {
+    return run_single_attack(ctx);
+  }
+
+ private:
+  void check(const char* what) const {
+    TORCH_CHECK(
+        options_.epsilon() > 0,
+        what,
+        ": Invalid epsilon: ",
+        options_.epsilon(),
+        " (must be > 0)");
+  }
+
+  Options options_;
+};
+
+} // namespace detail
+
+/// Options of FGM (Miyato et al., ICLR 2017).
+struct FGMOptions {
+  /// Radius ε: the perturbation is `ε * g / ‖g‖`.
+  TORCH_ARG(double, epsilon) = 1.0;
+};
+
+/// Fast Gradient Method: `δ = ε * g / ‖g‖` (L2), one adversarial pass.
+class FGM : public detail::FastGradient<L2, FGMOptions> {
+ public:
+  explicit FGM(std::vector<torch::Tensor> params, FGMOptions options = {})
+      : FastGradient(std::move(params), std::move(options), "FGM") {}
+  FGM(const torch::nn::Module& module,
+      const std::string& name_contains,
+      FGMOptions options = {})
+      : FastGradient(module, name_contains, std::move(options), "FGM") {}
+};
+
+/// Options of FGSM (Goodfellow et al., ICLR 2015).
+struct FGSMOptions {
+  /// Per-element size ε: the perturbation is `ε * sign(g)`.
+  TORCH_ARG(double, epsilon) = 0.01;
+};
+
+/// Fast Gradient Sign Method: `δ = ε * sign(g)` (L∞), one adversarial pass.
+class FGSM : public detail::FastGradient<LInf, FGSMOptions> {
+ public:
+  explicit FGSM(std::vector<torch::Tensor> params, FGSMOptions options = {})
+      : FastGradient(std::move(params), std::move(options), "FGSM") {}
+  FGSM(
+      const torch::nn::Module& module,
+      const std::string& name_contains,
+      FGSMOptions options = {})
+      : FastGradient(module, name_contains, std::move(options), "FGSM") {}
+};
+
+} // namespace advtrain

@@ -1,0 +1,112 @@
+#pragma once
+
+#include <advtrain/attacker.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+
+/// Options of PGD (Madry et al., ICLR 2018).
+struct PGDOptions {
+  /// Radius ε of the ball the perturbation is projected back into.
+  TORCH_ARG(double, epsilon) = 1.0;
+  /// Size α of each ascent step.
+  TORCH_ARG(double, alpha) = 0.3;
+  /// Number K of ascent steps (K + 1 forward+backward passes per batch).
+  TORCH_ARG(int64_t, steps) = 3;
+};
+
+/// Projected Gradient Descent under the norm policy `Norm`: K steps
+/// `δ ← δ + α * (steepest-ascent direction of g)`, each projected back into
+/// the `Norm` ball of radius ε; only the last adversarial gradient is added
+/// to the clean one. No random start.
+template <typename Norm>
+class BasicPGD : public Attacker {
+ public:
+  explicit BasicPGD(std::vector<torch::Tensor> params, PGDOptions options = {})
+      : Attacker(std::move(params), "PGD"), options_(std::move(options)) {
+    check();
+  }
+  BasicPGD(
+      const torch::nn::Module& module,
+      const std::string& name_contains,
+      PGDOptions options = {})
+      : Attacker(module, name_contains, "PGD"), options_(std::move(options)) {
+    check();
+  }
+
+  const PGDOptions& options() const noexcept {
+    return options_;
+  }
+
+ protected:
+  double perturb(
+      size_t /*i*/,
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      const torch::Tensor& origin) override {
+    Norm::step(w, g, options_.alpha());
+    torch::Tensor delta = w - origin;
+    const Projection p = Norm::project(delta, options_.epsilon());
+    if (p.changed) {
+      at::add_out(w, origin, delta);
+    }
+    return p.norm;
+  }
+
+  /// Clean pass; then K times: attack, clear the grads (the clean ones are
+  /// set aside after the first attack and put back before the last pass),
+  /// adversarial pass. Restore, step.
+  StepResult run_step(detail::StepContext& ctx) override {
+    StepResult r;
+    r.loss = ctx.pass().item<double>();
+    const int64_t k = options_.steps();
+    std::vector<torch::Tensor> clean;
+    for (int64_t t = 0; t < k; ++t) {
+      attack(/*is_first_attack=*/t == 0);
+      if (t == 0) {
+        clean = ctx.take_grads();
+      } else if (t < k - 1) {
+        ctx.clear_grads();
+      }
+      if (t == k - 1) {
+        ctx.put_grads(std::move(clean));
+      }
+      r.adv_loss = ctx.pass().item<double>();
+    }
+    r.perturbation_norm = perturbation_norm();
+    restore();
+    ctx.optimizer.step();
+    return r;
+  }
+
+ private:
+  void check() const {
+    TORCH_CHECK(
+        options_.epsilon() > 0,
+        "PGD: Invalid epsilon: ",
+        options_.epsilon(),
+        " (must be > 0)");
+    TORCH_CHECK(
+        options_.alpha() >= 0,
+        "PGD: Invalid alpha: ",
+        options_.alpha(),
+        " (must be >= 0)");
+    TORCH_CHECK(
+        options_.steps() >= 1,
+        "PGD: Invalid steps: ",
+        options_.steps(),
+        " (must be >= 1)");
+  }
+
+  PGDOptions options_;
+};
+
+/// PGD with L2 steps `α * g / ‖g‖` and L2 projection (SPEC §2).
+using PGD = BasicPGD<L2>;
+/// PGD with sign steps `α * sign(g)` and element-wise clamp to [-ε, ε].
+using PGDLInf = BasicPGD<LInf>;
+
+} // namespace advtrain

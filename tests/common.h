@@ -1,0 +1,146 @@
+#pragma once
+
+// Shared fixtures: a tiny float64 text classifier built from LibTorch modules,
+// and the same math written plainly with tensor ops (no nn modules, no
+// advtrain code) to check the library against.
+
+#include <advtrain/advtrain.h>
+
+#include <torch/torch.h>
+
+#include <vector>
+
+namespace fixture {
+
+constexpr int64_t kVocab = 7;
+constexpr int64_t kHidden = 4;
+constexpr int64_t kClasses = 3;
+constexpr int64_t kBatch = 3;
+constexpr int64_t kLength = 5;
+
+/// embedding -> mean over the sequence -> linear.
+struct TinyNetImpl : torch::nn::Module {
+  TinyNetImpl()
+      : embedding(register_module(
+            "embedding", torch::nn::Embedding(kVocab, kHidden))),
+        fc(register_module("fc", torch::nn::Linear(kHidden, kClasses))) {
+    to(torch::kDouble);
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return fc(embedding(x).mean(1));
+  }
+  torch::nn::Embedding embedding;
+  torch::nn::Linear fc;
+};
+TORCH_MODULE(TinyNet);
+
+/// A batch whose tokens leave rows 5 and 6 of the table unused.
+inline torch::Tensor batch_ids() {
+  return torch::tensor(
+      {{0, 1, 2, 3, 1}, {4, 4, 0, 2, 2}, {3, 1, 0, 0, 4}}, torch::kLong);
+}
+inline torch::Tensor batch_labels() {
+  return torch::tensor({0, 2, 1}, torch::kLong);
+}
+
+/// A model with a fixed initialization.
+inline TinyNet make_model(uint64_t seed = 7) {
+  torch::manual_seed(seed);
+  return TinyNet();
+}
+
+inline torch::Tensor cross_entropy(
+    const torch::Tensor& logits, const torch::Tensor& y) {
+  return torch::nn::functional::cross_entropy(logits, y);
+}
+
+/// Parameters of the plain computation: table W, weight A, bias b.
+struct Plain {
+  torch::Tensor W, A, b;
+
+  static Plain of(const TinyNet& m) {
+    return {
+        m->embedding->weight.detach().clone(),
+        m->fc->weight.detach().clone(),
+        m->fc->bias.detach().clone()};
+  }
+  Plain operator+(const Plain& o) const {
+    return {W + o.W, A + o.A, b + o.b};
+  }
+  Plain operator*(double s) const {
+    return {W * s, A * s, b * s};
+  }
+  Plain with_W(const torch::Tensor& w) const {
+    return {w, A, b};
+  }
+};
+
+/// The loss written out: gather rows, mean, affine, log-softmax, NLL.
+inline torch::Tensor plain_loss(
+    const Plain& p, const torch::Tensor& x, const torch::Tensor& y) {
+  const auto e = p.W.index_select(0, x.reshape(-1))
+                     .reshape({x.size(0), x.size(1), p.W.size(1)})
+                     .mean(1);
+  const auto logits = e.matmul(p.A.t()) + p.b;
+  const auto logp = logits - logits.logsumexp(1, /*keepdim=*/true);
+  return -logp.gather(1, y.unsqueeze(1)).mean();
+}
+
+/// Gradients of plain_loss at p, by autograd on fresh leaves.
+inline Plain plain_grads(
+    const Plain& p, const torch::Tensor& x, const torch::Tensor& y) {
+  auto W = p.W.detach().clone().requires_grad_();
+  auto A = p.A.detach().clone().requires_grad_();
+  auto b = p.b.detach().clone().requires_grad_();
+  const auto loss = plain_loss({W, A, b}, x, y);
+  const auto g = torch::autograd::grad({loss}, {W, A, b});
+  return {g[0], g[1], g[2]};
+}
+
+inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
+
+/// Largest difference between the model's parameters and p.
+inline double max_diff(const TinyNet& m, const Plain& p) {
+  return std::max(
+      {max_abs_diff(m->embedding->weight, p.W),
+       max_abs_diff(m->fc->weight, p.A),
+       max_abs_diff(m->fc->bias, p.b)});
+}
+
+inline std::vector<torch::Tensor> clone_all(
+    const std::vector<torch::Tensor>& ts) {
+  std::vector<torch::Tensor> out;
+  for (const auto& t : ts) {
+    out.push_back(t.defined() ? t.detach().clone() : t);
+  }
+  return out;
+}
+
+inline bool equal_all(
+    const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  if (a.size() != b.size()) {
+    return false;
+  }
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (a[i].defined() != b[i].defined()) {
+      return false;
+    }
+    if (a[i].defined() && !torch::equal(a[i], b[i])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+inline std::vector<torch::Tensor> grads_of(
+    const std::vector<torch::Tensor>& ps) {
+  std::vector<torch::Tensor> out;
+  for (const auto& p : ps) {
+    out.push_back(p.grad());
+  }
+  return out;
+}
+
+} // namespace fixture

@@ -1,0 +1,243 @@
+// Bad input is rejected with a message naming the problem; degenerate
+// gradients never perturb; a throwing closure leaves the model as it was.
+
+#include "common.h"
+
+#include <catch2/catch.hpp>
+
+#include <advtrain/version.h>
+
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+using namespace fixture;
+using Catch::Matchers::Contains;
+
+namespace {
+
+const double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+std::vector<torch::Tensor> table() {
+  return {torch::randn({4, 3}, torch::kDouble).requires_grad_()};
+}
+
+} // namespace
+
+TEST_CASE("Invalid options are rejected, naming the field", "[options]") {
+  using namespace advtrain;
+  for (double eps : {0.0, -1.0, kNaN}) {
+    CHECK_THROWS_WITH(
+        FGM(table(), FGMOptions().epsilon(eps)), Contains("Invalid epsilon"));
+    CHECK_THROWS_WITH(
+        FGSM(table(), FGSMOptions().epsilon(eps)), Contains("Invalid epsilon"));
+    CHECK_THROWS_WITH(
+        PGD(table(), PGDOptions().epsilon(eps)), Contains("Invalid epsilon"));
+  }
+  CHECK_THROWS_WITH(
+      PGD(table(), PGDOptions().alpha(-0.1)), Contains("Invalid alpha: -0.1"));
+  CHECK_THROWS_WITH(
+      PGD(table(), PGDOptions().alpha(kNaN)), Contains("Invalid alpha"));
+  CHECK_THROWS_WITH(
+      PGD(table(), PGDOptions().steps(0)), Contains("Invalid steps: 0"));
+  CHECK_THROWS_WITH(
+      FGM(table(), FGMOptions().epsilon(-2)),
+      Contains("-2") && Contains("FGM"));
+  // Valid options construct.
+  CHECK_NOTHROW(PGD(table(), PGDOptions().alpha(0).steps(1)));
+}
+
+TEST_CASE("Bad targets are rejected", "[options]") {
+  using namespace advtrain;
+  CHECK_THROWS_WITH(
+      FGM(std::vector<torch::Tensor>{}), Contains("at least one target"));
+  CHECK_THROWS_WITH(
+      FGM({torch::zeros({3, 3})}), Contains("does not require grad"));
+  CHECK_THROWS_WITH(
+      PGD({torch::zeros({3}, torch::kLong)}), Contains("floating-point"));
+  const auto t = torch::zeros({2, 2}).requires_grad_();
+  CHECK_THROWS_WITH(FGM({t, t}), Contains("same tensor"));
+
+  auto model = make_model();
+  model->embedding->weight.set_requires_grad(false);
+  CHECK_THROWS_WITH(
+      FGM(*model, "embedding"),
+      Contains("embedding.weight") && Contains("does not require grad"));
+}
+
+TEST_CASE(
+    "select_parameters lists the names when nothing matches", "[select]") {
+  auto model = make_model();
+  const auto picked = advtrain::select_parameters(*model, "embedding");
+  REQUIRE(picked.size() == 1);
+  CHECK(picked[0].is_same(model->embedding->weight));
+  CHECK(advtrain::select_parameters(*model, "fc.").size() == 2);
+  CHECK_THROWS_AS(
+      advtrain::select_parameters(*model, "word_embeddings"),
+      std::invalid_argument);
+  CHECK_THROWS_WITH(
+      advtrain::select_parameters(*model, "word_embeddings"),
+      Contains("word_embeddings") && Contains("embedding.weight") &&
+          Contains("fc.weight") && Contains("fc.bias"));
+  CHECK_THROWS_AS(advtrain::FGM(*model, "nothing"), std::invalid_argument);
+}
+
+TEST_CASE(
+    "attack() before any backward is an error that changes nothing",
+    "[attacker]") {
+  auto model = make_model();
+  const auto before = model->embedding->weight.detach().clone();
+  advtrain::FGM fgm(*model, "embedding");
+  CHECK_THROWS_WITH(fgm.attack(), Contains("backward"));
+  CHECK_FALSE(fgm.is_perturbed());
+  CHECK(torch::equal(model->embedding->weight, before));
+}
+
+TEST_CASE("Sparse embedding gradients are rejected clearly", "[attacker]") {
+  torch::nn::Embedding emb(torch::nn::EmbeddingOptions(5, 3).sparse(true));
+  emb(torch::tensor({0, 2}, torch::kLong)).sum().backward();
+  REQUIRE(emb->weight.grad().is_sparse());
+  const auto before = emb->weight.detach().clone();
+  advtrain::FGM fgm(*emb, "weight");
+  CHECK_THROWS_WITH(fgm.attack(), Contains("sparse"));
+  CHECK(torch::equal(emb->weight, before));
+}
+
+TEST_CASE(
+    "Zero and NaN gradients leave the weights unperturbed", "[attacker]") {
+  const double fill =
+      GENERATE(0.0, kNaN, std::numeric_limits<double>::infinity());
+  auto model = make_model();
+  auto& W = model->embedding->weight;
+  const auto before = W.detach().clone();
+  advtrain::FGM fgm(*model, "embedding");
+  advtrain::FGSM fgsm(*model, "embedding");
+  advtrain::PGD pgd(*model, "embedding");
+  for (advtrain::Attacker* a :
+       std::vector<advtrain::Attacker*>{&fgm, &fgsm, &pgd}) {
+    W.mutable_grad() = torch::full_like(W, fill);
+    a->attack();
+    CHECK(torch::equal(W, before));
+    CHECK(a->perturbation_norm() == 0.0);
+    a->restore();
+    CHECK(torch::equal(W, before));
+  }
+}
+
+TEST_CASE(
+    "Trainer::step with a zero or NaN loss keeps the weights finite",
+    "[trainer]") {
+  const double scale = GENERATE(0.0, kNaN);
+  auto model = make_model();
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  advtrain::PGD pgd(*model, "embedding");
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+  advtrain::Trainer trainer(opt, pgd);
+  const auto W0 = model->embedding->weight.detach().clone();
+  const auto r = trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y) * scale; });
+  CHECK(r.perturbation_norm == 0.0);
+  CHECK_FALSE(pgd.is_perturbed());
+  if (scale == 0.0) {
+    // Zero gradients everywhere: SGD leaves the table exactly as it was.
+    CHECK(torch::equal(model->embedding->weight, W0));
+  }
+}
+
+TEST_CASE(
+    "A throwing closure leaves weights and grads as before the step",
+    "[trainer]") {
+  // The closure throws on call number `fail_at` (1 = clean pass).
+  const int fail_at = GENERATE(1, 2, 3, 4);
+  const bool in_loss = GENERATE(false, true);
+  auto model = make_model();
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  auto params = model->parameters();
+  // Gradients left by some earlier work, which the step must not lose.
+  for (auto& p : params) {
+    p.mutable_grad() = torch::randn_like(p);
+  }
+  const auto weights_before = clone_all(params);
+  const auto grads_before = clone_all(grads_of(params));
+
+  advtrain::PGD pgd(*model, "embedding", advtrain::PGDOptions().steps(3));
+  advtrain::FGM fgm(*model, "embedding");
+  advtrain::Attacker& attacker =
+      fail_at <= 2 && in_loss ? static_cast<advtrain::Attacker&>(fgm) : pgd;
+  torch::optim::SGD opt(params, torch::optim::SGDOptions(0.1));
+  advtrain::Trainer trainer(opt, attacker);
+  int calls = 0;
+  auto forward = [&] {
+    if (!in_loss && ++calls == fail_at) {
+      throw std::runtime_error("forward failed");
+    }
+    return model->forward(x);
+  };
+  auto loss = [&](const torch::Tensor& out) {
+    if (in_loss && ++calls == fail_at) {
+      throw std::runtime_error("loss failed");
+    }
+    return cross_entropy(out, y);
+  };
+  CHECK_THROWS_WITH(trainer.step(forward, loss), Contains("failed"));
+  CHECK(calls == fail_at);
+  CHECK(equal_all(clone_all(params), weights_before));
+  CHECK(equal_all(clone_all(grads_of(params)), grads_before));
+  CHECK_FALSE(attacker.is_perturbed());
+}
+
+TEST_CASE(
+    "A non-scalar loss is rejected and nothing is left perturbed",
+    "[trainer]") {
+  auto model = make_model();
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  const auto weights_before = clone_all(model->parameters());
+  advtrain::FGM fgm(*model, "embedding");
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+  advtrain::Trainer trainer(opt, fgm);
+  CHECK_THROWS_WITH(
+      trainer.step(
+          [&] { return model->forward(x); },
+          [&](const torch::Tensor& out) {
+            return torch::nn::functional::cross_entropy(
+                out,
+                y,
+                torch::nn::functional::CrossEntropyFuncOptions().reduction(
+                    torch::kNone));
+          }),
+      Contains("scalar"));
+  CHECK(equal_all(clone_all(model->parameters()), weights_before));
+}
+
+TEST_CASE("backup_grad and restore_grad", "[attacker]") {
+  auto model = make_model();
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  advtrain::PGD pgd(*model, "embedding");
+  // An unused parameter with an undefined grad is skipped, not a crash.
+  auto unused = model->register_parameter("unused", torch::zeros({2}));
+  pgd.watch_grads(model->parameters());
+  cross_entropy(model->forward(x), y).backward();
+  const auto saved = clone_all(grads_of(model->parameters()));
+  REQUIRE_FALSE(unused.grad().defined());
+  pgd.backup_grad();
+  model->zero_grad();
+  cross_entropy(model->forward(x) * 2.0, y).backward();
+  CHECK_FALSE(equal_all(clone_all(grads_of(model->parameters())), saved));
+  pgd.restore_grad();
+  CHECK(equal_all(clone_all(grads_of(model->parameters())), saved));
+
+  advtrain::FGM unwatched({model->embedding->weight});
+  CHECK_THROWS_WITH(unwatched.backup_grad(), Contains("watch_grads"));
+}
+
+TEST_CASE("version.h matches the CMake project version", "[version]") {
+  const std::string header = std::to_string(ADVTRAIN_VERSION_MAJOR) + "." +
+                             std::to_string(ADVTRAIN_VERSION_MINOR) + "." +
+                             std::to_string(ADVTRAIN_VERSION_PATCH);
+  CHECK(header == ADVTRAIN_CMAKE_VERSION);
+}

@@ -1,0 +1,310 @@
+// FGSM, FGM and PGD: one Trainer::step against the same method written plainly
+// with tensor ops; the SPEC's low-level loops against Trainer::step; restore
+// and projection bounds.
+
+#include "common.h"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+using namespace fixture;
+
+namespace {
+
+constexpr double kLr = 0.1;
+constexpr double kTol = 1e-9;
+
+/// SGD from p with the gradient g.
+Plain sgd(const Plain& p, const Plain& g) {
+  return p + g * (-kLr);
+}
+
+advtrain::StepResult trainer_step(
+    TinyNet& model, advtrain::Attacker& attacker) {
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, attacker);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  return trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+}
+
+/// Plain PGD: returns the parameters after one SGD step and whether the
+/// projection was ever active.
+std::pair<Plain, bool> plain_pgd(
+    const Plain& p0, double eps, double alpha, int k) {
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  const Plain g0 = plain_grads(p0, x, y);
+  auto delta = torch::zeros_like(p0.W);
+  Plain g = g0;
+  bool projected = false;
+  for (int t = 0; t < k; ++t) {
+    delta = delta + alpha * g.W / g.W.norm();
+    const double n = delta.norm().item<double>();
+    if (n > eps) {
+      delta = eps * delta / n;
+      projected = true;
+    }
+    g = plain_grads(p0.with_W(p0.W + delta), x, y);
+  }
+  return {sgd(p0, g0 + g), projected};
+}
+
+} // namespace
+
+TEST_CASE("FGM step equals the plain computation", "[fgm]") {
+  const double eps = GENERATE(0.05, 1.0, 3.0);
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  const Plain g0 = plain_grads(p0, x, y);
+  const auto delta = eps * g0.W / g0.W.norm();
+  const Plain g1 = plain_grads(p0.with_W(p0.W + delta), x, y);
+  const Plain expected = sgd(p0, g0 + g1);
+
+  advtrain::FGM fgm(*model, "embedding", advtrain::FGMOptions().epsilon(eps));
+  const auto r = trainer_step(model, fgm);
+  CHECK(max_diff(model, expected) < kTol);
+  CHECK(r.passes == 2);
+  CHECK(r.perturbation_norm == Approx(eps).epsilon(1e-12));
+  CHECK(r.loss == Approx(plain_loss(p0, x, y).item<double>()).epsilon(1e-12));
+  CHECK(
+      r.adv_loss ==
+      Approx(plain_loss(p0.with_W(p0.W + delta), x, y).item<double>())
+          .epsilon(1e-12));
+  CHECK_FALSE(fgm.is_perturbed());
+}
+
+TEST_CASE("FGSM step equals the plain computation", "[fgsm]") {
+  const double eps = GENERATE(0.01, 0.2);
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  const Plain g0 = plain_grads(p0, x, y);
+  const auto delta = eps * g0.W.sign();
+  const Plain g1 = plain_grads(p0.with_W(p0.W + delta), x, y);
+  const Plain expected = sgd(p0, g0 + g1);
+
+  advtrain::FGSM fgsm(
+      {model->embedding->weight}, advtrain::FGSMOptions().epsilon(eps));
+  const auto r = trainer_step(model, fgsm);
+  CHECK(max_diff(model, expected) < kTol);
+  CHECK(r.passes == 2);
+  // Rows 5 and 6 are not in the batch: zero gradient, zero sign, so 5 rows of
+  // 4 elements move by eps each.
+  CHECK(r.perturbation_norm == Approx(eps * std::sqrt(5.0 * 4.0)));
+}
+
+TEST_CASE("PGD step equals the plain computation", "[pgd]") {
+  struct Case {
+    double eps, alpha;
+    int k;
+    bool projects;
+  };
+  const Case c = GENERATE(
+      Case{1.0, 0.1, 3, false},
+      Case{1.0, 0.6, 3, true},
+      Case{0.5, 0.3, 1, false},
+      Case{0.2, 0.3, 1, true},
+      Case{2.0, 0.5, 6, true});
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  const auto plain = plain_pgd(p0, c.eps, c.alpha, c.k);
+  REQUIRE(plain.second == c.projects);
+
+  advtrain::PGD pgd(
+      *model,
+      "embedding",
+      advtrain::PGDOptions().epsilon(c.eps).alpha(c.alpha).steps(c.k));
+  const auto r = trainer_step(model, pgd);
+  CHECK(max_diff(model, plain.first) < kTol);
+  CHECK(r.passes == c.k + 1);
+  CHECK(r.perturbation_norm <= c.eps * (1 + 1e-12));
+  CHECK_FALSE(pgd.is_perturbed());
+}
+
+TEST_CASE("Several targets each get their own norm", "[fgm]") {
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  const double eps = 0.7;
+  const Plain g0 = plain_grads(p0, x, y);
+  const Plain moved{
+      p0.W + eps * g0.W / g0.W.norm(), p0.A + eps * g0.A / g0.A.norm(), p0.b};
+  const Plain expected = sgd(p0, g0 + plain_grads(moved, x, y));
+
+  advtrain::FGM fgm(
+      {model->embedding->weight, model->fc->weight},
+      advtrain::FGMOptions().epsilon(eps));
+  const auto r = trainer_step(model, fgm);
+  CHECK(max_diff(model, expected) < kTol);
+  CHECK(r.perturbation_norm == Approx(eps * std::sqrt(2.0)));
+}
+
+TEST_CASE("SPEC's low-level FGM loop equals Trainer::step", "[fgm][loop]") {
+  auto a = make_model();
+  auto b = make_model();
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& t) {
+    return cross_entropy(out, t);
+  };
+
+  advtrain::FGM fgm_a(*a, "embedding", advtrain::FGMOptions().epsilon(0.8));
+  advtrain::FGM fgm_b(*b, "embedding", advtrain::FGMOptions().epsilon(0.8));
+  torch::optim::SGD opt_a(a->parameters(), torch::optim::SGDOptions(kLr));
+  torch::optim::SGD optimizer(b->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt_a, fgm_a);
+  auto& model = b;
+  for (int batch = 0; batch < 3; ++batch) {
+    trainer.step(
+        [&] { return a->forward(x); },
+        [&](const torch::Tensor& out) { return loss_fn(out, y); });
+
+    loss_fn(model->forward(x), y).backward();
+    fgm_b.attack();
+    loss_fn(model->forward(x), y).backward();
+    fgm_b.restore();
+    optimizer.step();
+    optimizer.zero_grad();
+  }
+  for (size_t i = 0; i < a->parameters().size(); ++i) {
+    CHECK(max_abs_diff(a->parameters()[i], b->parameters()[i]) < 1e-12);
+  }
+  // And both moved: the loop really trained.
+  CHECK(max_diff(a, Plain::of(make_model())) > 1e-3);
+}
+
+TEST_CASE("SPEC's low-level PGD loop equals Trainer::step", "[pgd][loop]") {
+  const int K = GENERATE(1, 3);
+  auto a = make_model();
+  auto b = make_model();
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  auto loss_fn = [](const torch::Tensor& out, const torch::Tensor& t) {
+    return cross_entropy(out, t);
+  };
+  const auto opts = advtrain::PGDOptions().epsilon(0.5).alpha(0.3).steps(K);
+  advtrain::PGD pgd_a(*a, "embedding", opts);
+  torch::optim::SGD opt_a(a->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt_a, pgd_a);
+
+  auto& model = b;
+  advtrain::PGD pgd(
+      *model,
+      "embedding",
+      advtrain::PGDOptions().epsilon(0.5).alpha(0.3).steps(K));
+  torch::optim::SGD optimizer(b->parameters(), torch::optim::SGDOptions(kLr));
+  for (int batch = 0; batch < 3; ++batch) {
+    trainer.step(
+        [&] { return a->forward(x); },
+        [&](const torch::Tensor& out) { return loss_fn(out, y); });
+
+    loss_fn(model->forward(x), y).backward();
+    pgd.backup_grad();
+    for (int t = 0; t < K; ++t) {
+      pgd.attack(/*is_first_attack=*/t == 0);
+      if (t != K - 1)
+        optimizer.zero_grad();
+      else
+        pgd.restore_grad();
+      loss_fn(model->forward(x), y).backward();
+    }
+    pgd.restore();
+    optimizer.step();
+    optimizer.zero_grad();
+  }
+  for (size_t i = 0; i < a->parameters().size(); ++i) {
+    CHECK(max_abs_diff(a->parameters()[i], b->parameters()[i]) < 1e-12);
+  }
+  CHECK(max_diff(a, Plain::of(make_model())) > 1e-3);
+}
+
+TEST_CASE("restore() returns the weights bit for bit", "[attacker]") {
+  auto model = make_model();
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  auto& W = model->embedding->weight;
+  const auto before = W.detach().clone();
+
+  advtrain::FGM fgm(*model, "embedding");
+  advtrain::FGSM fgsm(
+      *model, "embedding", advtrain::FGSMOptions().epsilon(0.3));
+  advtrain::PGD pgd(*model, "embedding");
+  for (advtrain::Attacker* attacker :
+       std::vector<advtrain::Attacker*>{&fgm, &fgsm, &pgd}) {
+    model->zero_grad();
+    cross_entropy(model->forward(x), y).backward();
+    attacker->attack();
+    CHECK_FALSE(torch::equal(W, before));
+    attacker->attack(); // repeated attack keeps the first backup
+    cross_entropy(model->forward(x), y).backward();
+    attacker->attack(false);
+    attacker->restore();
+    CHECK(torch::equal(W, before));
+    attacker->restore(); // a second restore is a no-op
+    CHECK(torch::equal(W, before));
+  }
+}
+
+TEST_CASE("PGD's perturbation never exceeds epsilon", "[pgd]") {
+  const double eps = GENERATE(0.1, 0.5, 1.0);
+  auto model = make_model(11);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  auto& W = model->embedding->weight;
+  const auto origin = W.detach().clone();
+  advtrain::PGD pgd(
+      *model,
+      "embedding",
+      advtrain::PGDOptions().epsilon(eps).alpha(0.4).steps(8));
+  cross_entropy(model->forward(x), y).backward();
+  double largest = 0;
+  for (int t = 0; t < 8; ++t) {
+    pgd.attack(t == 0);
+    const double n = (W - origin).norm().item<double>();
+    CHECK(n <= eps * (1 + 1e-12));
+    CHECK(pgd.perturbation_norm() == Approx(n).epsilon(1e-9));
+    largest = std::max(largest, n);
+    model->zero_grad();
+    cross_entropy(model->forward(x), y).backward();
+  }
+  // The bound was reached, so the projection was exercised.
+  CHECK(largest == Approx(eps).epsilon(1e-9));
+  pgd.restore();
+  CHECK(torch::equal(W, origin));
+}
+
+TEST_CASE("Rows of tokens not in the batch are not perturbed", "[attacker]") {
+  auto model = make_model();
+  auto& W = model->embedding->weight;
+  const auto before = W.detach().clone();
+  advtrain::FGM fgm(*model, "embedding");
+  cross_entropy(model->forward(batch_ids()), batch_labels()).backward();
+  fgm.attack();
+  CHECK(torch::equal(W.narrow(0, 5, 2), before.narrow(0, 5, 2)));
+  CHECK_FALSE(torch::equal(W.narrow(0, 0, 5), before.narrow(0, 0, 5)));
+  fgm.restore();
+}
+
+TEST_CASE("Half-precision tables take their norm in float32", "[attacker]") {
+  const auto dtype = GENERATE(torch::kHalf, torch::kBFloat16);
+  // ‖g‖² = 64 * 300² ≈ 5.8e6 overflows float16 (max 65504).
+  auto W = torch::zeros({8, 8}, dtype).requires_grad_();
+  W.mutable_grad() = torch::full({8, 8}, 300.0, dtype);
+  advtrain::FGM fgm({W}, advtrain::FGMOptions().epsilon(1.0));
+  fgm.attack();
+  const auto w = W.detach().to(torch::kFloat);
+  CHECK(torch::isfinite(w).all().item<bool>());
+  // Each element is 1/8: ε * 300 / (8 * 300).
+  CHECK(w.min().item<double>() == Approx(0.125).epsilon(1e-2));
+  CHECK(fgm.perturbation_norm() == Approx(1.0));
+  fgm.restore();
+  CHECK(torch::equal(W, torch::zeros({8, 8}, dtype)));
+}
