@@ -1,0 +1,398 @@
+// Trains a small text classifier with one adversarial-training method of
+// advtrain and reports clean test accuracy and test accuracy under a PGD
+// attack on the embedded sentences (the same attack for every method).
+//
+//   text_classifier --method fgm --epochs 8
+//   text_classifier --data my.json --method pgd --steps 3 --epsilon 0.5
+
+#include "dataset.h"
+
+#include <advtrain/advtrain.h>
+
+#include <fmt/core.h>
+#include <torch/torch.h>
+#include <CLI/CLI.hpp>
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <tuple>
+
+namespace {
+
+using example::Sentence;
+using example::Vocabulary;
+
+struct Batch {
+  torch::Tensor ids;    // [B, L], 0-padded
+  torch::Tensor labels; // [B]
+};
+
+/// Token ids of sentences `idx` of `data`, cut to `max_len` tokens.
+Batch encode(
+    const std::vector<std::vector<std::string>>& tokens,
+    const std::vector<Sentence>& data,
+    const std::vector<size_t>& idx,
+    const Vocabulary& vocab,
+    int64_t max_len) {
+  int64_t len = 1;
+  for (const auto i : idx) {
+    len = std::max<int64_t>(len, std::min<int64_t>(max_len, tokens[i].size()));
+  }
+  auto ids =
+      torch::zeros({static_cast<int64_t>(idx.size()), len}, torch::kLong);
+  auto labels = torch::empty({static_cast<int64_t>(idx.size())}, torch::kLong);
+  auto a = ids.accessor<int64_t, 2>();
+  for (size_t b = 0; b < idx.size(); ++b) {
+    const auto& t = tokens[idx[b]];
+    for (int64_t j = 0; j < std::min<int64_t>(len, t.size()); ++j) {
+      a[b][j] = vocab.id(t[j]);
+    }
+    labels[b] = data[idx[b]].label;
+  }
+  return {ids, labels};
+}
+
+/// Embedding -> masked mean over the sentence -> tanh layer -> classes.
+struct ClassifierImpl : torch::nn::Module {
+  ClassifierImpl(int64_t vocab, int64_t dim, int64_t classes, double dropout)
+      : embedding(register_module(
+            "embedding",
+            torch::nn::Embedding(torch::nn::EmbeddingOptions(vocab, dim)))),
+        hidden(register_module("hidden", torch::nn::Linear(dim, dim))),
+        out(register_module("out", torch::nn::Linear(dim, classes))),
+        drop(register_module("drop", torch::nn::Dropout(dropout))) {}
+
+  /// Logits for embedded tokens `e` [B, L, H] of `ids` [B, L].
+  torch::Tensor head(const torch::Tensor& e, const torch::Tensor& ids) {
+    const auto mask = ids.ne(Vocabulary::kPad).unsqueeze(-1).to(e.dtype());
+    const auto pooled = (e * mask).sum(1) / mask.sum(1).clamp_min(1.0);
+    return out(drop(torch::tanh(hidden(pooled))));
+  }
+  torch::Tensor forward(const torch::Tensor& ids) {
+    return head(embedding(ids), ids);
+  }
+
+  torch::nn::Embedding embedding;
+  torch::nn::Linear hidden, out;
+  torch::nn::Dropout drop;
+};
+TORCH_MODULE(Classifier);
+
+/// Accuracy on `batch` after `steps` steps of L2 PGD of radius `eps` on each
+/// example's embedded tokens (padding excluded), step 2.5 * eps / steps.
+double robust_accuracy(
+    Classifier& model, const Batch& batch, double eps, int64_t steps) {
+  model->eval();
+  const auto e = model->embedding(batch.ids).detach();
+  const auto mask = batch.ids.ne(Vocabulary::kPad).unsqueeze(-1).to(e.dtype());
+  auto delta = torch::zeros_like(e);
+  const double alpha = 2.5 * eps / static_cast<double>(steps);
+  for (int64_t s = 0; eps > 0 && s < steps; ++s) {
+    delta.requires_grad_(true);
+    const auto loss = torch::nn::functional::cross_entropy(
+        model->head(e + delta, batch.ids),
+        batch.labels,
+        torch::nn::functional::CrossEntropyFuncOptions().reduction(
+            torch::kSum));
+    auto g = torch::autograd::grad({loss}, {delta})[0] * mask;
+    torch::NoGradGuard no_grad;
+    const auto gn = g.flatten(1).norm(2, 1).clamp_min(1e-12).view({-1, 1, 1});
+    delta = delta.detach() + alpha * g / gn;
+    const auto dn = delta.flatten(1).norm(2, 1).view({-1, 1, 1});
+    delta = delta * (eps / dn.clamp_min(eps));
+  }
+  torch::NoGradGuard no_grad;
+  const auto pred = model->head(e + delta, batch.ids).argmax(1);
+  return pred.eq(batch.labels).to(torch::kDouble).mean().item<double>();
+}
+
+double accuracy(Classifier& model, const Batch& batch) {
+  return robust_accuracy(model, batch, 0.0, 1);
+}
+
+/// Everything the command line sets.
+struct Config {
+  std::vector<std::string> files = {
+      "data/sentiment/amazon.json",
+      "data/sentiment/imdb.json",
+      "data/sentiment/yelp.json"};
+  std::string method = "all";
+  int64_t epochs = 10, batch_size = 32, dim = 64, max_len = 64;
+  int64_t attack_steps = 10, threads = 2, min_count = 1;
+  uint64_t seed = 1;
+  double lr = 3e-3, dropout = 0.2, test_fraction = 0.2;
+  double attack_epsilon = 1.0;
+  // Strategy options; unset ones keep the library's defaults.
+  std::optional<double> epsilon, alpha;
+  std::optional<int64_t> steps;
+};
+
+/// The data set, tokenized, with its split and vocabulary.
+struct Data {
+  std::vector<Sentence> sentences;
+  std::vector<std::vector<std::string>> tokens;
+  std::vector<size_t> train, test;
+  std::unique_ptr<Vocabulary> vocab;
+  int64_t classes = 0;
+};
+
+Data load(const Config& c) {
+  Data d;
+  for (const auto& f : c.files) {
+    auto part = example::read_json_file(f);
+    d.sentences.insert(d.sentences.end(), part.begin(), part.end());
+  }
+  const size_t repeats = example::drop_repeats(d.sentences);
+  if (d.sentences.size() < 4) {
+    throw std::runtime_error(
+        "need at least 4 labelled sentences, got " +
+        std::to_string(d.sentences.size()));
+  }
+  for (const auto& s : d.sentences) {
+    d.classes = std::max(d.classes, s.label + 1);
+    d.tokens.push_back(example::tokenize(s.text));
+  }
+  std::tie(d.train, d.test) =
+      example::split(d.sentences.size(), c.test_fraction, c.seed);
+  std::vector<std::vector<std::string>> train_tokens;
+  for (const auto i : d.train) {
+    train_tokens.push_back(d.tokens[i]);
+  }
+  d.vocab = std::make_unique<Vocabulary>(train_tokens, c.min_count);
+  fmt::print(
+      "data: {} sentences ({} repeats dropped), {} classes, {} train / {} "
+      "test, vocabulary {}\n",
+      d.sentences.size(),
+      repeats,
+      d.classes,
+      d.train.size(),
+      d.test.size(),
+      d.vocab->size());
+  return d;
+}
+
+std::unique_ptr<advtrain::Attacker> make_attacker(
+    const std::string& method, Classifier& model, const Config& c) {
+  if (method == "fgsm") {
+    advtrain::FGSMOptions o;
+    if (c.epsilon) {
+      o.epsilon(*c.epsilon);
+    }
+    return std::make_unique<advtrain::FGSM>(*model, "embedding", o);
+  }
+  if (method == "fgm") {
+    advtrain::FGMOptions o;
+    if (c.epsilon) {
+      o.epsilon(*c.epsilon);
+    }
+    return std::make_unique<advtrain::FGM>(*model, "embedding", o);
+  }
+  if (method == "pgd") {
+    advtrain::PGDOptions o;
+    if (c.epsilon) {
+      o.epsilon(*c.epsilon);
+    }
+    if (c.alpha) {
+      o.alpha(*c.alpha);
+    }
+    if (c.steps) {
+      o.steps(*c.steps);
+    }
+    return std::make_unique<advtrain::PGD>(*model, "embedding", o);
+  }
+  return nullptr; // plain
+}
+
+struct Outcome {
+  std::string method;
+  double clean = 0, robust = 0, seconds = 0, passes_per_step = 0;
+};
+
+/// Trains a fresh model (initialized from the seed) with `method`.
+Outcome train(const std::string& method, const Config& c, const Data& d) {
+  torch::manual_seed(c.seed);
+  Classifier model(d.vocab->size(), c.dim, d.classes, c.dropout);
+  torch::optim::Adam optimizer(
+      model->parameters(), torch::optim::AdamOptions(c.lr));
+  auto attacker = make_attacker(method, model, c);
+  std::optional<advtrain::Trainer> trainer;
+  if (attacker) {
+    trainer.emplace(optimizer, *attacker);
+  }
+  const Batch test = encode(d.tokens, d.sentences, d.test, *d.vocab, c.max_len);
+  fmt::print(
+      "method: {}, {} epochs, batch {}, Adam lr {}\n",
+      method,
+      c.epochs,
+      c.batch_size,
+      c.lr);
+
+  Outcome o{method};
+  std::vector<size_t> order = d.train;
+  std::mt19937_64 rng(c.seed + 1);
+  int64_t all_batches = 0, all_passes = 0;
+  for (int64_t epoch = 1; epoch <= c.epochs; ++epoch) {
+    const auto start = std::chrono::steady_clock::now();
+    std::shuffle(order.begin(), order.end(), rng);
+    model->train();
+    double loss_sum = 0, adv_sum = 0, norm_sum = 0;
+    int64_t batches = 0, passes = 0;
+    const auto bs = static_cast<size_t>(c.batch_size);
+    for (size_t i = 0; i < order.size(); i += bs) {
+      const std::vector<size_t> idx(
+          order.begin() + i, order.begin() + std::min(order.size(), i + bs));
+      const Batch b = encode(d.tokens, d.sentences, idx, *d.vocab, c.max_len);
+      auto forward = [&] { return model->forward(b.ids); };
+      auto loss_fn = [&](const torch::Tensor& logits) {
+        return torch::nn::functional::cross_entropy(logits, b.labels);
+      };
+      if (trainer) {
+        const auto r = trainer->step(forward, loss_fn);
+        loss_sum += r.loss;
+        adv_sum += r.adv_loss;
+        norm_sum += r.perturbation_norm;
+        passes += r.passes;
+      } else {
+        optimizer.zero_grad();
+        const auto loss = loss_fn(forward());
+        loss.backward();
+        optimizer.step();
+        loss_sum += loss.item<double>();
+        passes += 1;
+      }
+      ++batches;
+    }
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start)
+            .count();
+    o.seconds += secs;
+    all_batches += batches;
+    all_passes += passes;
+    fmt::print(
+        "epoch {:>3}/{}  loss {:.4f}", epoch, c.epochs, loss_sum / batches);
+    if (trainer) {
+      fmt::print(
+          "  adv loss {:.4f}  |delta| {:.3f}",
+          adv_sum / batches,
+          norm_sum / batches);
+    }
+    fmt::print(
+        "  passes/step {:.1f}  test acc {:5.1f}%  ({:.2f} s)\n",
+        static_cast<double>(passes) / batches,
+        100 * accuracy(model, test),
+        secs);
+  }
+  o.passes_per_step = static_cast<double>(all_passes) / all_batches;
+  o.clean = accuracy(model, test);
+  o.robust = robust_accuracy(model, test, c.attack_epsilon, c.attack_steps);
+  fmt::print(
+      "result: method {}  clean test accuracy {:.1f}%  accuracy under "
+      "PGD (L2 eps {} per sentence, {} steps) {:.1f}%\n",
+      method,
+      100 * o.clean,
+      c.attack_epsilon,
+      c.attack_steps,
+      100 * o.robust);
+  return o;
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{
+      "Train a text classifier with advtrain and report clean accuracy and "
+      "accuracy under a PGD attack on the embeddings."};
+  Config c;
+  app.add_option("--data", c.files, "JSON files of {\"text\", \"class\"}")
+      ->capture_default_str();
+  app.add_option("--method", c.method, "all | plain | fgsm | fgm | pgd")
+      ->check(CLI::IsMember({"all", "plain", "fgsm", "fgm", "pgd"}))
+      ->capture_default_str();
+  app.add_option("--epochs", c.epochs)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--epsilon", c.epsilon, "method's epsilon (default: its own)");
+  app.add_option("--alpha", c.alpha, "PGD's step (default: its own)");
+  app.add_option("--steps", c.steps, "PGD's steps (default: its own)");
+  app.add_option("--lr", c.lr, "Adam's learning rate")->capture_default_str();
+  app.add_option("--batch-size", c.batch_size)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--dim", c.dim, "embedding size")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-len", c.max_len)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--dropout", c.dropout)
+      ->check(CLI::Range(0.0, 0.9))
+      ->capture_default_str();
+  app.add_option("--min-count", c.min_count, "vocabulary: min. occurrences")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--test-fraction", c.test_fraction)
+      ->check(CLI::Range(0.05, 0.95))
+      ->capture_default_str();
+  app.add_option("--seed", c.seed, "split and initialization seed")
+      ->capture_default_str();
+  app.add_option(
+         "--attack-epsilon",
+         c.attack_epsilon,
+         "evaluation PGD radius (L2 per embedded sentence)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--attack-steps", c.attack_steps)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--threads", c.threads)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  torch::set_num_threads(static_cast<int>(c.threads));
+  const Data d = load(c);
+  std::vector<std::string> methods = {c.method};
+  if (c.method == "all") {
+    methods = {"plain", "fgsm", "fgm", "pgd"};
+  }
+  std::vector<Outcome> outcomes;
+  for (const auto& m : methods) {
+    outcomes.push_back(train(m, c, d));
+  }
+  if (outcomes.size() > 1) {
+    fmt::print(
+        "\n{:<8} {:>10} {:>14} {:>12} {:>10}\n",
+        "method",
+        "clean acc",
+        "acc under PGD",
+        "passes/step",
+        "train s");
+    for (const auto& o : outcomes) {
+      fmt::print(
+          "{:<8} {:>9.1f}% {:>13.1f}% {:>12.1f} {:>10.2f}\n",
+          o.method,
+          100 * o.clean,
+          100 * o.robust,
+          o.passes_per_step,
+          o.seconds);
+    }
+    fmt::print(
+        "(PGD attack: L2 radius {} per embedded sentence, {} steps)\n",
+        c.attack_epsilon,
+        c.attack_steps);
+  }
+  return 0;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const c10::Error& e) {
+    fmt::print(stderr, "error: {}\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "error: {}\n", e.what());
+    return 1;
+  }
+}
