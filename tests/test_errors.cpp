@@ -43,7 +43,44 @@ TEST_CASE("Invalid options are rejected, naming the field", "[options]") {
   CHECK_THROWS_WITH(
       FGM(table(), FGMOptions().epsilon(-2)),
       Contains("-2") && Contains("FGM"));
+  CHECK_THROWS_WITH(
+      FreeAT(table(), FreeATOptions().epsilon(0)),
+      Contains("Invalid epsilon: 0"));
+  CHECK_THROWS_WITH(
+      FreeAT(table(), FreeATOptions().alpha(-1)),
+      Contains("Invalid alpha: -1"));
+  CHECK_THROWS_WITH(
+      FreeATL2(table(), FreeATOptions().replays(0)),
+      Contains("Invalid replays: 0"));
+  CHECK_THROWS_WITH(
+      FreeLB(table(), FreeLBOptions().alpha(-1)),
+      Contains("Invalid alpha: -1"));
+  CHECK_THROWS_WITH(
+      FreeLB(table(), FreeLBOptions().steps(0)), Contains("Invalid steps: 0"));
+  CHECK_THROWS_WITH(
+      FreeLB(table(), FreeLBOptions().epsilon(-1)),
+      Contains("Invalid epsilon: -1"));
+  CHECK_THROWS_WITH(
+      FreeLB(table(), FreeLBOptions().init_mag(0.5)),
+      Contains("Invalid init_mag: 0.5"));
+  CHECK_THROWS_WITH(
+      SMART(table(), SMARTOptions().steps(0)), Contains("Invalid steps: 0"));
+  CHECK_THROWS_WITH(
+      SMART(table(), SMARTOptions().alpha(-1)), Contains("Invalid alpha: -1"));
+  CHECK_THROWS_WITH(
+      SMART(table(), SMARTOptions().noise_var(-1)),
+      Contains("Invalid noise_var: -1"));
+  CHECK_THROWS_WITH(
+      SMART(table(), SMARTOptions().norm_eps(0)),
+      Contains("Invalid norm_eps: 0"));
+  CHECK_THROWS_WITH(
+      SMART(table(), SMARTOptions().weight(-1)),
+      Contains("Invalid weight: -1"));
+  CHECK_THROWS_WITH(
+      SMART(table(), SMARTOptions().weight(kNaN)), Contains("Invalid weight"));
   // Valid options construct.
+  CHECK_NOTHROW(FreeLB(table(), FreeLBOptions().epsilon(0).steps(1)));
+  CHECK_NOTHROW(SMART(table(), SMARTOptions().noise_var(0).weight(0)));
   CHECK_NOTHROW(PGD(table(), PGDOptions().alpha(0).steps(1)));
 }
 

@@ -6,7 +6,10 @@
 #include <advtrain/attacker.h>
 #include <advtrain/fgm.h>
 #include <advtrain/fgsm.h>
+#include <advtrain/freeat.h>
+#include <advtrain/freelb.h>
 #include <advtrain/norm.h>
 #include <advtrain/pgd.h>
+#include <advtrain/smart.h>
 #include <advtrain/trainer.h>
 #include <advtrain/version.h>

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <unordered_set>
@@ -87,20 +89,83 @@ inline std::vector<torch::Tensor> optimizer_parameters(
   return params;
 }
 
+/// Makes every forward pass of one step draw the same random numbers (hence
+/// the same dropout masks, for any model): the default generators' states
+/// (CPU, and each CUDA device of the targets) are saved before the first pass
+/// and put back before each later one.
+class RngReplay {
+ public:
+  explicit RngReplay(const std::vector<torch::Tensor>& targets) {
+    generators_.push_back(
+        at::globalContext().defaultGenerator(torch::Device(torch::kCPU)));
+    for (const auto& t : targets) {
+      if (!t.device().is_cpu()) {
+        auto g = at::globalContext().defaultGenerator(t.device());
+        bool seen = false;
+        for (const auto& h : generators_) {
+          seen = seen || h == g;
+        }
+        if (!seen) {
+          generators_.push_back(g);
+        }
+      }
+    }
+  }
+
+  /// Saves the states on the first call, puts them back on later ones.
+  void before_pass() {
+    if (states_.empty()) {
+      for (auto& g : generators_) {
+        std::lock_guard<std::mutex> lock(g.mutex());
+        states_.push_back(g.get_state());
+      }
+      return;
+    }
+    for (size_t i = 0; i < generators_.size(); ++i) {
+      std::lock_guard<std::mutex> lock(generators_[i].mutex());
+      generators_[i].set_state(states_[i]);
+    }
+  }
+
+ private:
+  std::vector<at::Generator> generators_;
+  std::vector<torch::Tensor> states_;
+};
+
 /// One batch's worth of work for a strategy's protocol: the closures, the
 /// optimizer and the parameters whose gradients the step owns. Gradients are
 /// cleared by dropping them (like `zero_grad(set_to_none=true)`) and moved,
 /// never copied, when a protocol sets them aside.
 struct StepContext {
+  StepContext(
+      torch::optim::Optimizer& optimizer,
+      const ForwardFunction& forward,
+      const LossFunction& loss_fn,
+      const std::vector<torch::Tensor>& params)
+      : optimizer(optimizer),
+        forward(forward),
+        loss_fn(loss_fn),
+        params(params) {}
+
   torch::optim::Optimizer& optimizer;
   const ForwardFunction& forward;
   const LossFunction& loss_fn;
   const std::vector<torch::Tensor>& params;
+  /// Set when every pass must draw the same dropout masks.
+  std::optional<RngReplay> replay;
   int64_t passes = 0;
 
-  /// Forward, loss and `backward(loss * scale)`; returns the loss, detached.
-  torch::Tensor pass(double scale = 1.0) {
-    const torch::Tensor out = forward();
+  /// The model's output, with the random state of the step's first pass when
+  /// `replay` is set.
+  torch::Tensor run_forward() {
+    if (replay) {
+      replay->before_pass();
+    }
+    return forward();
+  }
+
+  /// The loss of `out`, checked to be a scalar that can be differentiated.
+  torch::Tensor loss_of(const torch::Tensor& out) const {
     const torch::Tensor loss = loss_fn(out);
     TORCH_CHECK(
         loss.defined() && loss.numel() == 1,
@@ -111,6 +176,12 @@ struct StepContext {
         loss.requires_grad(),
         "advtrain: the loss does not require grad; is the model's forward run "
         "under NoGradGuard?");
+    return loss;
+  }
+
+  /// Forward, loss and `backward(loss * scale)`; returns the loss, detached.
+  torch::Tensor pass(double scale = 1.0) {
+    const torch::Tensor loss = loss_of(run_forward());
     if (scale == 1.0) {
       loss.backward();
     } else {
@@ -146,14 +217,37 @@ struct StepContext {
   }
 };
 
+/// `w ← w + step of size alpha along g` under `Norm`, then the perturbation
+/// `w − origin` is projected back into the `Norm` ball of radius `eps`
+/// (skipped when `eps <= 0`). Returns ‖w − origin‖.
+template <typename Norm>
+double projected_step(
+    torch::Tensor& w,
+    const torch::Tensor& g,
+    double alpha,
+    double eps,
+    const torch::Tensor& origin) {
+  Norm::step(w, g, alpha);
+  torch::Tensor delta = w - origin;
+  if (eps <= 0) {
+    return l2_norm(delta);
+  }
+  const Projection p = Norm::project(delta, eps);
+  if (p.changed) {
+    at::add_out(w, origin, delta);
+  }
+  return p.norm;
+}
+
 } // namespace detail
 
 class Trainer;
 
 /// Base of every strategy: it backs up the target tensors (embedding tables)
-/// before the first perturbation, moves them along their gradient by the
-/// strategy's rule, and puts them back bit for bit. It also saves and restores
-/// the gradients of the parameters it watches, for PGD-style loops.
+/// before the first perturbation, moves them by the strategy's rule, and puts
+/// them back bit for bit. It also saves and restores the gradients of the
+/// parameters it watches, for PGD-style loops, and saves the state that
+/// outlives a batch (`save`/`load`, or `torch::save(attacker, path)`).
 ///
 /// No call leaves the targets perturbed when it throws.
 class Attacker {
@@ -164,8 +258,8 @@ class Attacker {
   Attacker(Attacker&&) = default;
   Attacker& operator=(Attacker&&) = default;
 
-  /// Backs the targets up if they are not perturbed yet, then moves them along
-  /// their current gradient by the strategy's rule.
+  /// Backs the targets up if they are not perturbed yet, then moves them by
+  /// the strategy's rule (along their current gradient, for all but FreeAT).
   void attack() {
     attack(/*is_first_attack=*/!is_perturbed());
   }
@@ -177,23 +271,18 @@ class Attacker {
   void attack(bool is_first_attack) {
     std::vector<torch::Tensor> grads = target_grads();
     torch::NoGradGuard no_grad;
-    if (!is_perturbed()) {
-      backup_.reserve(targets_.size());
-      for (const auto& t : targets_) {
-        backup_.push_back(t.detach().clone());
-      }
-      on_backup();
-    } else if (is_first_attack) {
+    if (is_perturbed() && is_first_attack) {
       TORCH_WARN(
           "advtrain: attack(is_first_attack=true) while the targets are still "
           "perturbed (restore() was not called after the last attack); the "
           "original backup is kept");
     }
+    backup();
     try {
       double sq = 0.0;
       for (size_t i = 0; i < targets_.size(); ++i) {
-        if (grads[i].defined()) {
-          torch::Tensor w = targets_[i].detach();
+        if (grads[i].defined() || !uses_gradient()) {
+          torch::Tensor w = data(i);
           const double n = perturb(i, w, grads[i], backup_[i]);
           sq += n * n;
         }
@@ -213,7 +302,7 @@ class Attacker {
     }
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < targets_.size(); ++i) {
-      targets_[i].detach().copy_(backup_[i]);
+      data(i).copy_(backup_[i]);
     }
     backup_.clear();
   }
@@ -252,6 +341,44 @@ class Attacker {
     watched_ = std::move(params);
   }
 
+  /// Writes the state that outlives a batch (FreeAT's δ, the step counter)
+  /// into `archive`, tagged with the strategy's name.
+  void save(torch::serialize::OutputArchive& archive) const {
+    TORCH_CHECK(
+        !is_perturbed(),
+        "advtrain: ",
+        kind_,
+        ": save() while the targets are perturbed; call restore() first");
+    archive.write("advtrain.kind", c10::IValue(std::string(kind_)));
+    archive.write("advtrain.steps_done", c10::IValue(steps_done_));
+    save_state(archive);
+  }
+
+  /// Reads what `save` wrote; the archive must come from the same strategy.
+  void load(torch::serialize::InputArchive& archive) {
+    TORCH_CHECK(
+        !is_perturbed(),
+        "advtrain: ",
+        kind_,
+        ": load() while the targets are perturbed; call restore() first");
+    c10::IValue kind;
+    TORCH_CHECK(
+        archive.try_read("advtrain.kind", kind) && kind.isString(),
+        "advtrain: ",
+        kind_,
+        ": the archive holds no advtrain attacker state");
+    TORCH_CHECK(
+        kind.toStringRef() == kind_,
+        "advtrain: the archive holds the state of ",
+        kind.toStringRef(),
+        ", not of ",
+        kind_);
+    c10::IValue steps;
+    archive.read("advtrain.steps_done", steps);
+    load_state(archive);
+    steps_done_ = steps.toInt();
+  }
+
   /// The tensors this attacker perturbs.
   const std::vector<torch::Tensor>& targets() const noexcept {
     return targets_;
@@ -272,42 +399,89 @@ class Attacker {
   double perturbation_norm() const noexcept {
     return perturbation_norm_;
   }
+  /// `Trainer::step` calls completed with this attacker.
+  int64_t steps_done() const noexcept {
+    return steps_done_;
+  }
+  /// The strategy's name.
+  const char* kind() const noexcept {
+    return kind_;
+  }
 
  protected:
-  /// `what` names the strategy in error messages.
-  Attacker(std::vector<torch::Tensor> targets, const char* what)
-      : targets_(std::move(targets)) {
+  /// `kind` names the strategy in error messages and archives.
+  Attacker(std::vector<torch::Tensor> targets, const char* kind)
+      : targets_(std::move(targets)), kind_(kind) {
     for (size_t i = 0; i < targets_.size(); ++i) {
       names_.push_back(fmt::format("target[{}]", i));
     }
-    check_targets(what);
+    check_targets();
   }
 
   Attacker(
       const torch::nn::Module& module,
       const std::string& name_contains,
-      const char* what) {
+      const char* kind)
+      : kind_(kind) {
     auto selected = detail::select_named(module, name_contains);
     names_ = std::move(selected.first);
     targets_ = std::move(selected.second);
     watched_ = module.parameters(/*recurse=*/true);
-    check_targets(what);
+    check_targets();
   }
 
   /// Moves target `i` (`w`, its data) along its gradient `g`; `origin` is its
-  /// backed-up value. Returns ‖δᵢ‖ after the move. Runs under NoGradGuard.
+  /// backed-up value. Returns ‖δᵢ‖ after the move. Runs under NoGradGuard. `g`
+  /// is undefined only for strategies whose `uses_gradient()` is false.
   virtual double perturb(
       size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
       const torch::Tensor& origin) = 0;
 
-  /// Called once right after the targets are backed up.
-  virtual void on_backup() {}
+  /// Whether `attack()` moves along the gradient (and so needs one).
+  virtual bool uses_gradient() const {
+    return true;
+  }
+
+  /// Whether the passes of one `Trainer::step` share their dropout masks.
+  virtual bool share_dropout_mask() const {
+    return false;
+  }
 
   /// The strategy's protocol for one batch (see SPEC §3); called by Trainer,
   /// which restores weights and gradients if it throws.
   virtual StepResult run_step(detail::StepContext& ctx) = 0;
+
+  /// State beyond the base's.
+  virtual void save_state(torch::serialize::OutputArchive& /*archive*/) const {}
+  virtual void load_state(torch::serialize::InputArchive& /*archive*/) {}
+
+  /// Backs the targets up unless they already are.
+  void backup() {
+    if (is_perturbed()) {
+      return;
+    }
+    torch::NoGradGuard no_grad;
+    backup_.reserve(targets_.size());
+    for (size_t i = 0; i < targets_.size(); ++i) {
+      backup_.push_back(data(i).clone());
+    }
+  }
+
+  /// Target `i`'s backed-up value; only while perturbed.
+  const torch::Tensor& origin(size_t i) const {
+    return backup_[i];
+  }
+
+  /// Target `i` as a tensor to write into. When `untracked_writes_` is set,
+  /// the writes do not bump the autograd version counter, so a graph built
+  /// before the perturbation (SMART's clean pass) stays usable; such a graph
+  /// must only be run backward after `restore()`.
+  torch::Tensor data(size_t i) const {
+    return untracked_writes_ ? targets_[i].variable_data()
+                             : targets_[i].detach();
+  }
 
   /// The protocol of FGSM and FGM: clean pass, one attack, adversarial pass,
   /// restore, optimizer step.
@@ -322,20 +496,23 @@ class Attacker {
     return r;
   }
 
+  bool untracked_writes_ = false;
+  double perturbation_norm_ = 0.0;
+
   friend class Trainer;
 
  private:
-  void check_targets(const char* what) {
+  void check_targets() {
     TORCH_CHECK(
-        !targets_.empty(), "advtrain: ", what, " needs at least one target");
+        !targets_.empty(), "advtrain: ", kind_, " needs at least one target");
     for (size_t i = 0; i < targets_.size(); ++i) {
       const auto& t = targets_[i];
       TORCH_CHECK(
-          t.defined(), "advtrain: ", what, ": ", names_[i], " is undefined");
+          t.defined(), "advtrain: ", kind_, ": ", names_[i], " is undefined");
       TORCH_CHECK(
           t.is_floating_point(),
           "advtrain: ",
-          what,
+          kind_,
           ": ",
           names_[i],
           " must be a floating-point tensor, got ",
@@ -343,7 +520,7 @@ class Attacker {
       TORCH_CHECK(
           t.requires_grad(),
           "advtrain: ",
-          what,
+          kind_,
           ": ",
           names_[i],
           " does not require grad, so it never gets a gradient to attack "
@@ -352,7 +529,7 @@ class Attacker {
         TORCH_CHECK(
             !targets_[j].is_same(t),
             "advtrain: ",
-            what,
+            kind_,
             ": ",
             names_[i],
             " is the same tensor as ",
@@ -396,7 +573,7 @@ class Attacker {
       grads.push_back(g);
     }
     TORCH_CHECK(
-        any,
+        any || !uses_gradient(),
         "advtrain: attack() found no gradient on [",
         fmt::format("{}", fmt::join(names_, ", ")),
         "]; run the loss's backward() first");
@@ -405,11 +582,26 @@ class Attacker {
 
   std::vector<torch::Tensor> targets_;
   std::vector<std::string> names_;
+  const char* kind_;
   std::vector<torch::Tensor> backup_;
   std::vector<torch::Tensor> watched_;
   std::vector<torch::Tensor> grad_backup_;
-  double perturbation_norm_ = 0.0;
+  int64_t steps_done_ = 0;
 };
+
+/// `archive << attacker`, so that `torch::save(attacker, path)` works.
+inline torch::serialize::OutputArchive& operator<<(
+    torch::serialize::OutputArchive& archive, const Attacker& attacker) {
+  attacker.save(archive);
+  return archive;
+}
+
+/// `archive >> attacker`, so that `torch::load(attacker, path)` works.
+inline torch::serialize::InputArchive& operator>>(
+    torch::serialize::InputArchive& archive, Attacker& attacker) {
+  attacker.load(archive);
+  return archive;
+}
 
 inline std::vector<torch::Tensor> select_parameters(
     const torch::nn::Module& module, const std::string& name_contains) {

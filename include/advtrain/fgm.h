@@ -44,6 +44,10 @@ class FastGradient : public Attacker {
     return run_single_attack(ctx);
   }
 
+  bool share_dropout_mask() const override {
+    return options_.share_dropout_mask();
+  }
+
  private:
   void check(const char* what) const {
     TORCH_CHECK(
@@ -63,6 +67,8 @@ class FastGradient : public Attacker {
 struct FGMOptions {
   /// Radius ε: the perturbation is `ε * g / ‖g‖`.
   TORCH_ARG(double, epsilon) = 1.0;
+  /// Whether the clean and the adversarial pass draw the same dropout masks.
+  TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
 /// Fast Gradient Method: `δ = ε * g / ‖g‖` (L2), one adversarial pass.
@@ -80,6 +86,8 @@ class FGM : public detail::FastGradient<L2, FGMOptions> {
 struct FGSMOptions {
   /// Per-element size ε: the perturbation is `ε * sign(g)`.
   TORCH_ARG(double, epsilon) = 0.01;
+  /// Whether the clean and the adversarial pass draw the same dropout masks.
+  TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
 /// Fast Gradient Sign Method: `δ = ε * sign(g)` (L∞), one adversarial pass.

@@ -16,6 +16,8 @@ struct PGDOptions {
   TORCH_ARG(double, alpha) = 0.3;
   /// Number K of ascent steps (K + 1 forward+backward passes per batch).
   TORCH_ARG(int64_t, steps) = 3;
+  /// Whether the K + 1 passes of a step draw the same dropout masks.
+  TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
 /// Projected Gradient Descent under the norm policy `Norm`: K steps
@@ -47,13 +49,12 @@ class BasicPGD : public Attacker {
       torch::Tensor& w,
       const torch::Tensor& g,
       const torch::Tensor& origin) override {
-    Norm::step(w, g, options_.alpha());
-    torch::Tensor delta = w - origin;
-    const Projection p = Norm::project(delta, options_.epsilon());
-    if (p.changed) {
-      at::add_out(w, origin, delta);
-    }
-    return p.norm;
+    return detail::projected_step<Norm>(
+        w, g, options_.alpha(), options_.epsilon(), origin);
+  }
+
+  bool share_dropout_mask() const override {
+    return options_.share_dropout_mask();
   }
 
   /// Clean pass; then K times: attack, clear the grads (the clean ones are

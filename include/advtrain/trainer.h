@@ -13,7 +13,8 @@ namespace advtrain {
 /// The step starts from zero gradients and ends with the optimizer's update;
 /// the targets are restored before every `optimizer.step()`. If a closure
 /// throws, the weights and gradients are put back as they were before the
-/// step and the exception reaches the caller.
+/// step and the exception reaches the caller (FreeAT, which steps the
+/// optimizer once per replay, keeps the replays that completed).
 class Trainer {
  public:
   Trainer(torch::optim::Optimizer& optimizer, Attacker& attacker)
@@ -31,10 +32,14 @@ class Trainer {
     const std::vector<torch::Tensor> params = detail::union_of(
         detail::optimizer_parameters(optimizer_), attacker_.targets());
     detail::StepContext ctx{optimizer_, forward, loss_fn, params};
+    if (attacker_.share_dropout_mask()) {
+      ctx.replay.emplace(attacker_.targets());
+    }
     std::vector<torch::Tensor> before = ctx.take_grads(); // zero_grad
     try {
       StepResult r = attacker_.run_step(ctx);
       r.passes = ctx.passes;
+      ++attacker_.steps_done_;
       return r;
     } catch (...) {
       attacker_.restore();

@@ -1,0 +1,189 @@
+#pragma once
+
+#include <advtrain/attacker.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+
+/// Options of FreeAT ("free" adversarial training, Shafahi et al., NeurIPS
+/// 2019).
+struct FreeATOptions {
+  /// Bound ε of the perturbation (per element for `FreeAT`, L2 for
+  /// `FreeATL2`).
+  TORCH_ARG(double, epsilon) = 0.01;
+  /// Ascent step α.
+  TORCH_ARG(double, alpha) = 0.01;
+  /// Replays m of each batch: m passes and m optimizer steps per batch, so
+  /// divide the number of epochs by m.
+  TORCH_ARG(int64_t, replays) = 4;
+  /// Whether the m replays of a batch draw the same dropout masks.
+  TORCH_ARG(bool, share_dropout_mask) = false;
+};
+
+/// FreeAT under the norm policy `Norm`: one perturbation δ per target, created
+/// zero and kept across batches. Each replay applies δ, runs forward and
+/// backward, takes the optimizer step with that gradient and moves δ by the
+/// same gradient: `δ ← proj(δ + α * (steepest-ascent direction of g))`.
+///
+/// Low-level use, per replay:
+///   freeat.attack();          // W = W0 + δ (no gradient needed)
+///   loss.backward();
+///   freeat.update_delta();    // δ from W's gradient (the gradient at W + δ)
+///   freeat.restore();         // W = W0
+///   optimizer.step(); optimizer.zero_grad();
+template <typename Norm>
+class BasicFreeAT : public Attacker {
+ public:
+  explicit BasicFreeAT(
+      std::vector<torch::Tensor> params, FreeATOptions options = {})
+      : Attacker(std::move(params), "FreeAT"), options_(std::move(options)) {
+    check();
+  }
+  BasicFreeAT(
+      const torch::nn::Module& module,
+      const std::string& name_contains,
+      FreeATOptions options = {})
+      : Attacker(module, name_contains, "FreeAT"),
+        options_(std::move(options)) {
+    check();
+  }
+
+  const FreeATOptions& options() const noexcept {
+    return options_;
+  }
+
+  /// `δ ← proj(δ + α * direction(g))` for each target, `g` its current
+  /// gradient; targets without a gradient keep their δ.
+  void update_delta() {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < targets().size(); ++i) {
+      const torch::Tensor& g = targets()[i].grad();
+      if (g.defined()) {
+        torch::Tensor& d = delta(i);
+        Norm::step(d, g, options_.alpha());
+        Norm::project(d, options_.epsilon());
+      }
+    }
+  }
+
+  /// The persistent perturbations (undefined until first used).
+  const std::vector<torch::Tensor>& deltas() const noexcept {
+    return deltas_;
+  }
+
+  /// Forgets δ (the next batch starts from zero).
+  void reset_delta() {
+    deltas_.clear();
+  }
+
+ protected:
+  bool uses_gradient() const override {
+    return false;
+  }
+
+  bool share_dropout_mask() const override {
+    return options_.share_dropout_mask();
+  }
+
+  double perturb(
+      size_t i,
+      torch::Tensor& w,
+      const torch::Tensor& /*g*/,
+      const torch::Tensor& origin) override {
+    const torch::Tensor& d = delta(i);
+    at::add_out(w, origin, d);
+    return detail::l2_norm(d);
+  }
+
+  /// m times: apply δ, forward+backward, update δ from that gradient,
+  /// restore, optimizer step, clear the gradients (not after the last).
+  StepResult run_step(detail::StepContext& ctx) override {
+    StepResult r;
+    const int64_t m = options_.replays();
+    for (int64_t j = 0; j < m; ++j) {
+      attack();
+      r.perturbation_norm = perturbation_norm_;
+      const double loss = ctx.pass().item<double>();
+      if (j == 0) {
+        r.loss = loss;
+      }
+      r.adv_loss = loss;
+      update_delta();
+      restore();
+      ctx.optimizer.step();
+      if (j < m - 1) {
+        ctx.clear_grads();
+      }
+    }
+    return r;
+  }
+
+  void save_state(torch::serialize::OutputArchive& archive) const override {
+    for (size_t i = 0; i < deltas_.size(); ++i) {
+      if (deltas_[i].defined()) {
+        archive.write("freeat.delta." + std::to_string(i), deltas_[i]);
+      }
+    }
+  }
+
+  void load_state(torch::serialize::InputArchive& archive) override {
+    std::vector<torch::Tensor> loaded(targets().size());
+    for (size_t i = 0; i < targets().size(); ++i) {
+      torch::Tensor d;
+      if (archive.try_read("freeat.delta." + std::to_string(i), d)) {
+        TORCH_CHECK(
+            d.sizes() == targets()[i].sizes(),
+            "advtrain: FreeAT: the saved delta of ",
+            target_names()[i],
+            " has shape ",
+            d.sizes(),
+            ", the tensor ",
+            targets()[i].sizes());
+        loaded[i] = d.to(targets()[i].device(), targets()[i].scalar_type());
+      }
+    }
+    deltas_ = std::move(loaded);
+  }
+
+ private:
+  torch::Tensor& delta(size_t i) {
+    if (deltas_.size() != targets().size()) {
+      deltas_.resize(targets().size());
+    }
+    if (!deltas_[i].defined()) {
+      deltas_[i] = torch::zeros_like(targets()[i], torch::requires_grad(false));
+    }
+    return deltas_[i];
+  }
+
+  void check() const {
+    TORCH_CHECK(
+        options_.epsilon() > 0,
+        "FreeAT: Invalid epsilon: ",
+        options_.epsilon(),
+        " (must be > 0)");
+    TORCH_CHECK(
+        options_.alpha() >= 0,
+        "FreeAT: Invalid alpha: ",
+        options_.alpha(),
+        " (must be >= 0)");
+    TORCH_CHECK(
+        options_.replays() >= 1,
+        "FreeAT: Invalid replays: ",
+        options_.replays(),
+        " (must be >= 1)");
+  }
+
+  FreeATOptions options_;
+  std::vector<torch::Tensor> deltas_;
+};
+
+/// FreeAT with sign steps and element-wise clamp to [-ε, ε] (SPEC §2).
+using FreeAT = BasicFreeAT<LInf>;
+/// FreeAT with L2 steps `α * g / ‖g‖` and projection onto ‖δ‖ ≤ ε.
+using FreeATL2 = BasicFreeAT<L2>;
+
+} // namespace advtrain

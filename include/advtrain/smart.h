@@ -1,0 +1,227 @@
+#pragma once
+
+#include <advtrain/attacker.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+namespace detail {
+
+/// `logits` as rows of classes, in float32 (float64 stays float64).
+inline torch::Tensor class_rows(const torch::Tensor& logits) {
+  return logits.reshape({-1, logits.size(-1)}).to(norm_dtype(logits));
+}
+
+/// Whether the model is a regression (one output column).
+inline bool is_regression(const torch::Tensor& logits) {
+  return logits.dim() == 0 || logits.size(-1) == 1;
+}
+
+} // namespace detail
+
+/// mt-dnn's numerically stable KL used in SMART's ascent:
+/// `2 * Σ p * (rp − rq)` averaged over the rows, `p = softmax(p_logits)`,
+/// `rp = −log(1 / (p + 1e-6) − 1 + 1e-6)` (detached; likewise `rq`). The
+/// gradient flows through `p` only. One output column: mean squared error.
+inline torch::Tensor stable_kl(
+    const torch::Tensor& p_logits, const torch::Tensor& q_logits) {
+  if (detail::is_regression(p_logits)) {
+    return torch::mse_loss(
+        p_logits.to(detail::norm_dtype(p_logits)),
+        q_logits.detach().to(detail::norm_dtype(p_logits)));
+  }
+  const auto p_rows = detail::class_rows(p_logits);
+  const auto p = torch::softmax(p_rows, -1);
+  const auto q = torch::softmax(detail::class_rows(q_logits), -1).detach();
+  const double e = 1e-6;
+  const auto rp = -(1.0 / (p.detach() + e) - 1 + e).log();
+  const auto rq = -(1.0 / (q + e) - 1 + e).log();
+  return (p * (rp - rq) * 2).sum() / static_cast<double>(p_rows.size(0));
+}
+
+/// Symmetric KL of SMART's regularizer, `KL(sg(p) ‖ q) + KL(sg(q) ‖ p)`
+/// between the softmaxes of the two logits, averaged over the rows, in
+/// float32 (`sg` stops the gradient). One output column: mean squared error.
+inline torch::Tensor sym_kl(
+    const torch::Tensor& p_logits, const torch::Tensor& q_logits) {
+  if (detail::is_regression(p_logits)) {
+    return torch::mse_loss(
+        p_logits.to(detail::norm_dtype(p_logits)),
+        q_logits.to(detail::norm_dtype(p_logits)));
+  }
+  const auto lp = torch::log_softmax(detail::class_rows(p_logits), -1);
+  const auto lq = torch::log_softmax(detail::class_rows(q_logits), -1);
+  const auto p = lp.detach().exp();
+  const auto q = lq.detach().exp();
+  const auto kl_p_q = (p * (lp.detach() - lq)).sum();
+  const auto kl_q_p = (q * (lq.detach() - lp)).sum();
+  return (kl_p_q + kl_q_p) / static_cast<double>(lp.size(0));
+}
+
+/// Options of SMART (Jiang et al., ACL 2020).
+struct SMARTOptions {
+  /// Ascent steps K on the perturbation.
+  TORCH_ARG(int64_t, steps) = 1;
+  /// Ascent step α: `δ ← N(δ + α * g)`.
+  TORCH_ARG(double, alpha) = 1e-3;
+  /// Scale of the Gaussian start: `δ_0 = N(0, 1) * noise_var`.
+  TORCH_ARG(double, noise_var) = 1e-5;
+  /// Added to each row's max-abs value in the normalization `N`.
+  TORCH_ARG(double, norm_eps) = 1e-6;
+  /// Weight of the regularizer added to the task loss.
+  TORCH_ARG(double, weight) = 1.0;
+  /// Whether the clean and the perturbed passes draw the same dropout masks.
+  TORCH_ARG(bool, share_dropout_mask) = false;
+};
+
+/// SMART's smoothness-inducing adversarial regularizer: the task loss plus
+/// `weight * sym_kl(f(W + δ), f(W))`, δ found by K ascent steps on
+/// `stable_kl(f(W + δ), f(W))` from Gaussian noise, each step normalized row by
+/// row (`N`: divide by the row's max-abs value + norm_eps). The ascent uses
+/// `torch::autograd::grad`, so nothing accumulates into `.grad` until the one
+/// final backward; `StepResult::passes` counts the K + 2 forward passes
+/// (clean, K ascent steps, final). If an ascent gradient is not finite, the
+/// batch is trained on the task loss alone.
+///
+/// The clean pass's graph stays alive while the table is perturbed, so the
+/// table is written without bumping its autograd version and is restored
+/// before the final backward. With a table tied to an output layer, that
+/// layer's part of the regularizer's gradient is therefore taken at W, not at
+/// W + δ.
+class SMART : public Attacker {
+ public:
+  explicit SMART(std::vector<torch::Tensor> params, SMARTOptions options = {})
+      : Attacker(std::move(params), "SMART"), options_(std::move(options)) {
+    untracked_writes_ = true;
+    check();
+  }
+  SMART(
+      const torch::nn::Module& module,
+      const std::string& name_contains,
+      SMARTOptions options = {})
+      : Attacker(module, name_contains, "SMART"), options_(std::move(options)) {
+    untracked_writes_ = true;
+    check();
+  }
+
+  const SMARTOptions& options() const noexcept {
+    return options_;
+  }
+
+ protected:
+  /// `δ ← N(δ + α * g)` with δ = w − origin.
+  double perturb(
+      size_t /*i*/,
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      const torch::Tensor& origin) override {
+    torch::Tensor delta = w - origin;
+    delta.add_(g, options_.alpha());
+    normalize(delta);
+    at::add_out(w, origin, delta);
+    return detail::l2_norm(delta);
+  }
+
+  bool share_dropout_mask() const override {
+    return options_.share_dropout_mask();
+  }
+
+  StepResult run_step(detail::StepContext& ctx) override {
+    StepResult r;
+    const torch::Tensor logits = ctx.run_forward();
+    torch::Tensor loss = ctx.loss_of(logits);
+    r.loss = loss.item<double>();
+    ++ctx.passes;
+    const size_t n = targets().size();
+    {
+      torch::NoGradGuard no_grad;
+      backup();
+      for (size_t i = 0; i < n; ++i) {
+        torch::Tensor w = data(i);
+        w.add_(torch::randn_like(w), options_.noise_var());
+      }
+    }
+    bool finite = true;
+    for (int64_t k = 0; k < options_.steps() && finite; ++k) {
+      const torch::Tensor adv = stable_kl(ctx.run_forward(), logits.detach());
+      const auto grads = torch::autograd::grad(
+          {adv},
+          targets(),
+          /*grad_outputs=*/{},
+          /*retain_graph=*/false,
+          /*create_graph=*/false,
+          /*allow_unused=*/true);
+      ++ctx.passes;
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < n && finite; ++i) {
+        finite =
+            !grads[i].defined() || std::isfinite(detail::l2_norm(grads[i]));
+      }
+      if (!finite) {
+        break;
+      }
+      double sq = 0.0;
+      for (size_t i = 0; i < n; ++i) {
+        torch::Tensor w = data(i);
+        const torch::Tensor g =
+            grads[i].defined() ? grads[i] : torch::zeros_like(w);
+        const double norm = perturb(i, w, g, origin(i));
+        sq += norm * norm;
+      }
+      perturbation_norm_ = std::sqrt(sq);
+    }
+    if (finite) {
+      const torch::Tensor reg = sym_kl(ctx.run_forward(), logits);
+      ++ctx.passes;
+      r.adv_loss = reg.item<double>();
+      r.perturbation_norm = perturbation_norm_;
+      loss = loss + options_.weight() * reg;
+    }
+    restore();
+    loss.backward();
+    ctx.optimizer.step();
+    return r;
+  }
+
+ private:
+  /// Divides each row (last dimension) by its max-abs value + norm_eps.
+  void normalize(torch::Tensor& delta) const {
+    const auto rows =
+        delta.dim() == 0 ? delta.abs() : delta.abs().amax(-1, true);
+    delta.div_(rows + options_.norm_eps());
+  }
+
+  void check() const {
+    TORCH_CHECK(
+        options_.steps() >= 1,
+        "SMART: Invalid steps: ",
+        options_.steps(),
+        " (must be >= 1)");
+    TORCH_CHECK(
+        options_.alpha() >= 0,
+        "SMART: Invalid alpha: ",
+        options_.alpha(),
+        " (must be >= 0)");
+    TORCH_CHECK(
+        options_.noise_var() >= 0,
+        "SMART: Invalid noise_var: ",
+        options_.noise_var(),
+        " (must be >= 0)");
+    TORCH_CHECK(
+        options_.norm_eps() > 0,
+        "SMART: Invalid norm_eps: ",
+        options_.norm_eps(),
+        " (must be > 0)");
+    TORCH_CHECK(
+        options_.weight() >= 0,
+        "SMART: Invalid weight: ",
+        options_.weight(),
+        " (must be >= 0)");
+  }
+
+  SMARTOptions options_;
+};
+
+} // namespace advtrain

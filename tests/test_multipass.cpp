@@ -1,0 +1,522 @@
+// FreeAT, FreeLB and SMART against the same methods written plainly with
+// tensor ops; shared dropout masks; attacker state saved and resumed.
+
+#include "common.h"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <string>
+
+using namespace fixture;
+using Catch::Matchers::Contains;
+
+namespace {
+
+constexpr double kLr = 0.1;
+constexpr double kTol = 1e-9;
+
+/// A second batch, different tokens and labels.
+torch::Tensor other_ids() {
+  return torch::tensor(
+      {{6, 5, 1, 1, 0}, {2, 3, 3, 6, 6}, {5, 5, 4, 1, 2}}, torch::kLong);
+}
+torch::Tensor other_labels() {
+  return torch::tensor({1, 1, 0}, torch::kLong);
+}
+
+Plain sgd(const Plain& p, const Plain& g) {
+  return p + g * (-kLr);
+}
+
+advtrain::StepResult step_on(
+    advtrain::Trainer& trainer,
+    TinyNet& model,
+    const torch::Tensor& x,
+    const torch::Tensor& y) {
+  return trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+}
+
+/// Plain KL(a ‖ b) between rows of probabilities, summed.
+torch::Tensor kl_rows(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a * (a.log() - b.log())).sum();
+}
+
+/// The stable KL written out: 2 Σ p (r(p) − r(q)) / rows, with
+/// r(x) = −log(1/(x + e) − 1 + e) put over one denominator:
+/// 1/(x + e) − 1 + e = (1 − x − e + e (x + e)) / (x + e).
+torch::Tensor plain_stable_kl(
+    const torch::Tensor& p_logits, const torch::Tensor& q_logits) {
+  const auto p = torch::softmax(p_logits, 1);
+  const auto q = torch::softmax(q_logits, 1).detach();
+  const double e = 1e-6;
+  auto r = [e](const torch::Tensor& v) {
+    return torch::log(v + e) - torch::log(1.0 - v - e + e * (v + e));
+  };
+  return 2.0 * (p * (r(p.detach()) - r(q))).sum() / p_logits.size(0);
+}
+
+torch::Tensor plain_sym_kl(
+    const torch::Tensor& p_logits, const torch::Tensor& q_logits) {
+  const auto p = torch::softmax(p_logits, 1);
+  const auto q = torch::softmax(q_logits, 1);
+  return (kl_rows(p.detach(), q) + kl_rows(q.detach(), p)) / p_logits.size(0);
+}
+
+torch::Tensor plain_logits(const Plain& p, const torch::Tensor& x) {
+  const auto e = p.W.index_select(0, x.reshape(-1))
+                     .reshape({x.size(0), x.size(1), p.W.size(1)})
+                     .mean(1);
+  return e.matmul(p.A.t()) + p.b;
+}
+
+/// Plain SMART on the table: returns the parameters after one SGD step.
+/// `noise` is the N(0, 1) draw, `finite_ascent` false to model the skip.
+Plain plain_smart(
+    const Plain& p0,
+    const torch::Tensor& noise,
+    const advtrain::SMARTOptions& o) {
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  const auto clean = plain_logits(p0, x).detach();
+  auto delta = noise * o.noise_var();
+  for (int64_t k = 0; k < o.steps(); ++k) {
+    auto d = delta.clone().requires_grad_();
+    const auto adv =
+        plain_stable_kl(plain_logits(p0.with_W(p0.W + d), x), clean);
+    const auto g = torch::autograd::grad({adv}, {d})[0];
+    const auto moved = delta + o.alpha() * g;
+    delta = moved / (std::get<0>(moved.abs().max(1, true)) + o.norm_eps());
+  }
+  auto W = p0.W.clone().requires_grad_();
+  auto A = p0.A.clone().requires_grad_();
+  auto b = p0.b.clone().requires_grad_();
+  const Plain leaves{W, A, b};
+  const auto logits = plain_logits(leaves, x);
+  const auto adv_logits = plain_logits(leaves.with_W(W + delta), x);
+  const auto loss =
+      plain_loss(leaves, x, y) + o.weight() * plain_sym_kl(adv_logits, logits);
+  const auto g = torch::autograd::grad({loss}, {W, A, b});
+  return sgd(p0, {g[0], g[1], g[2]});
+}
+
+} // namespace
+
+TEST_CASE("FreeAT over two batches equals the plain computation", "[freeat]") {
+  const bool l2 = GENERATE(false, true);
+  const int64_t m = 3;
+  const double eps = l2 ? 0.05 : 0.03, alpha = l2 ? 0.04 : 0.02;
+  auto model = make_model();
+  Plain p = Plain::of(model);
+  auto delta = torch::zeros_like(p.W);
+  bool bound_hit = false;
+  std::vector<double> last_applied; // ‖δ‖ applied in each batch's last replay
+  for (const auto& batch :
+       {std::make_pair(batch_ids(), batch_labels()),
+        std::make_pair(other_ids(), other_labels())}) {
+    for (int64_t j = 0; j < m; ++j) {
+      if (j == m - 1) {
+        last_applied.push_back(delta.norm().item<double>());
+      }
+      const Plain g =
+          plain_grads(p.with_W(p.W + delta), batch.first, batch.second);
+      p = sgd(p, g);
+      if (l2) {
+        delta = delta + alpha * g.W / g.W.norm();
+        const double n = delta.norm().item<double>();
+        if (n > eps) {
+          delta = delta * (eps / n);
+          bound_hit = true;
+        }
+      } else {
+        delta = delta + alpha * g.W.sign();
+        bound_hit = bound_hit || delta.abs().max().item<double>() > eps;
+        delta = delta.clamp(-eps, eps);
+      }
+    }
+  }
+  REQUIRE(bound_hit);
+
+  const auto opts =
+      advtrain::FreeATOptions().epsilon(eps).alpha(alpha).replays(m);
+  std::unique_ptr<advtrain::Attacker> freeat;
+  if (l2) {
+    freeat = std::make_unique<advtrain::FreeATL2>(*model, "embedding", opts);
+  } else {
+    freeat = std::make_unique<advtrain::FreeAT>(*model, "embedding", opts);
+  }
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, *freeat);
+  const auto r1 = step_on(trainer, model, batch_ids(), batch_labels());
+  const auto r2 = step_on(trainer, model, other_ids(), other_labels());
+  CHECK(max_diff(model, p) < kTol);
+  CHECK(r1.passes == m);
+  CHECK(r1.perturbation_norm == Approx(last_applied[0]).epsilon(1e-9));
+  CHECK(r2.perturbation_norm == Approx(last_applied[1]).epsilon(1e-9));
+  CHECK(r2.perturbation_norm > 0.0);
+  CHECK(freeat->steps_done() == 2);
+  CHECK_FALSE(freeat->is_perturbed());
+}
+
+TEST_CASE("FreeLB step equals the plain computation", "[freelb]") {
+  struct Case {
+    double alpha, eps;
+    int64_t k;
+    bool projects;
+  };
+  const Case c = GENERATE(
+      Case{0.1, 0.0, 3, false},
+      Case{0.3, 1.0, 3, false},
+      Case{0.4, 0.5, 4, true},
+      Case{0.2, 0.0, 1, false});
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  auto delta = torch::zeros_like(p0.W);
+  Plain sum = p0 * 0.0;
+  bool projected = false;
+  for (int64_t t = 1; t <= c.k; ++t) {
+    const Plain g = plain_grads(p0.with_W(p0.W + delta), x, y);
+    sum = sum + g * (1.0 / c.k);
+    if (t < c.k) {
+      delta = delta + c.alpha * g.W / g.W.norm();
+      const double n = delta.norm().item<double>();
+      if (c.eps > 0 && n > c.eps) {
+        delta = delta * (c.eps / n);
+        projected = true;
+      }
+    }
+  }
+  REQUIRE(projected == c.projects);
+
+  advtrain::FreeLB freelb(
+      *model,
+      "embedding",
+      advtrain::FreeLBOptions().alpha(c.alpha).epsilon(c.eps).steps(c.k));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, freelb);
+  const auto r = step_on(trainer, model, x, y);
+  CHECK(max_diff(model, sgd(p0, sum)) < kTol);
+  CHECK(r.passes == c.k);
+  CHECK(r.loss == Approx(plain_loss(p0, x, y).item<double>()));
+  if (c.eps > 0) {
+    CHECK(r.perturbation_norm <= c.eps * (1 + 1e-12));
+  }
+}
+
+TEST_CASE("SMART step equals the plain computation", "[smart]") {
+  const auto o = GENERATE(
+      advtrain::SMARTOptions(),
+      advtrain::SMARTOptions().steps(2).alpha(0.5).weight(0.7),
+      advtrain::SMARTOptions().steps(3).alpha(2.0).noise_var(0.1));
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  torch::manual_seed(123);
+  const auto noise = torch::randn_like(p0.W);
+  const Plain expected = plain_smart(p0, noise, o);
+
+  advtrain::SMART smart(*model, "embedding", o);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, smart);
+  torch::manual_seed(123);
+  const auto r = step_on(trainer, model, batch_ids(), batch_labels());
+  CHECK(max_diff(model, expected) < kTol);
+  CHECK(r.passes == o.steps() + 2);
+  CHECK(r.adv_loss > 0.0);
+  CHECK_FALSE(smart.is_perturbed());
+  // The regularizer matters: the result is not a plain SGD step. (Its
+  // gradient on W cancels for this model, whose logits are linear in W + δ;
+  // it shows on the linear layer.)
+  CHECK(
+      max_abs_diff(
+          expected.A, sgd(p0, plain_grads(p0, batch_ids(), batch_labels())).A) >
+      1e-6);
+}
+
+TEST_CASE(
+    "SMART skips the regularizer when the ascent is not finite", "[smart]") {
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  advtrain::SMART smart(*model, "embedding");
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, smart);
+  int calls = 0;
+  const double inf = std::numeric_limits<double>::infinity();
+  const auto r = trainer.step(
+      [&] {
+        // Every pass after the clean one blows up.
+        const auto out = model->forward(x);
+        return ++calls == 1 ? out : out * inf;
+      },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+  CHECK(calls == 2); // clean + one ascent pass, then the skip
+  CHECK(r.adv_loss == 0.0);
+  CHECK(r.perturbation_norm == 0.0);
+  for (const auto& p : model->parameters()) {
+    CHECK(torch::isfinite(p).all().item<bool>());
+  }
+  // The step is the task loss's alone.
+  CHECK(max_diff(model, sgd(p0, plain_grads(p0, x, y))) < kTol);
+}
+
+TEST_CASE("stable_kl and sym_kl against hand-derived values", "[smart]") {
+  // Equal distributions: both are zero.
+  const auto a =
+      torch::tensor({{0.3, -1.2, 2.0}, {1.0, 1.0, 0.0}}, torch::kDouble);
+  CHECK(advtrain::stable_kl(a, a).item<double>() == Approx(0).margin(1e-9));
+  CHECK(advtrain::sym_kl(a, a).item<double>() == Approx(0).margin(1e-12));
+  // Two classes, p = (1/2, 1/2), q = (e/(1+e), 1/(1+e)) from logits (1, 0):
+  // KL(p‖q) + KL(q‖p) = (1/2 − q1) * (log(1/2) − log(q1)) * 2 ... written
+  // out: Σ (p − q)(log p − log q).
+  const auto p_logits = torch::tensor({{0.0, 0.0}}, torch::kDouble);
+  const auto q_logits = torch::tensor({{1.0, 0.0}}, torch::kDouble);
+  const double q1 = std::exp(1.0) / (1 + std::exp(1.0)), q2 = 1 - q1;
+  const double expected = (0.5 - q1) * (std::log(0.5) - std::log(q1)) +
+                          (0.5 - q2) * (std::log(0.5) - std::log(q2));
+  CHECK(
+      advtrain::sym_kl(p_logits, q_logits).item<double>() ==
+      Approx(expected).epsilon(1e-12));
+  // One output column: mean squared error, ((1-0)² + (3-1)²) / 2 = 2.5.
+  const auto r1 = torch::tensor({{1.0}, {3.0}}, torch::kDouble);
+  const auto r2 = torch::tensor({{0.0}, {1.0}}, torch::kDouble);
+  CHECK(advtrain::sym_kl(r1, r2).item<double>() == Approx(2.5));
+  CHECK(advtrain::stable_kl(r1, r2).item<double>() == Approx(2.5));
+  // float16 logits: computed in float32.
+  CHECK(
+      advtrain::sym_kl(a.to(torch::kHalf), a.to(torch::kHalf)).scalar_type() ==
+      torch::kFloat);
+}
+
+TEST_CASE("SMART works with a table tied to the output layer", "[smart]") {
+  // logits = mean(E) · Wᵀ: the clean pass's graph saves W, which SMART then
+  // perturbs; it must not trip the in-place version check.
+  torch::manual_seed(3);
+  torch::nn::Embedding emb(kVocab, kHidden);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  auto forward = [&] { return emb(x).mean(1).matmul(emb->weight.t()); };
+  auto loss = [&](const torch::Tensor& out) { return cross_entropy(out, y); };
+  const auto before = emb->weight.detach().clone();
+  advtrain::SMART smart(*emb, "weight", advtrain::SMARTOptions().alpha(0.1));
+  torch::optim::SGD opt(emb->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, smart);
+  const auto r = trainer.step(forward, loss);
+  CHECK(r.adv_loss > 0.0);
+  CHECK(torch::isfinite(emb->weight).all().item<bool>());
+  CHECK_FALSE(torch::equal(emb->weight, before));
+}
+
+namespace {
+
+/// Embedding -> dropout -> mean -> linear; records each forward's mask.
+struct DropNetImpl : torch::nn::Module {
+  DropNetImpl()
+      : embedding(
+            register_module("embedding", torch::nn::Embedding(kVocab, 16))),
+        drop(register_module("drop", torch::nn::Dropout(0.5))),
+        fc(register_module("fc", torch::nn::Linear(16, kClasses))) {}
+  torch::Tensor forward(const torch::Tensor& x) {
+    const auto e = embedding(x);
+    masks.push_back(drop(torch::ones_like(e)).detach().ne(0));
+    return fc((e * masks.back()).mean(1));
+  }
+  torch::nn::Embedding embedding;
+  torch::nn::Dropout drop;
+  torch::nn::Linear fc;
+  std::vector<torch::Tensor> masks;
+};
+TORCH_MODULE(DropNet);
+
+/// Runs two Trainer steps and returns the masks drawn by each pass.
+std::vector<torch::Tensor> masks_of(
+    advtrain::Attacker& attacker, DropNet& model) {
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.01));
+  advtrain::Trainer trainer(opt, attacker);
+  for (int s = 0; s < 2; ++s) {
+    trainer.step(
+        [&] { return model->forward(batch_ids()); },
+        [&](const torch::Tensor& out) {
+          return cross_entropy(out, batch_labels());
+        });
+  }
+  return model->masks;
+}
+
+} // namespace
+
+TEST_CASE(
+    "Shared dropout masks: equal within a step with the option", "[dropout]") {
+  const bool share = GENERATE(true, false);
+  torch::manual_seed(5);
+  DropNet model;
+  std::unique_ptr<advtrain::Attacker> attacker;
+  size_t per_step = 0;
+  SECTION("FreeLB") {
+    attacker = std::make_unique<advtrain::FreeLB>(
+        *model,
+        "embedding",
+        advtrain::FreeLBOptions().steps(3).share_dropout_mask(share));
+    per_step = 3;
+  }
+  SECTION("PGD") {
+    attacker = std::make_unique<advtrain::PGD>(
+        *model,
+        "embedding",
+        advtrain::PGDOptions().steps(2).share_dropout_mask(share));
+    per_step = 3;
+  }
+  SECTION("FGM") {
+    attacker = std::make_unique<advtrain::FGM>(
+        *model, "embedding", advtrain::FGMOptions().share_dropout_mask(share));
+    per_step = 2;
+  }
+  SECTION("SMART") {
+    attacker = std::make_unique<advtrain::SMART>(
+        *model,
+        "embedding",
+        advtrain::SMARTOptions().steps(2).share_dropout_mask(share));
+    per_step = 4;
+  }
+  SECTION("FreeAT") {
+    attacker = std::make_unique<advtrain::FreeAT>(
+        *model,
+        "embedding",
+        advtrain::FreeATOptions().replays(3).share_dropout_mask(share));
+    per_step = 3;
+  }
+  const auto masks = masks_of(*attacker, model);
+  REQUIRE(masks.size() == 2 * per_step);
+  for (size_t step = 0; step < 2; ++step) {
+    for (size_t j = 1; j < per_step; ++j) {
+      CHECK(
+          torch::equal(masks[step * per_step + j], masks[step * per_step]) ==
+          share);
+    }
+  }
+  // Masks still change from one step to the next.
+  CHECK_FALSE(torch::equal(masks[0], masks[per_step]));
+}
+
+TEST_CASE("FreeLB shares dropout masks by default", "[dropout]") {
+  CHECK(advtrain::FreeLBOptions().share_dropout_mask());
+  CHECK_FALSE(advtrain::PGDOptions().share_dropout_mask());
+}
+
+namespace {
+
+std::vector<std::pair<torch::Tensor, torch::Tensor>> random_batches(int n) {
+  torch::manual_seed(99);
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> out;
+  for (int i = 0; i < n; ++i) {
+    out.emplace_back(
+        torch::randint(kVocab, {kBatch, kLength}, torch::kLong),
+        torch::randint(kClasses, {kBatch}, torch::kLong));
+  }
+  return out;
+}
+
+std::string temp_path(const std::string& name) {
+  return (std::string(P_tmpdir) + "/advtrain_test_" + name);
+}
+
+} // namespace
+
+TEST_CASE("FreeAT state saves and resumes bit for bit", "[state]") {
+  const auto batches = random_batches(6);
+  const auto opts = advtrain::FreeATOptions().epsilon(0.05).alpha(0.02);
+  auto train = [&](TinyNet& model,
+                   torch::optim::Optimizer& opt,
+                   advtrain::Attacker& attacker,
+                   int from,
+                   int to) {
+    advtrain::Trainer trainer(opt, attacker);
+    for (int i = from; i < to; ++i) {
+      step_on(trainer, model, batches[i].first, batches[i].second);
+    }
+  };
+
+  auto a = make_model(1);
+  torch::optim::Adam opt_a(a->parameters(), torch::optim::AdamOptions(0.01));
+  advtrain::FreeAT freeat_a(*a, "embedding", opts);
+  train(a, opt_a, freeat_a, 0, 3);
+  REQUIRE(freeat_a.deltas().at(0).abs().max().item<double>() > 0);
+  torch::save(a, temp_path("model.pt"));
+  torch::save(opt_a, temp_path("optimizer.pt"));
+  torch::save(freeat_a, temp_path("attacker.pt"));
+  train(a, opt_a, freeat_a, 3, 6);
+
+  auto b = make_model(2); // a different initialization, overwritten by load
+  torch::optim::Adam opt_b(b->parameters(), torch::optim::AdamOptions(0.01));
+  advtrain::FreeAT freeat_b(*b, "embedding", opts);
+  torch::load(b, temp_path("model.pt"));
+  torch::load(opt_b, temp_path("optimizer.pt"));
+  torch::load(freeat_b, temp_path("attacker.pt"));
+  CHECK(freeat_b.steps_done() == 3);
+  train(b, opt_b, freeat_b, 3, 6);
+  CHECK(equal_all(a->parameters(), b->parameters()));
+
+  // Without the attacker's state the run diverges: the state matters.
+  auto c = make_model(2);
+  torch::optim::Adam opt_c(c->parameters(), torch::optim::AdamOptions(0.01));
+  advtrain::FreeAT freeat_c(*c, "embedding", opts);
+  torch::load(c, temp_path("model.pt"));
+  torch::load(opt_c, temp_path("optimizer.pt"));
+  train(c, opt_c, freeat_c, 3, 6);
+  CHECK_FALSE(equal_all(a->parameters(), c->parameters()));
+
+  // An archive of another strategy is refused.
+  advtrain::PGD pgd(*c, "embedding");
+  CHECK_THROWS_WITH(
+      torch::load(pgd, temp_path("attacker.pt")), Contains("state of FreeAT"));
+  for (const auto* f : {"model.pt", "optimizer.pt", "attacker.pt"}) {
+    std::remove(temp_path(f).c_str());
+  }
+}
+
+TEST_CASE(
+    "A throwing closure in FreeLB, SMART or FreeAT changes nothing",
+    "[trainer]") {
+  const int fail_at = GENERATE(1, 2, 3);
+  auto model = make_model();
+  auto params = model->parameters();
+  for (auto& p : params) {
+    p.mutable_grad() = torch::randn_like(p);
+  }
+  const auto weights_before = clone_all(params);
+  const auto grads_before = clone_all(grads_of(params));
+  advtrain::FreeLB freelb(*model, "embedding");
+  advtrain::SMART smart(*model, "embedding");
+  advtrain::FreeAT freeat(*model, "embedding");
+  std::vector<advtrain::Attacker*> attackers{&freelb, &smart};
+  if (fail_at == 1) {
+    attackers.push_back(&freeat); // later replays keep their completed steps
+  }
+  for (advtrain::Attacker* attacker : attackers) {
+    torch::optim::SGD opt(params, torch::optim::SGDOptions(0.1));
+    advtrain::Trainer trainer(opt, *attacker);
+    int calls = 0;
+    CHECK_THROWS_WITH(
+        trainer.step(
+            [&] {
+              if (++calls == fail_at) {
+                throw std::runtime_error("forward failed");
+              }
+              return model->forward(batch_ids());
+            },
+            [&](const torch::Tensor& out) {
+              return cross_entropy(out, batch_labels());
+            }),
+        Contains("forward failed"));
+    CHECK(equal_all(clone_all(params), weights_before));
+    CHECK(equal_all(clone_all(grads_of(params)), grads_before));
+    CHECK_FALSE(attacker->is_perturbed());
+    CHECK(attacker->steps_done() == 0);
+  }
+}
