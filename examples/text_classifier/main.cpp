@@ -124,9 +124,12 @@ struct Config {
   double lr = 3e-3, dropout = 0.2, test_fraction = 0.2;
   double attack_epsilon = 1.0;
   // Strategy options; unset ones keep the library's defaults.
-  std::optional<double> epsilon, alpha;
-  std::optional<int64_t> steps;
+  std::optional<double> epsilon, alpha, weight, noise_var;
+  std::optional<int64_t> steps, replays;
 };
+
+const std::vector<std::string> kMethods = {
+    "plain", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart"};
 
 /// The data set, tokenized, with its split and vocabulary.
 struct Data {
@@ -172,34 +175,64 @@ Data load(const Config& c) {
   return d;
 }
 
+/// The attacker for `method` on the model's embedding table; options not
+/// given on the command line keep the library's defaults.
 std::unique_ptr<advtrain::Attacker> make_attacker(
     const std::string& method, Classifier& model, const Config& c) {
+  using namespace advtrain;
   if (method == "fgsm") {
-    advtrain::FGSMOptions o;
-    if (c.epsilon) {
+    FGSMOptions o;
+    if (c.epsilon)
       o.epsilon(*c.epsilon);
-    }
-    return std::make_unique<advtrain::FGSM>(*model, "embedding", o);
+    return std::make_unique<FGSM>(*model, "embedding", o);
   }
   if (method == "fgm") {
-    advtrain::FGMOptions o;
-    if (c.epsilon) {
+    FGMOptions o;
+    if (c.epsilon)
       o.epsilon(*c.epsilon);
-    }
-    return std::make_unique<advtrain::FGM>(*model, "embedding", o);
+    return std::make_unique<FGM>(*model, "embedding", o);
   }
   if (method == "pgd") {
-    advtrain::PGDOptions o;
-    if (c.epsilon) {
+    PGDOptions o;
+    if (c.epsilon)
       o.epsilon(*c.epsilon);
-    }
-    if (c.alpha) {
+    if (c.alpha)
       o.alpha(*c.alpha);
-    }
-    if (c.steps) {
+    if (c.steps)
       o.steps(*c.steps);
-    }
-    return std::make_unique<advtrain::PGD>(*model, "embedding", o);
+    return std::make_unique<PGD>(*model, "embedding", o);
+  }
+  if (method == "freeat") {
+    FreeATOptions o;
+    if (c.epsilon)
+      o.epsilon(*c.epsilon);
+    if (c.alpha)
+      o.alpha(*c.alpha);
+    if (c.replays)
+      o.replays(*c.replays);
+    return std::make_unique<FreeAT>(*model, "embedding", o);
+  }
+  if (method == "freelb") {
+    FreeLBOptions o;
+    if (c.epsilon)
+      o.epsilon(*c.epsilon);
+    if (c.alpha)
+      o.alpha(*c.alpha);
+    if (c.steps)
+      o.steps(*c.steps);
+    return std::make_unique<FreeLB>(*model, "embedding", o);
+  }
+  if (method == "smart") {
+    SMARTOptions o;
+    if (c.alpha)
+      o.alpha(*c.alpha);
+    if (c.steps)
+      o.steps(*c.steps);
+    if (c.weight)
+      o.weight(*c.weight);
+    if (c.noise_var)
+      o.noise_var(*c.noise_var);
+    return std::make_unique<SMART>(*model, "embedding", o);
   }
   return nullptr; // plain
 }
@@ -220,11 +253,17 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
   if (attacker) {
     trainer.emplace(optimizer, *attacker);
   }
+  // FreeAT takes m optimizer steps per batch: m times fewer epochs.
+  int64_t epochs = c.epochs;
+  if (auto* freeat = dynamic_cast<advtrain::FreeAT*>(attacker.get())) {
+    const auto m = freeat->options().replays();
+    epochs = std::max<int64_t>(1, (c.epochs + m / 2) / m);
+  }
   const Batch test = encode(d.tokens, d.sentences, d.test, *d.vocab, c.max_len);
   fmt::print(
       "method: {}, {} epochs, batch {}, Adam lr {}\n",
       method,
-      c.epochs,
+      epochs,
       c.batch_size,
       c.lr);
 
@@ -232,7 +271,7 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
   std::vector<size_t> order = d.train;
   std::mt19937_64 rng(c.seed + 1);
   int64_t all_batches = 0, all_passes = 0;
-  for (int64_t epoch = 1; epoch <= c.epochs; ++epoch) {
+  for (int64_t epoch = 1; epoch <= epochs; ++epoch) {
     const auto start = std::chrono::steady_clock::now();
     std::shuffle(order.begin(), order.end(), rng);
     model->train();
@@ -270,7 +309,7 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
     all_batches += batches;
     all_passes += passes;
     fmt::print(
-        "epoch {:>3}/{}  loss {:.4f}", epoch, c.epochs, loss_sum / batches);
+        "epoch {:>3}/{}  loss {:.4f}", epoch, epochs, loss_sum / batches);
     if (trainer) {
       fmt::print(
           "  adv loss {:.4f}  |delta| {:.3f}",
@@ -304,15 +343,23 @@ int run(int argc, char** argv) {
   Config c;
   app.add_option("--data", c.files, "JSON files of {\"text\", \"class\"}")
       ->capture_default_str();
-  app.add_option("--method", c.method, "all | plain | fgsm | fgm | pgd")
-      ->check(CLI::IsMember({"all", "plain", "fgsm", "fgm", "pgd"}))
+  app.add_option(
+         "--method",
+         c.method,
+         "all, or one of: plain fgsm fgm pgd freeat freelb smart")
+      ->check(CLI::IsMember(
+          {"all", "plain", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart"}))
       ->capture_default_str();
-  app.add_option("--epochs", c.epochs)
+  app.add_option(
+         "--epochs", c.epochs, "epochs (FreeAT: divided by its replays)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--epsilon", c.epsilon, "method's epsilon (default: its own)");
-  app.add_option("--alpha", c.alpha, "PGD's step (default: its own)");
-  app.add_option("--steps", c.steps, "PGD's steps (default: its own)");
+  app.add_option("--epsilon", c.epsilon, "radius: fgsm fgm pgd freeat freelb");
+  app.add_option("--alpha", c.alpha, "ascent step: pgd freeat freelb smart");
+  app.add_option("--steps", c.steps, "ascent steps: pgd freelb smart");
+  app.add_option("--replays", c.replays, "FreeAT's replays m");
+  app.add_option("--weight", c.weight, "SMART's regularizer weight");
+  app.add_option("--noise-var", c.noise_var, "SMART's noise scale");
   app.add_option("--lr", c.lr, "Adam's learning rate")->capture_default_str();
   app.add_option("--batch-size", c.batch_size)
       ->check(CLI::PositiveNumber)
@@ -352,7 +399,7 @@ int run(int argc, char** argv) {
   const Data d = load(c);
   std::vector<std::string> methods = {c.method};
   if (c.method == "all") {
-    methods = {"plain", "fgsm", "fgm", "pgd"};
+    methods = kMethods;
   }
   std::vector<Outcome> outcomes;
   for (const auto& m : methods) {
