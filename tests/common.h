@@ -7,7 +7,10 @@
 #include <advtrain/advtrain.h>
 
 #include <torch/torch.h>
+#include <torch/version.h>
 
+#include <cstring>
+#include <string>
 #include <vector>
 
 namespace fixture {
@@ -118,6 +121,16 @@ inline std::vector<torch::Tensor> clone_all(
   return out;
 }
 
+/// Same dtype, shape and bytes (NaN payloads included).
+inline bool bit_equal(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) {
+    return false;
+  }
+  const auto x = a.contiguous(), y = b.contiguous();
+  return std::memcmp(x.data_ptr(), y.data_ptr(), x.nbytes()) == 0;
+}
+
+/// Element by element, bit for bit; undefined tensors equal each other.
 inline bool equal_all(
     const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
   if (a.size() != b.size()) {
@@ -127,12 +140,48 @@ inline bool equal_all(
     if (a[i].defined() != b[i].defined()) {
       return false;
     }
-    if (a[i].defined() && !torch::equal(a[i], b[i])) {
+    if (a[i].defined() && !bit_equal(a[i], b[i])) {
       return false;
     }
   }
   return true;
 }
+
+/// Collects LibTorch warnings (TORCH_WARN) while it lives, instead of
+/// printing them.
+class WarningCapture : public c10::WarningHandler {
+ public:
+  WarningCapture() : previous_(c10::Warning::get_warning_handler()) {
+    c10::Warning::set_warning_handler(this);
+  }
+  ~WarningCapture() override {
+    c10::Warning::set_warning_handler(previous_);
+  }
+#if TORCH_VERSION_MAJOR >= 2
+  void process(const c10::Warning& w) override {
+    messages.push_back(w.msg());
+  }
+#else
+  void process(
+      const c10::SourceLocation& /*where*/,
+      const std::string& msg,
+      const bool /*verbatim*/) override {
+    messages.push_back(msg);
+  }
+#endif
+  /// How many messages contain `text`.
+  size_t count(const std::string& text) const {
+    size_t n = 0;
+    for (const auto& m : messages) {
+      n += m.find(text) != std::string::npos;
+    }
+    return n;
+  }
+  std::vector<std::string> messages;
+
+ private:
+  c10::WarningHandler* previous_;
+};
 
 inline std::vector<torch::Tensor> grads_of(
     const std::vector<torch::Tensor>& ps) {

@@ -150,6 +150,7 @@ TEST_CASE(
   advtrain::FGM fgm(*model, "embedding");
   advtrain::FGSM fgsm(*model, "embedding");
   advtrain::PGD pgd(*model, "embedding");
+  WarningCapture warnings;
   for (advtrain::Attacker* a :
        std::vector<advtrain::Attacker*>{&fgm, &fgsm, &pgd}) {
     W.mutable_grad() = torch::full_like(W, fill);
@@ -172,6 +173,7 @@ TEST_CASE(
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
   advtrain::Trainer trainer(opt, pgd);
   const auto W0 = model->embedding->weight.detach().clone();
+  WarningCapture warnings;
   const auto r = trainer.step(
       [&] { return model->forward(x); },
       [&](const torch::Tensor& out) { return cross_entropy(out, y) * scale; });

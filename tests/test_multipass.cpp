@@ -249,6 +249,7 @@ TEST_CASE(
   advtrain::Trainer trainer(opt, smart);
   int calls = 0;
   const double inf = std::numeric_limits<double>::infinity();
+  WarningCapture warnings;
   const auto r = trainer.step(
       [&] {
         // Every pass after the clean one blows up.
@@ -257,6 +258,7 @@ TEST_CASE(
       },
       [&](const torch::Tensor& out) { return cross_entropy(out, y); });
   CHECK(calls == 2); // clean + one ascent pass, then the skip
+  CHECK(warnings.count("non-finite") == 1);
   CHECK(r.adv_loss == 0.0);
   CHECK(r.perturbation_norm == 0.0);
   for (const auto& p : model->parameters()) {

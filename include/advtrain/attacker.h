@@ -50,7 +50,14 @@ select_named(const torch::nn::Module& module, const std::string& pattern) {
   std::vector<std::string> all;
   for (const auto& item : module.named_parameters(/*recurse=*/true)) {
     all.push_back(item.key());
-    if (item.key().find(pattern) != std::string::npos) {
+    if (item.key().find(pattern) == std::string::npos) {
+      continue;
+    }
+    bool tied = false; // the same tensor under a second name: select it once
+    for (const auto& t : tensors) {
+      tied = tied || t.is_same(item.value());
+    }
+    if (!tied) {
       names.push_back(item.key());
       tensors.push_back(item.value());
     }
@@ -153,7 +160,16 @@ struct StepContext {
   const std::vector<torch::Tensor>& params;
   /// Set when every pass must draw the same dropout masks.
   std::optional<RngReplay> replay;
+  /// Set by `Trainer::accumulate`: the protocol's optimizer step is skipped.
+  bool accumulating = false;
   int64_t passes = 0;
+
+  /// The protocol's optimizer step (none while accumulating micro-batches).
+  void step_optimizer() {
+    if (!accumulating) {
+      optimizer.step();
+    }
+  }
 
   /// The model's output, with the random state of the step's first pass when
   /// `replay` is set.
@@ -209,6 +225,17 @@ struct StepContext {
     }
   }
 
+  /// Adds gradients taken by `take_grads` to the current ones.
+  void add_grads(std::vector<torch::Tensor> grads) const {
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!grads[i].defined()) {
+        continue;
+      }
+      torch::Tensor& g = params[i].mutable_grad();
+      g = g.defined() ? grads[i].add_(g) : std::move(grads[i]);
+    }
+  }
+
   /// Drops every gradient (the next backward starts from zero).
   void clear_grads() const {
     for (const auto& p : params) {
@@ -217,17 +244,19 @@ struct StepContext {
   }
 };
 
-/// `w ← w + step of size alpha along g` under `Norm`, then the perturbation
+/// `w ← w + step of size alpha along g` (‖g‖ = gnorm) under `Norm`, then the
+/// perturbation
 /// `w − origin` is projected back into the `Norm` ball of radius `eps`
 /// (skipped when `eps <= 0`). Returns ‖w − origin‖.
 template <typename Norm>
 double projected_step(
     torch::Tensor& w,
     const torch::Tensor& g,
+    double gnorm,
     double alpha,
     double eps,
     const torch::Tensor& origin) {
-  Norm::step(w, g, alpha);
+  Norm::step(w, g, alpha, gnorm);
   torch::Tensor delta = w - origin;
   if (eps <= 0) {
     return l2_norm(delta);
@@ -281,11 +310,15 @@ class Attacker {
     try {
       double sq = 0.0;
       for (size_t i = 0; i < targets_.size(); ++i) {
-        if (grads[i].defined() || !uses_gradient()) {
-          torch::Tensor w = data(i);
-          const double n = perturb(i, w, grads[i], backup_[i]);
-          sq += n * n;
+        double gnorm = 0.0;
+        if (uses_gradient()) {
+          if (!grads[i].defined() || !usable_gradient(i, grads[i], gnorm)) {
+            continue; // no move along a zero or non-finite gradient
+          }
         }
+        torch::Tensor w = data(i);
+        const double n = perturb(i, w, grads[i], gnorm, backup_[i]);
+        sq += n * n;
       }
       perturbation_norm_ = std::sqrt(sq);
     } catch (...) {
@@ -323,13 +356,12 @@ class Attacker {
   }
 
   /// Puts the gradients saved by `backup_grad()` back in place of the current
-  /// ones (parameters skipped there are left alone). The backup is handed over,
-  /// not copied: a second call without a new `backup_grad()` does nothing.
+  /// ones, exactly: a parameter whose grad was undefined then gets an
+  /// undefined grad again. The backup is handed over, not copied: a second
+  /// call without a new `backup_grad()` does nothing.
   void restore_grad() {
     for (size_t i = 0; i < grad_backup_.size(); ++i) {
-      if (grad_backup_[i].defined()) {
-        watched_[i].mutable_grad() = std::move(grad_backup_[i]);
-      }
+      watched_[i].mutable_grad() = std::move(grad_backup_[i]);
     }
     grad_backup_.clear();
   }
@@ -399,13 +431,17 @@ class Attacker {
   double perturbation_norm() const noexcept {
     return perturbation_norm_;
   }
-  /// `Trainer::step` calls completed with this attacker.
+  /// Batches (or micro-batches) a `Trainer` completed with this attacker.
   int64_t steps_done() const noexcept {
     return steps_done_;
   }
   /// The strategy's name.
   const char* kind() const noexcept {
     return kind_;
+  }
+  /// How many times a gradient with a non-finite norm was met (and skipped).
+  int64_t nonfinite_gradients() const noexcept {
+    return nonfinite_gradients_;
   }
 
  protected:
@@ -428,16 +464,43 @@ class Attacker {
     targets_ = std::move(selected.second);
     watched_ = module.parameters(/*recurse=*/true);
     check_targets();
+    warn_tied(module);
   }
 
-  /// Moves target `i` (`w`, its data) along its gradient `g`; `origin` is its
-  /// backed-up value. Returns ‖δᵢ‖ after the move. Runs under NoGradGuard. `g`
-  /// is undefined only for strategies whose `uses_gradient()` is false.
+  /// Moves target `i` (`w`, its data) along its gradient `g`, whose norm
+  /// `gnorm` is positive and finite; `origin` is its backed-up value. Returns
+  /// ‖δᵢ‖ after the move. Runs under NoGradGuard. For strategies whose
+  /// `uses_gradient()` is false, `g` may be undefined and `gnorm` is 0.
   virtual double perturb(
       size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
+      double gnorm,
       const torch::Tensor& origin) = 0;
+
+  /// Whether target `i`'s gradient `g` can give a step: sets `gnorm` = ‖g‖
+  /// and returns false when it is zero or not finite (the latter warns, once
+  /// per attacker, and is counted).
+  bool usable_gradient(size_t i, const torch::Tensor& g, double& gnorm) {
+    gnorm = detail::l2_norm(g);
+    if (std::isfinite(gnorm)) {
+      return gnorm > 0.0;
+    }
+    ++nonfinite_gradients_;
+    if (!warned_nonfinite_) {
+      warned_nonfinite_ = true;
+      TORCH_WARN(
+          "advtrain: ",
+          kind_,
+          ": the gradient of ",
+          names_[i],
+          " has a non-finite norm (",
+          gnorm,
+          "); no perturbation from it, training goes on (warned once per "
+          "attacker; see nonfinite_gradients())");
+    }
+    return false;
+  }
 
   /// Whether `attack()` moves along the gradient (and so needs one).
   virtual bool uses_gradient() const {
@@ -492,7 +555,7 @@ class Attacker {
     r.perturbation_norm = perturbation_norm_;
     r.adv_loss = ctx.pass().item<double>();
     restore();
-    ctx.optimizer.step();
+    ctx.step_optimizer();
     return r;
   }
 
@@ -534,6 +597,32 @@ class Attacker {
             names_[i],
             " is the same tensor as ",
             names_[j]);
+      }
+    }
+  }
+
+  /// Warns when a target is also registered under another name, or shares
+  /// its storage with another parameter (tied input/output embeddings):
+  /// perturbing it perturbs that layer too.
+  void warn_tied(const torch::nn::Module& module) {
+    for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+      const auto& p = item.value();
+      for (size_t i = 0; i < targets_.size(); ++i) {
+        const auto& t = targets_[i];
+        const bool shared =
+            p.is_same(t) || (p.has_storage() && t.has_storage() &&
+                             p.storage().is_alias_of(t.storage()));
+        if (shared && item.key() != names_[i]) {
+          TORCH_WARN(
+              "advtrain: ",
+              kind_,
+              ": ",
+              names_[i],
+              " is tied to ",
+              item.key(),
+              " (they share storage): perturbing it also perturbs that "
+              "parameter's layer");
+        }
       }
     }
   }
@@ -587,6 +676,8 @@ class Attacker {
   std::vector<torch::Tensor> watched_;
   std::vector<torch::Tensor> grad_backup_;
   int64_t steps_done_ = 0;
+  int64_t nonfinite_gradients_ = 0;
+  bool warned_nonfinite_ = false;
 };
 
 /// `archive << attacker`, so that `torch::save(attacker, path)` works.

@@ -36,8 +36,9 @@ class FastGradient : public Attacker {
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
+      double gnorm,
       const torch::Tensor& /*origin*/) override {
-    return Norm::step(w, g, options_.epsilon());
+    return Norm::step(w, g, options_.epsilon(), gnorm);
   }
 
   StepResult run_step(StepContext& ctx) override {

@@ -56,14 +56,16 @@ class BasicFreeAT : public Attacker {
   }
 
   /// `δ ← proj(δ + α * direction(g))` for each target, `g` its current
-  /// gradient; targets without a gradient keep their δ.
+  /// gradient; targets without a gradient, or with a zero or non-finite one,
+  /// keep their δ.
   void update_delta() {
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < targets().size(); ++i) {
       const torch::Tensor& g = targets()[i].grad();
-      if (g.defined()) {
+      double gnorm = 0.0;
+      if (g.defined() && usable_gradient(i, g, gnorm)) {
         torch::Tensor& d = delta(i);
-        Norm::step(d, g, options_.alpha());
+        Norm::step(d, g, options_.alpha(), gnorm);
         Norm::project(d, options_.epsilon());
       }
     }
@@ -92,6 +94,7 @@ class BasicFreeAT : public Attacker {
       size_t i,
       torch::Tensor& w,
       const torch::Tensor& /*g*/,
+      double /*gnorm*/,
       const torch::Tensor& origin) override {
     const torch::Tensor& d = delta(i);
     at::add_out(w, origin, d);
@@ -101,6 +104,10 @@ class BasicFreeAT : public Attacker {
   /// m times: apply δ, forward+backward, update δ from that gradient,
   /// restore, optimizer step, clear the gradients (not after the last).
   StepResult run_step(detail::StepContext& ctx) override {
+    TORCH_CHECK(
+        !ctx.accumulating,
+        "advtrain: FreeAT steps the optimizer once per replay, so it cannot "
+        "accumulate gradients over micro-batches; use Trainer::step");
     StepResult r;
     const int64_t m = options_.replays();
     for (int64_t j = 0; j < m; ++j) {

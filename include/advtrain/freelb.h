@@ -54,9 +54,10 @@ class BasicFreeLB : public Attacker {
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
+      double gnorm,
       const torch::Tensor& origin) override {
     return detail::projected_step<Norm>(
-        w, g, options_.alpha(), options_.epsilon(), origin);
+        w, g, gnorm, options_.alpha(), options_.epsilon(), origin);
   }
 
   bool share_dropout_mask() const override {
@@ -99,7 +100,7 @@ class BasicFreeLB : public Attacker {
       }
     }
     restore();
-    ctx.optimizer.step();
+    ctx.step_optimizer();
     return r;
   }
 

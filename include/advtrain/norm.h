@@ -39,14 +39,11 @@ struct Projection {
 struct L2 {
   static constexpr const char* name = "L2";
 
-  /// Adds `alpha * g / ‖g‖` to `w` in place and returns the step's norm
-  /// (`alpha`); returns 0 and leaves `w` alone when ‖g‖ is zero or not finite.
-  static double step(torch::Tensor& w, const torch::Tensor& g, double alpha) {
-    const double n = detail::l2_norm(g);
-    if (!detail::usable_norm(n)) {
-      return 0.0;
-    }
-    w.add_(g, alpha / n);
+  /// Adds `alpha * g / gnorm` to `w` in place, `gnorm` = ‖g‖ (positive and
+  /// finite: callers check it). Returns the step's norm, `alpha`.
+  static double step(
+      torch::Tensor& w, const torch::Tensor& g, double alpha, double gnorm) {
+    w.add_(g, alpha / gnorm);
     return alpha;
   }
 
@@ -67,25 +64,25 @@ struct L2 {
 struct LInf {
   static constexpr const char* name = "LInf";
 
-  /// Adds `alpha * sign(g)` to `w` in place and returns the step's L2 norm;
-  /// returns 0 and leaves `w` alone when ‖g‖ is zero or not finite.
-  static double step(torch::Tensor& w, const torch::Tensor& g, double alpha) {
-    const auto n = at::linalg_vector_norm(
-        g, 2, c10::nullopt, false, detail::norm_dtype(g));
-    const auto nonzero = g.count_nonzero();
-    const auto both =
-        torch::stack({n.to(torch::kDouble), nonzero.to(torch::kDouble)}).cpu();
-    const double* v = both.data_ptr<double>();
-    if (!detail::usable_norm(v[0])) {
-      return 0.0;
-    }
+  /// Adds `alpha * sign(g)` to `w` in place (`gnorm` = ‖g‖ is positive and
+  /// finite: callers check it). Returns the step's L2 norm.
+  static double step(
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      double alpha,
+      double /*gnorm*/) {
     w.add_(g.sign(), alpha);
-    return alpha * std::sqrt(v[1]);
+    return alpha * std::sqrt(g.count_nonzero().item<double>());
   }
 
   /// Clamps `delta` in place to [-eps, eps].
   static Projection project(torch::Tensor& delta, double eps) {
-    delta.clamp_(-eps, eps);
+    if (delta.scalar_type() == torch::kHalf && delta.device().is_cpu()) {
+      // LibTorch has no float16 clamp kernel on CPU.
+      delta.copy_(delta.to(torch::kFloat).clamp_(-eps, eps));
+    } else {
+      delta.clamp_(-eps, eps);
+    }
     return {detail::l2_norm(delta), true};
   }
 };

@@ -48,9 +48,10 @@ class BasicPGD : public Attacker {
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
+      double gnorm,
       const torch::Tensor& origin) override {
     return detail::projected_step<Norm>(
-        w, g, options_.alpha(), options_.epsilon(), origin);
+        w, g, gnorm, options_.alpha(), options_.epsilon(), origin);
   }
 
   bool share_dropout_mask() const override {
@@ -79,7 +80,7 @@ class BasicPGD : public Attacker {
     }
     r.perturbation_norm = perturbation_norm();
     restore();
-    ctx.optimizer.step();
+    ctx.step_optimizer();
     return r;
   }
 

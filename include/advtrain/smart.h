@@ -116,6 +116,7 @@ class SMART : public Attacker {
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
+      double /*gnorm*/,
       const torch::Tensor& origin) override {
     torch::Tensor delta = w - origin;
     delta.add_(g, options_.alpha());
@@ -156,8 +157,9 @@ class SMART : public Attacker {
       ++ctx.passes;
       torch::NoGradGuard no_grad;
       for (size_t i = 0; i < n && finite; ++i) {
-        finite =
-            !grads[i].defined() || std::isfinite(detail::l2_norm(grads[i]));
+        double gnorm = 0.0;
+        finite = !grads[i].defined() || usable_gradient(i, grads[i], gnorm) ||
+                 gnorm == 0.0;
       }
       if (!finite) {
         break;
@@ -167,7 +169,7 @@ class SMART : public Attacker {
         torch::Tensor w = data(i);
         const torch::Tensor g =
             grads[i].defined() ? grads[i] : torch::zeros_like(w);
-        const double norm = perturb(i, w, g, origin(i));
+        const double norm = perturb(i, w, g, 0.0, origin(i));
         sq += norm * norm;
       }
       perturbation_norm_ = std::sqrt(sq);
@@ -181,7 +183,7 @@ class SMART : public Attacker {
     }
     restore();
     loss.backward();
-    ctx.optimizer.step();
+    ctx.step_optimizer();
     return r;
   }
 

@@ -27,25 +27,17 @@ class Trainer {
   /// One batch: `forward()` gives the model's output on it, `loss_fn(output)`
   /// a scalar loss.
   StepResult step(const ForwardFunction& forward, const LossFunction& loss_fn) {
-    TORCH_CHECK(
-        forward && loss_fn, "advtrain: Trainer::step needs two closures");
-    const std::vector<torch::Tensor> params = detail::union_of(
-        detail::optimizer_parameters(optimizer_), attacker_.targets());
-    detail::StepContext ctx{optimizer_, forward, loss_fn, params};
-    if (attacker_.share_dropout_mask()) {
-      ctx.replay.emplace(attacker_.targets());
-    }
-    std::vector<torch::Tensor> before = ctx.take_grads(); // zero_grad
-    try {
-      StepResult r = attacker_.run_step(ctx);
-      r.passes = ctx.passes;
-      ++attacker_.steps_done_;
-      return r;
-    } catch (...) {
-      attacker_.restore();
-      ctx.put_grads(std::move(before));
-      throw;
-    }
+    return run(forward, loss_fn, /*accumulating=*/false);
+  }
+
+  /// One micro-batch of a larger batch: runs the method's passes like `step`
+  /// but adds the resulting gradient to the gradients already there and does
+  /// not step the optimizer. Scale the loss by 1 / (number of micro-batches),
+  /// then call `optimizer.step()` and `optimizer.zero_grad()` yourself.
+  /// (Not for FreeAT, which steps the optimizer once per replay.)
+  StepResult accumulate(
+      const ForwardFunction& forward, const LossFunction& loss_fn) {
+    return run(forward, loss_fn, /*accumulating=*/true);
   }
 
   torch::optim::Optimizer& optimizer() noexcept {
@@ -56,6 +48,37 @@ class Trainer {
   }
 
  private:
+  StepResult run(
+      const ForwardFunction& forward,
+      const LossFunction& loss_fn,
+      bool accumulating) {
+    TORCH_CHECK(
+        forward && loss_fn, "advtrain: Trainer::step needs two closures");
+    const std::vector<torch::Tensor> params = detail::union_of(
+        detail::optimizer_parameters(optimizer_), attacker_.targets());
+    detail::StepContext ctx(optimizer_, forward, loss_fn, params);
+    ctx.accumulating = accumulating;
+    if (attacker_.share_dropout_mask()) {
+      ctx.replay.emplace(attacker_.targets());
+    }
+    // The step starts from zero gradients; those there before are kept aside
+    // to be put back if anything throws (or added back when accumulating).
+    std::vector<torch::Tensor> before = ctx.take_grads();
+    try {
+      StepResult r = attacker_.run_step(ctx);
+      r.passes = ctx.passes;
+      if (accumulating) {
+        ctx.add_grads(std::move(before));
+      }
+      ++attacker_.steps_done_;
+      return r;
+    } catch (...) {
+      attacker_.restore();
+      ctx.put_grads(std::move(before));
+      throw;
+    }
+  }
+
   torch::optim::Optimizer& optimizer_;
   Attacker& attacker_;
 };

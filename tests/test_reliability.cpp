@@ -1,0 +1,489 @@
+// Property tests over generated cases (random dtypes, shapes, targets,
+// options and call sequences), and the known pitfalls of the Python world:
+// non-finite gradients, tied embeddings, gradient accumulation.
+//
+// ADVTRAIN_PROPERTY_CASES sets the number of generated cases (default 1000).
+
+#include "common.h"
+
+#include <catch2/catch.hpp>
+
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+
+using namespace fixture;
+using Catch::Matchers::Contains;
+
+namespace {
+
+int64_t case_count() {
+  const char* env = std::getenv("ADVTRAIN_PROPERTY_CASES");
+  return env != nullptr ? std::stoll(env) : 1000;
+}
+
+struct Rng {
+  std::mt19937_64 gen;
+  int64_t integer(int64_t lo, int64_t hi) { // [lo, hi]
+    return std::uniform_int_distribution<int64_t>(lo, hi)(gen);
+  }
+  double real(double lo, double hi) {
+    return std::uniform_real_distribution<double>(lo, hi)(gen);
+  }
+  /// 10^u, u uniform in [lo, hi].
+  double log_real(double lo, double hi) {
+    return std::pow(10.0, real(lo, hi));
+  }
+  bool coin(double p = 0.5) {
+    return real(0, 1) < p;
+  }
+};
+
+/// Machine epsilon of a floating dtype.
+double dtype_eps(torch::ScalarType t) {
+  switch (t) {
+    case torch::kDouble:
+      return 2.2e-16;
+    case torch::kFloat:
+      return 1.2e-7;
+    case torch::kHalf:
+      return 9.8e-4;
+    default:
+      return 7.9e-3; // bfloat16
+  }
+}
+
+/// What the attacker promises about W − W0 while perturbed.
+struct Bound {
+  enum Kind { kNone, kL2, kLInf } kind = kNone;
+  double eps = 0;
+};
+
+struct Made {
+  std::unique_ptr<advtrain::Attacker> attacker;
+  Bound bound;
+  std::string what;
+  bool freeat = false;
+};
+
+/// A random strategy with random valid options.
+Made make_attacker(Rng& r, std::vector<torch::Tensor> targets) {
+  using namespace advtrain;
+  Made m;
+  switch (r.integer(0, 7)) {
+    case 0: {
+      const double eps = r.log_real(-4, 0);
+      m.attacker = std::make_unique<FGSM>(targets, FGSMOptions().epsilon(eps));
+      m.what = "FGSM";
+      break;
+    }
+    case 1: {
+      const double eps = r.log_real(-3, 1);
+      m.attacker = std::make_unique<FGM>(targets, FGMOptions().epsilon(eps));
+      m.what = "FGM";
+      break;
+    }
+    case 2:
+    case 3: {
+      const auto o = PGDOptions()
+                         .epsilon(r.log_real(-3, 0.7))
+                         .alpha(r.coin(0.1) ? 0.0 : r.log_real(-3, 0.3))
+                         .steps(r.integer(1, 4));
+      const bool l2 = r.integer(0, 1) == 0;
+      if (l2) {
+        m.attacker = std::make_unique<PGD>(targets, o);
+      } else {
+        m.attacker = std::make_unique<PGDLInf>(targets, o);
+      }
+      m.bound = {l2 ? Bound::kL2 : Bound::kLInf, o.epsilon()};
+      m.what = l2 ? "PGD" : "PGDLInf";
+      break;
+    }
+    case 4: {
+      const auto o = FreeATOptions()
+                         .epsilon(r.log_real(-3, 0))
+                         .alpha(r.log_real(-3, -0.3))
+                         .replays(r.integer(1, 4));
+      const bool l2 = r.coin();
+      if (l2) {
+        m.attacker = std::make_unique<FreeATL2>(targets, o);
+      } else {
+        m.attacker = std::make_unique<FreeAT>(targets, o);
+      }
+      m.bound = {l2 ? Bound::kL2 : Bound::kLInf, o.epsilon()};
+      m.what = l2 ? "FreeATL2" : "FreeAT";
+      m.freeat = true;
+      break;
+    }
+    case 5:
+    case 6: {
+      const bool bounded = r.coin();
+      const auto o = FreeLBOptions()
+                         .alpha(r.log_real(-3, 0))
+                         .steps(r.integer(1, 4))
+                         .epsilon(bounded ? r.log_real(-3, 0.7) : 0.0);
+      const bool l2 = !bounded || r.coin();
+      if (l2) {
+        m.attacker = std::make_unique<FreeLB>(targets, o);
+      } else {
+        m.attacker = std::make_unique<FreeLBLInf>(targets, o);
+      }
+      if (bounded) {
+        m.bound = {l2 ? Bound::kL2 : Bound::kLInf, o.epsilon()};
+      }
+      m.what = l2 ? "FreeLB" : "FreeLBLInf";
+      break;
+    }
+    default: {
+      const auto o = SMARTOptions()
+                         .steps(r.integer(1, 3))
+                         .alpha(r.log_real(-4, 0))
+                         .noise_var(r.coin(0.2) ? 0.0 : r.log_real(-6, -2))
+                         .norm_eps(r.log_real(-8, -3))
+                         .weight(r.real(0, 2));
+      m.attacker = std::make_unique<SMART>(targets, o);
+      // Each row of δ is divided by its max-abs value (+ norm_eps).
+      m.bound = {Bound::kLInf, 1.0};
+      m.what = "SMART";
+      break;
+    }
+  }
+  return m;
+}
+
+/// Whether `w − w0` respects the bound, up to the rounding of `w0 + δ` in
+/// the tensor's dtype.
+bool within(const torch::Tensor& w, const torch::Tensor& w0, const Bound& b) {
+  if (b.kind == Bound::kNone) {
+    return true;
+  }
+  const auto d = (w.to(torch::kDouble) - w0.to(torch::kDouble));
+  const double scale = w0.to(torch::kDouble).abs().max().item<double>() + b.eps;
+  const double eps = dtype_eps(w.scalar_type());
+  if (b.kind == Bound::kLInf) {
+    return d.abs().max().item<double>() <= b.eps * (1 + 1e-9) + 2 * eps * scale;
+  }
+  const double slack = 2 * eps * scale * std::sqrt(double(w.numel()));
+  return d.norm().item<double>() <= b.eps * (1 + 1e-9) + slack;
+}
+
+const torch::ScalarType kDtypes[] = {
+    torch::kDouble, torch::kFloat, torch::kBFloat16, torch::kHalf};
+
+/// A gradient for `t`: random, zero, NaN, Inf, huge, or none.
+torch::Tensor random_grad(Rng& r, const torch::Tensor& t) {
+  const auto kind = r.integer(0, 9);
+  const auto opts = t.options().requires_grad(false);
+  if (kind <= 4) {
+    return torch::randn(t.sizes(), opts) * r.log_real(-3, 3);
+  }
+  switch (kind) {
+    case 5:
+      return torch::zeros(t.sizes(), opts);
+    case 6:
+      return torch::full(
+          t.sizes(), std::numeric_limits<double>::quiet_NaN(), opts);
+    case 7: {
+      auto g = torch::randn(t.sizes(), opts);
+      g.view(-1)[0] = std::numeric_limits<double>::infinity();
+      return g;
+    }
+    case 8: // overflows float16's sum of squares, not its elements
+      return torch::full(t.sizes(), 3e4, opts);
+    default:
+      return torch::Tensor();
+  }
+}
+
+} // namespace
+
+TEST_CASE(
+    "Property: random call sequences keep every invariant", "[property]") {
+  const int64_t cases = case_count();
+  Rng r{std::mt19937_64(20261124)};
+  WarningCapture quiet; // expected warnings (missing restore, NaN grads)
+  int64_t attacks = 0, throws = 0, restores = 0, grad_restores = 0;
+  for (int64_t c = 0; c < cases; ++c) {
+    torch::manual_seed(static_cast<uint64_t>(c));
+    const auto dtype = kDtypes[r.integer(0, 3)];
+    std::vector<torch::Tensor> targets;
+    const auto n_targets = r.integer(1, 3);
+    for (int64_t i = 0; i < n_targets; ++i) {
+      std::vector<int64_t> shape = {r.integer(1, 9)};
+      if (r.coin(0.8)) {
+        shape.push_back(r.integer(1, 6));
+      }
+      targets.push_back(
+          torch::randn(shape, torch::dtype(dtype)).requires_grad_());
+    }
+    const auto originals = clone_all(targets);
+    Made m = make_attacker(r, targets);
+    auto& a = *m.attacker;
+    a.watch_grads(targets);
+    INFO(
+        "case " << c << ": " << m.what << ", " << dtype << ", " << n_targets
+                << " targets");
+    std::vector<torch::Tensor> saved_grads;
+    bool has_grad_backup = false;
+    const auto length = r.integer(1, 10);
+    for (int64_t s = 0; s < length; ++s) {
+      const auto op = r.integer(0, 8);
+      INFO("op " << s << ": " << op);
+      const auto before = clone_all(targets);
+      const bool was_perturbed = a.is_perturbed();
+      switch (op) {
+        case 0:
+        case 1:
+          for (auto& t : targets) {
+            t.mutable_grad() = random_grad(r, t);
+          }
+          break;
+        case 2:
+        case 3:
+        case 4:
+          try {
+            ++attacks;
+            if (op == 2) {
+              a.attack();
+            } else {
+              a.attack(op == 3);
+            }
+          } catch (const c10::Error& e) {
+            // Only "no gradient yet" may throw, and it changes nothing.
+            ++throws;
+            CHECK_THAT(e.what(), Contains("no gradient"));
+            CHECK(a.is_perturbed() == was_perturbed);
+            CHECK(equal_all(clone_all(targets), before));
+          }
+          break;
+        case 5:
+          a.restore();
+          ++restores;
+          CHECK_FALSE(a.is_perturbed());
+          CHECK(equal_all(clone_all(targets), originals));
+          break;
+        case 6:
+          a.backup_grad();
+          saved_grads = clone_all(grads_of(targets));
+          has_grad_backup = true;
+          break;
+        case 7:
+          a.restore_grad();
+          if (has_grad_backup) {
+            ++grad_restores;
+            CHECK(equal_all(clone_all(grads_of(targets)), saved_grads));
+          }
+          has_grad_backup = false;
+          break;
+        default:
+          if (m.freeat) {
+            auto* f = dynamic_cast<advtrain::FreeAT*>(&a);
+            if (f != nullptr) {
+              f->update_delta();
+            } else {
+              dynamic_cast<advtrain::FreeATL2&>(a).update_delta();
+            }
+          }
+          break;
+      }
+      for (size_t i = 0; i < targets.size(); ++i) {
+        CHECK(torch::isfinite(targets[i]).all().item<bool>());
+        if (a.is_perturbed()) {
+          CHECK(within(targets[i], originals[i], m.bound));
+        } else {
+          CHECK(torch::equal(targets[i], originals[i]));
+        }
+      }
+      CHECK(std::isfinite(a.perturbation_norm()));
+    }
+    a.restore();
+    CHECK(equal_all(clone_all(targets), originals));
+  }
+  // The generator reached every branch that matters.
+  CHECK(attacks > cases / 2);
+  CHECK(throws > 0);
+  CHECK(restores > cases / 4);
+  CHECK(grad_restores > cases / 20);
+  CHECK(quiet.count("non-finite") > 0);
+}
+
+TEST_CASE(
+    "Property: Trainer::step with lr 0 leaves the weights as they were",
+    "[property]") {
+  const int64_t cases = std::max<int64_t>(1, case_count() / 4);
+  Rng r{std::mt19937_64(42)};
+  WarningCapture quiet;
+  const torch::ScalarType model_dtypes[] = {
+      torch::kDouble, torch::kFloat, torch::kBFloat16};
+  for (int64_t c = 0; c < cases; ++c) {
+    torch::manual_seed(static_cast<uint64_t>(c));
+    const auto dtype = model_dtypes[r.integer(0, 2)];
+    const auto vocab = r.integer(2, 12), hidden = r.integer(1, 8);
+    const auto classes = r.integer(2, 4);
+    torch::nn::Embedding emb(vocab, hidden);
+    torch::nn::Linear fc(hidden, classes);
+    emb->to(dtype);
+    fc->to(dtype);
+    std::vector<torch::Tensor> params = {emb->weight, fc->weight, fc->bias};
+    const auto targets =
+        r.coin(0.2) ? std::vector<torch::Tensor>{emb->weight, fc->weight}
+                    : std::vector<torch::Tensor>{emb->weight};
+    Made m = make_attacker(r, targets);
+    INFO("case " << c << ": " << m.what << ", " << dtype);
+    const auto batch = r.integer(1, 4), len = r.integer(1, 6);
+    const auto x = torch::randint(vocab, {batch, len}, torch::kLong);
+    const auto y = torch::randint(classes, {batch}, torch::kLong);
+    const auto before = clone_all(params);
+    torch::optim::SGD opt(params, torch::optim::SGDOptions(0.0));
+    advtrain::Trainer trainer(opt, *m.attacker);
+    const auto result = trainer.step(
+        [&] { return fc(emb(x).mean(1)).to(torch::kFloat); },
+        [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+    CHECK_FALSE(m.attacker->is_perturbed());
+    CHECK(equal_all(clone_all(params), before));
+    CHECK(result.passes >= 1);
+    CHECK(std::isfinite(result.loss));
+    for (const auto& p : params) {
+      CHECK((
+          !p.grad().defined() || torch::isfinite(p.grad()).all().item<bool>()));
+    }
+  }
+}
+
+TEST_CASE(
+    "Non-finite gradients warn once per attacker and training goes on",
+    "[pitfalls]") {
+  auto model = make_model();
+  auto& W = model->embedding->weight;
+  const auto before = W.detach().clone();
+  advtrain::FGM fgm(*model, "embedding");
+  WarningCapture warnings;
+  for (int i = 0; i < 3; ++i) {
+    W.mutable_grad() =
+        torch::full_like(W, std::numeric_limits<double>::quiet_NaN());
+    fgm.attack();
+    CHECK(torch::equal(W, before));
+    fgm.restore();
+  }
+  CHECK(warnings.count("non-finite") == 1);
+  CHECK(warnings.count("embedding.weight") == 1);
+  CHECK(fgm.nonfinite_gradients() == 3);
+  // A finite gradient afterwards perturbs again.
+  W.mutable_grad() = torch::ones_like(W);
+  fgm.attack();
+  CHECK_FALSE(torch::equal(W, before));
+  fgm.restore();
+}
+
+TEST_CASE("A gradient of another dtype or device is rejected", "[pitfalls]") {
+  auto W = torch::zeros({3, 2}, torch::kDouble).requires_grad_();
+  advtrain::FGM fgm({W});
+  W.mutable_grad() = torch::ones({3, 2}, torch::kFloat);
+  CHECK_THROWS_WITH(fgm.attack(), Contains("does not match"));
+  W.mutable_grad() =
+      torch::ones({3, 2}, torch::dtype(torch::kDouble).device(torch::kMeta));
+  CHECK_THROWS_WITH(fgm.attack(), Contains("meta"));
+  CHECK(torch::equal(W, torch::zeros({3, 2}, torch::kDouble)));
+}
+
+namespace {
+
+/// Input and output embeddings tied: the output projection is the table,
+/// registered a second time under its own name.
+struct TiedLMImpl : torch::nn::Module {
+  TiedLMImpl()
+      : embedding(register_module(
+            "embedding", torch::nn::Embedding(kVocab, kHidden))) {
+    out_weight = register_parameter("out_weight", embedding->weight);
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return embedding(x).mean(1).matmul(out_weight.t());
+  }
+  torch::nn::Embedding embedding;
+  torch::Tensor out_weight;
+};
+TORCH_MODULE(TiedLM);
+
+} // namespace
+
+TEST_CASE(
+    "Tied input/output embeddings are detected and warned about",
+    "[pitfalls]") {
+  TiedLM model;
+  REQUIRE(model->out_weight.is_same(model->embedding->weight));
+  {
+    WarningCapture warnings;
+    advtrain::FGM fgm(*model, "embedding");
+    CHECK(warnings.count("tied to out_weight") == 1);
+  }
+  {
+    // A pattern matching both names selects the table once.
+    WarningCapture warnings;
+    advtrain::PGD pgd(*model, "weight");
+    CHECK(pgd.targets().size() == 1);
+    CHECK(warnings.count("tied") == 1);
+  }
+  {
+    // An untied model gives no warning.
+    auto plain = make_model();
+    WarningCapture warnings;
+    advtrain::FGM fgm(*plain, "embedding");
+    CHECK(warnings.count("tied") == 0);
+  }
+  // Training through the tie works and restores the shared table.
+  WarningCapture warnings;
+  advtrain::FGM fgm(*model, "embedding");
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+  advtrain::Trainer trainer(opt, fgm);
+  const auto y = torch::tensor({0, 6, 3}, torch::kLong);
+  const auto r = trainer.step(
+      [&] { return model->forward(batch_ids()); },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+  CHECK(r.passes == 2);
+  CHECK_FALSE(fgm.is_perturbed());
+}
+
+TEST_CASE(
+    "Gradient accumulation over micro-batches with Trainer", "[pitfalls]") {
+  // Two micro-batches (rows 0-1 and row 2 of the batch), each loss halved;
+  // FGM perturbs each micro-batch by its own gradient.
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  const double eps = 0.9, lr = 0.1;
+  const std::vector<std::pair<int64_t, int64_t>> parts = {{0, 2}, {2, 1}};
+  Plain total = p0 * 0.0;
+  for (const auto& part : parts) {
+    const auto xm = x.narrow(0, part.first, part.second);
+    const auto ym = y.narrow(0, part.first, part.second);
+    const Plain g0 = plain_grads(p0, xm, ym);
+    const auto moved = p0.with_W(p0.W + eps * g0.W / g0.W.norm());
+    total = total + (g0 + plain_grads(moved, xm, ym)) * 0.5;
+  }
+  const Plain expected = p0 + total * (-lr);
+
+  advtrain::FGM fgm(*model, "embedding", advtrain::FGMOptions().epsilon(eps));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(lr));
+  advtrain::Trainer trainer(opt, fgm);
+  opt.zero_grad();
+  for (const auto& part : parts) {
+    const auto xm = x.narrow(0, part.first, part.second);
+    const auto ym = y.narrow(0, part.first, part.second);
+    trainer.accumulate(
+        [&] { return model->forward(xm); },
+        [&](const torch::Tensor& out) { return cross_entropy(out, ym) * 0.5; });
+  }
+  opt.step();
+  CHECK(max_diff(model, expected) < 1e-9);
+
+  advtrain::FreeAT freeat(*model, "embedding");
+  advtrain::Trainer free_trainer(opt, freeat);
+  CHECK_THROWS_WITH(
+      free_trainer.accumulate(
+          [&] { return model->forward(x); },
+          [&](const torch::Tensor& out) { return cross_entropy(out, y); }),
+      Contains("micro-batches"));
+}
