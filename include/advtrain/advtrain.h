@@ -9,7 +9,9 @@
 #include <advtrain/freeat.h>
 #include <advtrain/freelb.h>
 #include <advtrain/norm.h>
+#include <advtrain/perturbed_embedding.h>
 #include <advtrain/pgd.h>
 #include <advtrain/smart.h>
 #include <advtrain/trainer.h>
 #include <advtrain/version.h>
+#include <advtrain/yopo.h>

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <advtrain/norm.h>
+#include <advtrain/perturbed_embedding.h>
 
 #include <fmt/format.h>
 #include <torch/torch.h>
@@ -102,10 +103,11 @@ inline std::vector<torch::Tensor> optimizer_parameters(
 /// and put back before each later one.
 class RngReplay {
  public:
-  explicit RngReplay(const std::vector<torch::Tensor>& targets) {
+  /// `tensors`: those the step works on (their devices' generators replay).
+  explicit RngReplay(const std::vector<torch::Tensor>& tensors) {
     generators_.push_back(
         at::globalContext().defaultGenerator(torch::Device(torch::kCPU)));
-    for (const auto& t : targets) {
+    for (const auto& t : tensors) {
       if (!t.device().is_cpu()) {
         auto g = at::globalContext().defaultGenerator(t.device());
         bool seen = false;
@@ -268,6 +270,23 @@ double projected_step(
   return p.norm;
 }
 
+/// Per example (activation target, δ = w): `Norm`'s masked step of size
+/// alpha along g, then, if eps > 0, each example's δ is projected back into
+/// the ball of radius eps. Returns the mean over examples of ‖δ_i‖.
+template <typename Norm>
+double projected_step_examples(
+    torch::Tensor& w,
+    const torch::Tensor& g,
+    double alpha,
+    double eps,
+    const torch::Tensor& mask) {
+  Norm::step_examples(w, g, alpha, mask);
+  if (eps > 0) {
+    Norm::project_examples(w, eps);
+  }
+  return example_norms(w).mean().item<double>();
+}
+
 } // namespace detail
 
 class Trainer;
@@ -281,11 +300,13 @@ class Trainer;
 /// No call leaves the targets perturbed when it throws.
 class Attacker {
  public:
-  virtual ~Attacker() = default;
+  virtual ~Attacker() {
+    for (auto& slot : slots_) {
+      slot->disarm();
+    }
+  }
   Attacker(const Attacker&) = delete;
   Attacker& operator=(const Attacker&) = delete;
-  Attacker(Attacker&&) = default;
-  Attacker& operator=(Attacker&&) = default;
 
   /// Backs the targets up if they are not perturbed yet, then moves them by
   /// the strategy's rule (along their current gradient, for all but FreeAT).
@@ -298,6 +319,7 @@ class Attacker {
   /// while they are (that case warns: a `restore()` is missing), so `restore()`
   /// always returns to the weights of before the first attack.
   void attack(bool is_first_attack) {
+    sync_targets();
     std::vector<torch::Tensor> grads = target_grads();
     torch::NoGradGuard no_grad;
     if (is_perturbed() && is_first_attack) {
@@ -312,7 +334,12 @@ class Attacker {
       for (size_t i = 0; i < targets_.size(); ++i) {
         double gnorm = 0.0;
         if (uses_gradient()) {
-          if (!grads[i].defined() || !usable_gradient(i, grads[i], gnorm)) {
+          // Per example, zero and non-finite norms are handled in the step
+          // itself, without a host synchronization.
+          const bool usable =
+              grads[i].defined() &&
+              (per_example() || usable_gradient(i, grads[i], gnorm));
+          if (!usable) {
             continue; // no move along a zero or non-finite gradient
           }
         }
@@ -321,6 +348,13 @@ class Attacker {
         sq += n * n;
       }
       perturbation_norm_ = std::sqrt(sq);
+      if (per_example()) {
+        // δ's gradient is the attacker's own: used up by this step, so that
+        // the next attack sees only the passes run after it.
+        for (auto& t : targets_) {
+          t.mutable_grad() = torch::Tensor();
+        }
+      }
     } catch (...) {
       restore();
       throw;
@@ -336,6 +370,9 @@ class Attacker {
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < targets_.size(); ++i) {
       data(i).copy_(backup_[i]);
+      if (per_example()) {
+        targets_[i].mutable_grad() = torch::Tensor();
+      }
     }
     backup_.clear();
   }
@@ -439,6 +476,11 @@ class Attacker {
   const char* kind() const noexcept {
     return kind_;
   }
+  /// Whether this attacker perturbs embedding outputs per example
+  /// (`PerturbedEmbedding`) rather than weight tables.
+  bool per_example() const noexcept {
+    return !slots_.empty();
+  }
   /// How many times a gradient with a non-finite norm was met (and skipped).
   int64_t nonfinite_gradients() const noexcept {
     return nonfinite_gradients_;
@@ -452,6 +494,19 @@ class Attacker {
       names_.push_back(fmt::format("target[{}]", i));
     }
     check_targets();
+  }
+
+  /// Activation target: the δ of each slot, per example (SPEC §4).
+  Attacker(std::vector<std::shared_ptr<Perturbation>> slots, const char* kind)
+      : kind_(kind), slots_(std::move(slots)) {
+    TORCH_CHECK(
+        !slots_.empty(), "advtrain: ", kind_, " needs at least one target");
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      TORCH_CHECK(
+          slots_[i] != nullptr, "advtrain: ", kind_, ": slot ", i, " is null");
+      names_.push_back(fmt::format("perturbation[{}]", i));
+      slots_[i]->arm();
+    }
   }
 
   Attacker(
@@ -520,17 +575,52 @@ class Attacker {
   virtual void save_state(torch::serialize::OutputArchive& /*archive*/) const {}
   virtual void load_state(torch::serialize::InputArchive& /*archive*/) {}
 
-  /// Backs the targets up unless they already are.
+  /// Backs the targets up unless they already are. Per example, the origin
+  /// is δ = 0, whatever δ started from.
   void backup() {
     if (is_perturbed()) {
       return;
     }
+    sync_targets();
     torch::NoGradGuard no_grad;
     backup_.reserve(targets_.size());
     for (size_t i = 0; i < targets_.size(); ++i) {
-      backup_.push_back(data(i).clone());
+      backup_.push_back(
+          per_example() ? torch::zeros_like(targets_[i]) : data(i).clone());
     }
   }
+
+  /// Per example: takes the slots' current δ as the targets.
+  void sync_targets() {
+    if (!per_example()) {
+      return;
+    }
+    targets_.resize(slots_.size());
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      TORCH_CHECK(
+          slots_[i]->delta().defined(),
+          "advtrain: ",
+          kind_,
+          ": no perturbation yet; run the model's forward through the "
+          "PerturbedEmbedding (with autograd on) first");
+      targets_[i] = slots_[i]->delta();
+    }
+  }
+
+  /// Target `i`'s mask broadcast against it ([B, L, 1]); per example only.
+  torch::Tensor mask(size_t i) const {
+    return slots_[i]->expanded_mask();
+  }
+
+  /// The slots of the activation target (empty for weight tables).
+  const std::vector<std::shared_ptr<Perturbation>>& slots() const noexcept {
+    return slots_;
+  }
+
+  /// Called by Trainer before a step; per example, the slots forget δ so the
+  /// step's first forward makes a new one (through `on_new_step`'s
+  /// initializer, if any).
+  virtual void on_new_step() {}
 
   /// Target `i`'s backed-up value; only while perturbed.
   const torch::Tensor& origin(size_t i) const {
@@ -565,6 +655,21 @@ class Attacker {
   friend class Trainer;
 
  private:
+  void begin_step() {
+    for (auto& slot : slots_) {
+      slot->reset();
+    }
+    on_new_step();
+  }
+  void end_step() {
+    for (auto& slot : slots_) {
+      slot->reset();
+    }
+    if (per_example()) {
+      targets_.clear();
+    }
+  }
+
   void check_targets() {
     TORCH_CHECK(
         !targets_.empty(), "advtrain: ", kind_, " needs at least one target");
@@ -675,6 +780,7 @@ class Attacker {
   std::vector<torch::Tensor> backup_;
   std::vector<torch::Tensor> watched_;
   std::vector<torch::Tensor> grad_backup_;
+  std::vector<std::shared_ptr<Perturbation>> slots_;
   int64_t steps_done_ = 0;
   int64_t nonfinite_gradients_ = 0;
   bool warned_nonfinite_ = false;

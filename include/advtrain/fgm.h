@@ -31,13 +31,21 @@ class FastGradient : public Attacker {
       : Attacker(module, name_contains, what), options_(std::move(o)) {
     check(what);
   }
+  FastGradient(const PerturbedEmbedding& embedding, Options o, const char* what)
+      : Attacker({embedding->perturbation()}, what), options_(std::move(o)) {
+    check(what);
+  }
 
   double perturb(
-      size_t /*i*/,
+      size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
       double gnorm,
       const torch::Tensor& /*origin*/) override {
+    if (per_example()) {
+      return detail::projected_step_examples<Norm>(
+          w, g, options_.epsilon(), /*eps=*/0.0, mask(i));
+    }
     return Norm::step(w, g, options_.epsilon(), gnorm);
   }
 
@@ -81,6 +89,9 @@ class FGM : public detail::FastGradient<L2, FGMOptions> {
       const std::string& name_contains,
       FGMOptions options = {})
       : FastGradient(module, name_contains, std::move(options), "FGM") {}
+  /// Per-example perturbation of `embedding`'s output (SPEC §4).
+  explicit FGM(const PerturbedEmbedding& embedding, FGMOptions options = {})
+      : FastGradient(embedding, std::move(options), "FGM") {}
 };
 
 /// Options of FGSM (Goodfellow et al., ICLR 2015).
@@ -101,6 +112,9 @@ class FGSM : public detail::FastGradient<LInf, FGSMOptions> {
       const std::string& name_contains,
       FGSMOptions options = {})
       : FastGradient(module, name_contains, std::move(options), "FGSM") {}
+  /// Per-example perturbation of `embedding`'s output (SPEC §4).
+  explicit FGSM(const PerturbedEmbedding& embedding, FGSMOptions options = {})
+      : FastGradient(embedding, std::move(options), "FGSM") {}
 };
 
 } // namespace advtrain

@@ -2,6 +2,7 @@
 
 #include <advtrain/attacker.h>
 
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
@@ -50,6 +51,14 @@ class BasicFreeAT : public Attacker {
         options_(std::move(options)) {
     check();
   }
+  /// Per-example perturbation of `embedding`'s output (SPEC §4): δ [B, L, H]
+  /// persists across batches; a batch of another shape keeps the overlap.
+  explicit BasicFreeAT(
+      const PerturbedEmbedding& embedding, FreeATOptions options = {})
+      : Attacker({embedding->perturbation()}, "FreeAT"),
+        options_(std::move(options)) {
+    check();
+  }
 
   const FreeATOptions& options() const noexcept {
     return options_;
@@ -63,8 +72,12 @@ class BasicFreeAT : public Attacker {
     for (size_t i = 0; i < targets().size(); ++i) {
       const torch::Tensor& g = targets()[i].grad();
       double gnorm = 0.0;
-      if (g.defined() && usable_gradient(i, g, gnorm)) {
-        torch::Tensor& d = delta(i);
+      if (g.defined() && per_example()) {
+        torch::Tensor& d = delta(i, g);
+        Norm::step_examples(d, g, options_.alpha(), mask(i));
+        Norm::project_examples(d, options_.epsilon());
+      } else if (g.defined() && usable_gradient(i, g, gnorm)) {
+        torch::Tensor& d = delta(i, g);
         Norm::step(d, g, options_.alpha(), gnorm);
         Norm::project(d, options_.epsilon());
       }
@@ -96,9 +109,25 @@ class BasicFreeAT : public Attacker {
       const torch::Tensor& /*g*/,
       double /*gnorm*/,
       const torch::Tensor& origin) override {
-    const torch::Tensor& d = delta(i);
+    const torch::Tensor& d = delta(i, w);
+    if (per_example()) {
+      w.copy_(d * mask(i));
+      return detail::example_norms(w).mean().item<double>();
+    }
     at::add_out(w, origin, d);
     return detail::l2_norm(d);
+  }
+
+  /// Per example, δ exists only once the forward runs: each replay's forward
+  /// makes it from the persistent δ, through the slot's initializer.
+  void on_new_step() override {
+    for (size_t i = 0; i < slots().size(); ++i) {
+      slots()[i]->set_initializer(
+          [this, i](torch::Tensor& d, const torch::Tensor& m) {
+            d.copy_(delta(i, d) * m);
+            perturbation_norm_ = detail::example_norms(d).mean().item<double>();
+          });
+    }
   }
 
   /// m times: apply δ, forward+backward, update δ from that gradient,
@@ -111,9 +140,16 @@ class BasicFreeAT : public Attacker {
     StepResult r;
     const int64_t m = options_.replays();
     for (int64_t j = 0; j < m; ++j) {
-      attack();
-      r.perturbation_norm = perturbation_norm_;
+      if (per_example()) {
+        for (const auto& slot : slots()) {
+          slot->reset(); // the forward makes δ from the persistent one
+        }
+      } else {
+        attack();
+      }
       const double loss = ctx.pass().item<double>();
+      r.perturbation_norm = perturbation_norm_;
+      sync_targets();
       if (j == 0) {
         r.loss = loss;
       }
@@ -137,33 +173,52 @@ class BasicFreeAT : public Attacker {
   }
 
   void load_state(torch::serialize::InputArchive& archive) override {
-    std::vector<torch::Tensor> loaded(targets().size());
-    for (size_t i = 0; i < targets().size(); ++i) {
+    const size_t n = per_example() ? slots().size() : targets().size();
+    std::vector<torch::Tensor> loaded(n);
+    for (size_t i = 0; i < n; ++i) {
       torch::Tensor d;
       if (archive.try_read("freeat.delta." + std::to_string(i), d)) {
         TORCH_CHECK(
-            d.sizes() == targets()[i].sizes(),
+            per_example() || d.sizes() == targets()[i].sizes(),
             "advtrain: FreeAT: the saved delta of ",
             target_names()[i],
             " has shape ",
             d.sizes(),
             ", the tensor ",
             targets()[i].sizes());
-        loaded[i] = d.to(targets()[i].device(), targets()[i].scalar_type());
+        loaded[i] =
+            per_example()
+                ? d
+                : d.to(targets()[i].device(), targets()[i].scalar_type());
       }
     }
     deltas_ = std::move(loaded);
   }
 
  private:
-  torch::Tensor& delta(size_t i) {
-    if (deltas_.size() != targets().size()) {
-      deltas_.resize(targets().size());
+  /// δ of target i, created zero with the shape, dtype and device of `t`;
+  /// per example, refitted to each batch's shape (the overlap is kept).
+  torch::Tensor& delta(size_t i, const torch::Tensor& t) {
+    const size_t n = per_example() ? slots().size() : targets().size();
+    if (deltas_.size() != n) {
+      deltas_.resize(n);
     }
-    if (!deltas_[i].defined()) {
-      deltas_[i] = torch::zeros_like(targets()[i], torch::requires_grad(false));
+    torch::Tensor& d = deltas_[i];
+    if (!d.defined() || d.sizes() != t.sizes()) {
+      torch::NoGradGuard no_grad;
+      torch::Tensor fresh = torch::zeros_like(t, torch::requires_grad(false));
+      if (d.defined() && d.dim() == t.dim()) {
+        torch::Tensor from = d, to = fresh;
+        for (int64_t k = 0; k < t.dim(); ++k) {
+          const int64_t n = std::min(d.size(k), t.size(k));
+          from = from.narrow(k, 0, n);
+          to = to.narrow(k, 0, n);
+        }
+        to.copy_(from);
+      }
+      d = fresh;
     }
-    return deltas_[i];
+    return d;
   }
 
   void check() const {

@@ -16,8 +16,9 @@ struct FreeLBOptions {
   TORCH_ARG(int64_t, steps) = 3;
   /// Bound: ‖δ‖ ≤ ε after each ascent step; 0 leaves δ unbounded.
   TORCH_ARG(double, epsilon) = 0.0;
-  /// Magnitude of the random start on per-example targets; the weight table
-  /// starts from δ = 0, so it must be 0 there.
+  /// Magnitude of the random start on per-example targets,
+  /// `U(-1, 1) * mask * init_mag / sqrt(L_i * H)`; the weight table starts
+  /// from δ = 0, so it must be 0 there.
   TORCH_ARG(double, init_mag) = 0.0;
   /// Whether the K passes draw the same dropout masks (the FreeLB paper finds
   /// fresh masks hurt).
@@ -44,6 +45,13 @@ class BasicFreeLB : public Attacker {
         options_(std::move(options)) {
     check();
   }
+  /// Per-example perturbation of `embedding`'s output (SPEC §4).
+  explicit BasicFreeLB(
+      const PerturbedEmbedding& embedding, FreeLBOptions options = {})
+      : Attacker({embedding->perturbation()}, "FreeLB"),
+        options_(std::move(options)) {
+    check();
+  }
 
   const FreeLBOptions& options() const noexcept {
     return options_;
@@ -51,11 +59,15 @@ class BasicFreeLB : public Attacker {
 
  protected:
   double perturb(
-      size_t /*i*/,
+      size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
       double gnorm,
       const torch::Tensor& origin) override {
+    if (per_example()) {
+      return detail::projected_step_examples<Norm>(
+          w, g, options_.alpha(), options_.epsilon(), mask(i));
+    }
     return detail::projected_step<Norm>(
         w, g, gnorm, options_.alpha(), options_.epsilon(), origin);
   }
@@ -122,11 +134,28 @@ class BasicFreeLB : public Attacker {
         options_.epsilon(),
         " (must be >= 0; 0 means unbounded)");
     TORCH_CHECK(
-        options_.init_mag() == 0,
+        options_.init_mag() >= 0 && (per_example() || options_.init_mag() == 0),
         "FreeLB: Invalid init_mag: ",
         options_.init_mag(),
-        " (the weight table starts from delta = 0; init_mag applies to "
-        "per-example targets)");
+        per_example() ? " (must be >= 0)"
+                      : " (the weight table starts from delta = 0; init_mag "
+                        "applies to per-example targets)");
+  }
+
+  /// Per example, a random start `U(-1, 1) * mask * init_mag / sqrt(L_i * H)`,
+  /// L_i the example's unpadded length.
+  void on_new_step() override {
+    if (!per_example() || options_.init_mag() <= 0) {
+      return;
+    }
+    const double mag = options_.init_mag();
+    for (const auto& slot : slots()) {
+      slot->set_initializer([mag](torch::Tensor& d, const torch::Tensor& m) {
+        d.uniform_(-1, 1);
+        const auto dims = m.sum({1, 2}, /*keepdim=*/true) * d.size(-1);
+        d.mul_(m * mag / dims.clamp_min(1).sqrt());
+      });
+    }
   }
 
   FreeLBOptions options_;

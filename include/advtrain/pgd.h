@@ -38,6 +38,13 @@ class BasicPGD : public Attacker {
       : Attacker(module, name_contains, "PGD"), options_(std::move(options)) {
     check();
   }
+  /// Per-example perturbation of `embedding`'s output (SPEC §4).
+  explicit BasicPGD(
+      const PerturbedEmbedding& embedding, PGDOptions options = {})
+      : Attacker({embedding->perturbation()}, "PGD"),
+        options_(std::move(options)) {
+    check();
+  }
 
   const PGDOptions& options() const noexcept {
     return options_;
@@ -45,11 +52,15 @@ class BasicPGD : public Attacker {
 
  protected:
   double perturb(
-      size_t /*i*/,
+      size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
       double gnorm,
       const torch::Tensor& origin) override {
+    if (per_example()) {
+      return detail::projected_step_examples<Norm>(
+          w, g, options_.alpha(), options_.epsilon(), mask(i));
+    }
     return detail::projected_step<Norm>(
         w, g, gnorm, options_.alpha(), options_.epsilon(), origin);
   }

@@ -105,6 +105,14 @@ class SMART : public Attacker {
     untracked_writes_ = true;
     check();
   }
+  /// Per-example perturbation of `embedding`'s output (SPEC §4), as in the
+  /// official code: N normalizes each token's vector.
+  explicit SMART(const PerturbedEmbedding& embedding, SMARTOptions options = {})
+      : Attacker({embedding->perturbation()}, "SMART"),
+        options_(std::move(options)) {
+    untracked_writes_ = true;
+    check();
+  }
 
   const SMARTOptions& options() const noexcept {
     return options_;
@@ -113,7 +121,7 @@ class SMART : public Attacker {
  protected:
   /// `δ ← N(δ + α * g)` with δ = w − origin.
   double perturb(
-      size_t /*i*/,
+      size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
       double /*gnorm*/,
@@ -121,6 +129,10 @@ class SMART : public Attacker {
     torch::Tensor delta = w - origin;
     delta.add_(g, options_.alpha());
     normalize(delta);
+    if (per_example()) {
+      w.copy_(delta * mask(i));
+      return detail::example_norms(w).mean().item<double>();
+    }
     at::add_out(w, origin, delta);
     return detail::l2_norm(delta);
   }
@@ -135,13 +147,17 @@ class SMART : public Attacker {
     torch::Tensor loss = ctx.loss_of(logits);
     r.loss = loss.item<double>();
     ++ctx.passes;
+    backup(); // per example: takes the δ the clean forward made
     const size_t n = targets().size();
     {
       torch::NoGradGuard no_grad;
-      backup();
       for (size_t i = 0; i < n; ++i) {
         torch::Tensor w = data(i);
-        w.add_(torch::randn_like(w), options_.noise_var());
+        torch::Tensor noise = torch::randn_like(w);
+        if (per_example()) {
+          noise.mul_(mask(i));
+        }
+        w.add_(noise, options_.noise_var());
       }
     }
     bool finite = true;

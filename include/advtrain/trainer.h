@@ -54,13 +54,17 @@ class Trainer {
       bool accumulating) {
     TORCH_CHECK(
         forward && loss_fn, "advtrain: Trainer::step needs two closures");
-    const std::vector<torch::Tensor> params = detail::union_of(
-        detail::optimizer_parameters(optimizer_), attacker_.targets());
+    const std::vector<torch::Tensor> params =
+        attacker_.per_example() ? detail::optimizer_parameters(optimizer_)
+                                : detail::union_of(
+                                      detail::optimizer_parameters(optimizer_),
+                                      attacker_.targets());
     detail::StepContext ctx(optimizer_, forward, loss_fn, params);
     ctx.accumulating = accumulating;
     if (attacker_.share_dropout_mask()) {
-      ctx.replay.emplace(attacker_.targets());
+      ctx.replay.emplace(params);
     }
+    attacker_.begin_step();
     // The step starts from zero gradients; those there before are kept aside
     // to be put back if anything throws (or added back when accumulating).
     std::vector<torch::Tensor> before = ctx.take_grads();
@@ -71,9 +75,11 @@ class Trainer {
         ctx.add_grads(std::move(before));
       }
       ++attacker_.steps_done_;
+      attacker_.end_step();
       return r;
     } catch (...) {
       attacker_.restore();
+      attacker_.end_step();
       ctx.put_grads(std::move(before));
       throw;
     }

@@ -1,0 +1,171 @@
+#pragma once
+
+#include <advtrain/attacker.h>
+
+#include <functional>
+#include <utility>
+
+namespace advtrain {
+
+/// Options of YOPO ("You Only Propagate Once", Zhang et al., NeurIPS 2019).
+struct YOPOOptions {
+  /// Full forward+backward passes m per batch.
+  TORCH_ARG(int64_t, steps) = 3;
+  /// Cheap ascent steps n after each full pass, through the first layer only.
+  TORCH_ARG(int64_t, inner_steps) = 2;
+  /// Ascent step α (per example, L2: `α * ∇δH / ‖∇δH‖`).
+  TORCH_ARG(double, alpha) = 1.33e-2;
+  /// Radius ε of each example's perturbation (L2 over [L, H]).
+  TORCH_ARG(double, epsilon) = 0.4;
+  /// Random start `U(-1, 1) * mask * init_mag / sqrt(L_i * H)`, then
+  /// projected to ε; 0 starts from δ = 0.
+  TORCH_ARG(double, init_mag) = 0.64;
+  /// Whether the m full passes draw the same dropout masks.
+  TORCH_ARG(bool, share_dropout_mask) = false;
+};
+
+/// YOPO on the per-example target. The model is split at its first layer
+/// after the embedding lookup: its forward must compute
+/// `rest(yopo.first(embedding(ids)))`, where `first` is the callable given
+/// here (e.g. positions + LayerNorm + first block) and `rest` the remainder.
+///
+/// Each of the m full passes runs forward at E + δ and backward of loss / m
+/// (parameter gradients average over the passes); then the co-state
+/// `p = ∂L/∂z0` at the first layer's output z0 is held fixed and δ takes n
+/// steps on `H = Σ first(E + δ) ⊙ p` through `first` alone, each
+/// `δ ← δ + α * ∇δH / ‖∇δH‖` per example, projected to ε. `∇δH` comes from
+/// `torch::autograd::grad`, so the first layer's parameters get no gradient
+/// from the inner steps (the original code counted them twice).
+class YOPO : public Attacker {
+ public:
+  using FirstLayer = std::function<torch::Tensor(const torch::Tensor&)>;
+
+  YOPO(
+      const PerturbedEmbedding& embedding,
+      FirstLayer first,
+      YOPOOptions options = {})
+      : Attacker({embedding->perturbation()}, "YOPO"),
+        first_(std::move(first)),
+        options_(std::move(options)) {
+    TORCH_CHECK(first_, "YOPO: the first layer callable is empty");
+    TORCH_CHECK(
+        options_.steps() >= 1,
+        "YOPO: Invalid steps: ",
+        options_.steps(),
+        " (must be >= 1)");
+    TORCH_CHECK(
+        options_.inner_steps() >= 1,
+        "YOPO: Invalid inner_steps: ",
+        options_.inner_steps(),
+        " (must be >= 1)");
+    TORCH_CHECK(
+        options_.alpha() >= 0,
+        "YOPO: Invalid alpha: ",
+        options_.alpha(),
+        " (must be >= 0)");
+    TORCH_CHECK(
+        options_.epsilon() > 0,
+        "YOPO: Invalid epsilon: ",
+        options_.epsilon(),
+        " (must be > 0)");
+    TORCH_CHECK(
+        options_.init_mag() >= 0,
+        "YOPO: Invalid init_mag: ",
+        options_.init_mag(),
+        " (must be >= 0)");
+  }
+
+  const YOPOOptions& options() const noexcept {
+    return options_;
+  }
+
+  /// The first layer, as the model's forward calls it: keeps its output z0
+  /// so that the co-state ∂L/∂z0 can be read after the backward pass.
+  torch::Tensor first(const torch::Tensor& x) {
+    torch::Tensor z0 = first_(x);
+    if (z0.requires_grad()) {
+      z0.retain_grad();
+    }
+    z0_ = z0;
+    return z0;
+  }
+
+  /// Inner passes through the first layer alone in the last step.
+  int64_t inner_passes() const noexcept {
+    return inner_passes_;
+  }
+
+ protected:
+  double perturb(
+      size_t i,
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      double /*gnorm*/,
+      const torch::Tensor& /*origin*/) override {
+    return detail::projected_step_examples<L2>(
+        w, g, options_.alpha(), options_.epsilon(), mask(i));
+  }
+
+  bool share_dropout_mask() const override {
+    return options_.share_dropout_mask();
+  }
+
+  void on_new_step() override {
+    const double mag = options_.init_mag();
+    const double eps = options_.epsilon();
+    if (mag <= 0) {
+      return;
+    }
+    slots()[0]->set_initializer(
+        [mag, eps](torch::Tensor& d, const torch::Tensor& m) {
+          d.uniform_(-1, 1);
+          const auto dims = m.sum({1, 2}, /*keepdim=*/true) * d.size(-1);
+          d.mul_(m * mag / dims.clamp_min(1).sqrt());
+          L2::project_examples(d, eps);
+        });
+  }
+
+  StepResult run_step(detail::StepContext& ctx) override {
+    StepResult r;
+    const int64_t m = options_.steps();
+    inner_passes_ = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      z0_ = torch::Tensor();
+      const double loss = ctx.pass(1.0 / static_cast<double>(m)).item<double>();
+      if (j == 0) {
+        r.loss = loss;
+      }
+      r.adv_loss = loss;
+      TORCH_CHECK(
+          z0_.defined() && z0_.grad().defined(),
+          "YOPO: the model's forward must call yopo.first(...) on the "
+          "perturbed embedding output, and the loss must depend on it");
+      const torch::Tensor p = z0_.grad().detach();
+      z0_ = torch::Tensor();
+      backup(); // δ = 0 is the origin; takes this step's δ as the target
+      torch::Tensor delta = targets()[0];
+      const torch::Tensor e = slots()[0]->embedded();
+      for (int64_t s = 0; s < options_.inner_steps(); ++s) {
+        const torch::Tensor h = (first_(e + delta) * p).sum();
+        const torch::Tensor g = torch::autograd::grad({h}, {delta})[0];
+        ++inner_passes_;
+        torch::NoGradGuard no_grad;
+        torch::Tensor w = data(0);
+        perturbation_norm_ = perturb(0, w, g, 0.0, torch::Tensor());
+      }
+      delta.mutable_grad() = torch::Tensor();
+      r.perturbation_norm = perturbation_norm();
+    }
+    restore();
+    ctx.step_optimizer();
+    return r;
+  }
+
+ private:
+  FirstLayer first_;
+  YOPOOptions options_;
+  torch::Tensor z0_;
+  int64_t inner_passes_ = 0;
+};
+
+} // namespace advtrain

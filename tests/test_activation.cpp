@@ -1,0 +1,530 @@
+// The per-example (activation) target: PerturbedEmbedding, every strategy on
+// it against the same per-example math written plainly, and YOPO.
+
+#include "common.h"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <sstream>
+
+using namespace fixture;
+using Catch::Matchers::Contains;
+
+namespace {
+
+constexpr double kLr = 0.1;
+constexpr double kTol = 1e-9;
+
+/// Token 0 is padding: the masked positions.
+torch::Tensor padded_ids() {
+  return torch::tensor(
+      {{3, 1, 2, 0, 0}, {4, 4, 6, 2, 5}, {1, 0, 0, 0, 0}}, torch::kLong);
+}
+
+/// PerturbedEmbedding -> masked mean -> linear, float64.
+struct ActNetImpl : torch::nn::Module {
+  ActNetImpl()
+      : embedding(register_module(
+            "embedding",
+            advtrain::PerturbedEmbedding(
+                torch::nn::EmbeddingOptions(kVocab, kHidden).padding_idx(0)))),
+        fc(register_module("fc", torch::nn::Linear(kHidden, kClasses))) {
+    to(torch::kDouble);
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    const auto m = x.ne(0).unsqueeze(-1).to(torch::kDouble);
+    const auto e = embedding(x);
+    ++forwards;
+    return fc((e * m).sum(1) / m.sum(1).clamp_min(1));
+  }
+  advtrain::PerturbedEmbedding embedding;
+  torch::nn::Linear fc;
+  int forwards = 0;
+};
+TORCH_MODULE(ActNet);
+
+ActNet make_act(uint64_t seed = 7) {
+  torch::manual_seed(seed);
+  return ActNet();
+}
+
+/// Parameters of the plain computation.
+struct P {
+  torch::Tensor W, A, b;
+  static P of(const ActNet& m) {
+    return {
+        m->embedding->weight.detach().clone(),
+        m->fc->weight.detach().clone(),
+        m->fc->bias.detach().clone()};
+  }
+};
+
+torch::Tensor mask_of(const torch::Tensor& x) {
+  return x.ne(0).unsqueeze(-1).to(torch::kDouble);
+}
+
+torch::Tensor plain_loss_at(
+    const P& p,
+    const torch::Tensor& x,
+    const torch::Tensor& y,
+    const torch::Tensor& delta) {
+  const auto m = mask_of(x);
+  const auto e =
+      p.W.index_select(0, x.reshape(-1)).reshape({x.size(0), x.size(1), -1});
+  const auto pooled = ((e + delta) * m).sum(1) / m.sum(1).clamp_min(1);
+  const auto logits = pooled.matmul(p.A.t()) + p.b;
+  return -(logits - logits.logsumexp(1, true)).gather(1, y.unsqueeze(1)).mean();
+}
+
+/// Gradients at δ: {W, A, b, δ}.
+std::vector<torch::Tensor> grads_at(
+    const P& p,
+    const torch::Tensor& x,
+    const torch::Tensor& y,
+    const torch::Tensor& delta) {
+  auto W = p.W.clone().requires_grad_(), A = p.A.clone().requires_grad_(),
+       b = p.b.clone().requires_grad_(), d = delta.clone().requires_grad_();
+  return torch::autograd::grad(
+      {plain_loss_at({W, A, b}, x, y, d)}, {W, A, b, d});
+}
+
+/// Per example: g masked, over max(‖g_i‖, 1e-8).
+torch::Tensor unit(const torch::Tensor& g, const torch::Tensor& m) {
+  const auto gm = g * m;
+  return gm / gm.flatten(1).norm(2, 1).clamp_min(1e-8).view({-1, 1, 1});
+}
+
+/// Per example: onto ‖δ_i‖ ≤ eps.
+torch::Tensor proj(const torch::Tensor& d, double eps) {
+  const auto n = d.flatten(1).norm(2, 1).view({-1, 1, 1});
+  return d * (eps / n.clamp_min(eps));
+}
+
+P sgd(const P& p, const std::vector<torch::Tensor>& g) {
+  return {p.W - kLr * g[0], p.A - kLr * g[1], p.b - kLr * g[2]};
+}
+
+double diff(const ActNet& m, const P& p) {
+  return std::max(
+      {max_abs_diff(m->embedding->weight, p.W),
+       max_abs_diff(m->fc->weight, p.A),
+       max_abs_diff(m->fc->bias, p.b)});
+}
+
+advtrain::StepResult step(
+    ActNet& model,
+    advtrain::Attacker& attacker,
+    const torch::Tensor& x,
+    const torch::Tensor& y) {
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, attacker);
+  return trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+}
+
+std::vector<torch::Tensor> add(
+    const std::vector<torch::Tensor>& a,
+    const std::vector<torch::Tensor>& b,
+    double s = 1.0) {
+  return {a[0] + s * b[0], a[1] + s * b[1], a[2] + s * b[2]};
+}
+
+} // namespace
+
+TEST_CASE(
+    "PerturbedEmbedding without an attacker is nn::Embedding", "[activation]") {
+  torch::manual_seed(1);
+  advtrain::PerturbedEmbedding pe(10, 4);
+  torch::manual_seed(1);
+  torch::nn::Embedding plain(10, 4);
+  const auto ids = torch::tensor({{1, 2, 3}, {9, 0, 0}}, torch::kLong);
+  CHECK(torch::equal(pe(ids), plain(ids)));
+  CHECK(pe->named_parameters().keys() == plain->named_parameters().keys());
+  // A trained table loads into a plain nn::Embedding.
+  std::stringstream buffer;
+  torch::save(pe, buffer);
+  torch::nn::Embedding loaded(10, 4);
+  torch::load(loaded, buffer);
+  CHECK(torch::equal(loaded->weight, pe->weight));
+  // Armed, but without autograd (evaluation), it adds nothing either.
+  advtrain::FGM fgm(pe);
+  torch::NoGradGuard no_grad;
+  CHECK(torch::equal(pe(ids), plain(ids)));
+}
+
+TEST_CASE(
+    "Per-example FGM: each example's norm, masked positions zero",
+    "[activation]") {
+  auto model = make_act();
+  const auto x = padded_ids();
+  const double eps = 0.7;
+  advtrain::FGM fgm(model->embedding, advtrain::FGMOptions().epsilon(eps));
+  // A mean over all positions, padding included: padded positions get a
+  // gradient, and only the mask keeps δ off them.
+  auto unmasked = [&] { return model->fc(model->embedding(x).mean(1)); };
+  cross_entropy(unmasked(), batch_labels()).backward();
+  const auto g = model->embedding->perturbation()->delta().grad().clone();
+  REQUIRE(g.mul(1 - mask_of(x)).abs().max().item<double>() > 0);
+  fgm.attack();
+  const auto delta = fgm.targets()[0].detach();
+  const auto m = mask_of(x);
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    CHECK(delta[i].norm().item<double>() == Approx(eps).epsilon(1e-12));
+  }
+  CHECK(delta.mul(1 - m).abs().max().item<double>() == 0.0);
+  CHECK(max_abs_diff(delta, eps * unit(g, m)) < 1e-12);
+  CHECK(fgm.perturbation_norm() == Approx(eps));
+  fgm.restore();
+  CHECK(delta.abs().max().item<double>() == 0.0);
+}
+
+TEST_CASE("Per-example PGD projects example by example", "[activation]") {
+  auto model = make_act();
+  const auto x = padded_ids();
+  const double eps = 0.3;
+  advtrain::PGD pgd(
+      model->embedding,
+      advtrain::PGDOptions().epsilon(eps).alpha(0.25).steps(4));
+  cross_entropy(model->forward(x), batch_labels()).backward();
+  for (int t = 0; t < 4; ++t) {
+    pgd.attack(t == 0);
+    const auto d = pgd.targets()[0].detach();
+    for (int64_t i = 0; i < x.size(0); ++i) {
+      const double n = d[i].norm().item<double>();
+      CHECK(n <= eps * (1 + 1e-12));
+      CHECK(n == Approx(std::min(eps, 0.25 * (t + 1))).epsilon(0.2));
+    }
+    cross_entropy(model->forward(x), batch_labels()).backward();
+  }
+  pgd.restore();
+}
+
+TEST_CASE(
+    "FGM, FGSM and PGD per example equal the plain computation",
+    "[activation]") {
+  auto model = make_act();
+  const P p0 = P::of(model);
+  const auto x = padded_ids();
+  const auto y = batch_labels();
+  const auto m = mask_of(x);
+  const auto zero =
+      torch::zeros({x.size(0), x.size(1), kHidden}, torch::kDouble);
+  const auto g0 = grads_at(p0, x, y, zero);
+  std::unique_ptr<advtrain::Attacker> attacker;
+  P expected;
+  int passes = 0;
+  SECTION("FGM") {
+    const auto g1 = grads_at(p0, x, y, 0.8 * unit(g0[3], m));
+    expected = sgd(p0, add(g0, g1));
+    attacker = std::make_unique<advtrain::FGM>(
+        model->embedding, advtrain::FGMOptions().epsilon(0.8));
+    passes = 2;
+  }
+  SECTION("FGSM") {
+    const auto g1 = grads_at(p0, x, y, 0.05 * (g0[3] * m).sign());
+    expected = sgd(p0, add(g0, g1));
+    attacker = std::make_unique<advtrain::FGSM>(
+        model->embedding, advtrain::FGSMOptions().epsilon(0.05));
+    passes = 2;
+  }
+  SECTION("PGD") {
+    const double eps = 0.5, alpha = 0.3;
+    auto delta = zero;
+    auto g = g0;
+    bool projected = false;
+    for (int t = 0; t < 3; ++t) {
+      const auto moved = delta + alpha * unit(g[3], m);
+      delta = proj(moved, eps);
+      projected = projected || !torch::allclose(delta, moved);
+      g = grads_at(p0, x, y, delta);
+    }
+    REQUIRE(projected);
+    expected = sgd(p0, add(g0, g));
+    attacker = std::make_unique<advtrain::PGD>(
+        model->embedding,
+        advtrain::PGDOptions().epsilon(eps).alpha(alpha).steps(3));
+    passes = 4;
+  }
+  const auto r = step(model, *attacker, x, y);
+  CHECK(diff(model, expected) < kTol);
+  CHECK(r.passes == passes);
+  CHECK_FALSE(attacker->is_perturbed());
+  CHECK_FALSE(model->embedding->perturbation()->delta().defined());
+}
+
+TEST_CASE("FreeLB per example equals the plain computation", "[activation]") {
+  auto model = make_act();
+  const P p0 = P::of(model);
+  const auto x = padded_ids();
+  const auto y = batch_labels();
+  const auto m = mask_of(x);
+  const double alpha = 0.3, eps = GENERATE(0.0, 0.2);
+  const int k = 3;
+  auto delta = torch::zeros({x.size(0), x.size(1), kHidden}, torch::kDouble);
+  std::vector<torch::Tensor> sum = {
+      torch::zeros_like(p0.W),
+      torch::zeros_like(p0.A),
+      torch::zeros_like(p0.b)};
+  for (int t = 1; t <= k; ++t) {
+    const auto g = grads_at(p0, x, y, delta);
+    sum = add(sum, g, 1.0 / k);
+    if (t < k) {
+      delta = delta + alpha * unit(g[3], m);
+      if (eps > 0) {
+        delta = proj(delta, eps);
+      }
+    }
+  }
+  advtrain::FreeLB freelb(
+      model->embedding,
+      advtrain::FreeLBOptions().alpha(alpha).epsilon(eps).steps(k));
+  const auto r = step(model, freelb, x, y);
+  CHECK(diff(model, sgd(p0, sum)) < kTol);
+  CHECK(r.passes == k);
+}
+
+TEST_CASE("FreeLB's random start per example", "[activation]") {
+  auto model = make_act();
+  const auto x = padded_ids();
+  const double mag = 0.6;
+  advtrain::FreeLB freelb(
+      model->embedding, advtrain::FreeLBOptions().init_mag(mag).steps(1));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.0));
+  advtrain::Trainer trainer(opt, freelb);
+  torch::Tensor seen;
+  trainer.step(
+      [&] {
+        const auto out = model->forward(x);
+        seen = model->embedding->perturbation()->delta().detach().clone();
+        return out;
+      },
+      [&](const torch::Tensor& out) {
+        return cross_entropy(out, batch_labels());
+      });
+  const auto m = mask_of(x);
+  CHECK(seen.mul(1 - m).abs().max().item<double>() == 0.0);
+  const auto lengths = m.sum({1, 2});
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    const double bound = mag / std::sqrt(lengths[i].item<double>() * kHidden);
+    CHECK(seen[i].abs().max().item<double>() <= bound);
+    CHECK(seen[i].abs().max().item<double>() > 0.5 * bound);
+  }
+  CHECK_THROWS_WITH(
+      advtrain::FreeLB(
+          model->embedding, advtrain::FreeLBOptions().init_mag(-1)),
+      Contains("Invalid init_mag"));
+}
+
+TEST_CASE(
+    "FreeAT per example over two batches equals the plain computation",
+    "[activation]") {
+  auto model = make_act();
+  P p = P::of(model);
+  const auto x = padded_ids();
+  const auto y = batch_labels();
+  const auto y2 = torch::tensor({2, 0, 0}, torch::kLong);
+  const auto m = mask_of(x);
+  const double eps = 0.04, alpha = 0.03;
+  const int64_t replays = 2;
+  auto delta = torch::zeros({x.size(0), x.size(1), kHidden}, torch::kDouble);
+  for (const auto& labels : {y, y2}) {
+    for (int64_t j = 0; j < replays; ++j) {
+      const auto g = grads_at(p, x, labels, delta * m);
+      p = sgd(p, g);
+      delta = (delta + alpha * (g[3] * m).sign()).clamp(-eps, eps);
+    }
+  }
+  advtrain::FreeAT freeat(
+      model->embedding,
+      advtrain::FreeATOptions().epsilon(eps).alpha(alpha).replays(replays));
+  step(model, freeat, x, y);
+  step(model, freeat, x, y2);
+  CHECK(diff(model, p) < kTol);
+}
+
+TEST_CASE("SMART per example equals the plain computation", "[activation]") {
+  auto model = make_act();
+  const P p0 = P::of(model);
+  const auto x = padded_ids();
+  const auto y = batch_labels();
+  const auto m = mask_of(x);
+  const auto o = advtrain::SMARTOptions().steps(2).alpha(0.5).noise_var(0.1);
+  const auto shape = std::vector<int64_t>{x.size(0), x.size(1), kHidden};
+  torch::manual_seed(321);
+  auto delta = torch::randn(shape, torch::kDouble) * m * o.noise_var();
+  auto logits_at = [&](const P& p, const torch::Tensor& d) {
+    const auto e =
+        p.W.index_select(0, x.reshape(-1)).reshape({x.size(0), x.size(1), -1});
+    const auto pooled = ((e + d) * m).sum(1) / m.sum(1).clamp_min(1);
+    return pooled.matmul(p.A.t()) + p.b;
+  };
+  const auto clean = logits_at(p0, torch::zeros(shape, torch::kDouble));
+  for (int64_t k = 0; k < o.steps(); ++k) {
+    auto d = delta.clone().requires_grad_();
+    const auto adv = advtrain::stable_kl(logits_at(p0, d), clean.detach());
+    const auto g = torch::autograd::grad({adv}, {d})[0];
+    const auto moved = delta + o.alpha() * g;
+    delta = moved / (std::get<0>(moved.abs().max(-1, true)) + o.norm_eps()) * m;
+  }
+  auto W = p0.W.clone().requires_grad_(), A = p0.A.clone().requires_grad_(),
+       b = p0.b.clone().requires_grad_();
+  const P leaves{W, A, b};
+  const auto lc = logits_at(leaves, torch::zeros(shape, torch::kDouble));
+  const auto la = logits_at(leaves, delta);
+  const auto loss =
+      cross_entropy(lc, y) + o.weight() * advtrain::sym_kl(la, lc);
+  const auto g = torch::autograd::grad({loss}, {W, A, b});
+
+  advtrain::SMART smart(model->embedding, o);
+  torch::manual_seed(321);
+  const auto r = step(model, smart, x, y);
+  CHECK(diff(model, sgd(p0, {g[0], g[1], g[2]})) < kTol);
+  CHECK(r.passes == o.steps() + 2);
+}
+
+namespace {
+
+/// A model split for YOPO: first = tanh(linear) per token, rest = masked
+/// mean -> linear.
+struct SplitNetImpl : torch::nn::Module {
+  SplitNetImpl()
+      : embedding(register_module(
+            "embedding",
+            advtrain::PerturbedEmbedding(
+                torch::nn::EmbeddingOptions(kVocab, kHidden).padding_idx(0)))),
+        layer(register_module("layer", torch::nn::Linear(kHidden, kHidden))),
+        fc(register_module("fc", torch::nn::Linear(kHidden, kClasses))) {
+    to(torch::kDouble);
+  }
+  torch::Tensor first(const torch::Tensor& e) {
+    return torch::tanh(layer(e));
+  }
+  torch::Tensor rest(const torch::Tensor& z, const torch::Tensor& x) {
+    const auto m = x.ne(0).unsqueeze(-1).to(torch::kDouble);
+    return fc((z * m).sum(1) / m.sum(1).clamp_min(1));
+  }
+  advtrain::PerturbedEmbedding embedding;
+  torch::nn::Linear layer, fc;
+};
+TORCH_MODULE(SplitNet);
+
+} // namespace
+
+TEST_CASE(
+    "YOPO equals the plain computation; n = 1 is PGD-like",
+    "[activation][yopo]") {
+  const int64_t n = GENERATE(1, 2);
+  const int64_t m_steps = 3;
+  const double alpha = 0.2, eps = 0.3;
+  torch::manual_seed(9);
+  SplitNet model;
+  const auto x = padded_ids();
+  const auto y = batch_labels();
+  const auto mask = mask_of(x);
+  // Plain: parameters as leaves, δ updated from the co-state p = ∂L/∂z0.
+  std::vector<torch::Tensor> params;
+  for (const auto& p : model->parameters()) {
+    params.push_back(p.detach().clone().requires_grad_());
+  }
+  // Order: embedding.weight, layer.weight, layer.bias, fc.weight, fc.bias.
+  auto first = [&](const torch::Tensor& e) {
+    return torch::tanh(e.matmul(params[1].t()) + params[2]);
+  };
+  auto rest_loss = [&](const torch::Tensor& z) {
+    const auto logits =
+        ((z * mask).sum(1) / mask.sum(1).clamp_min(1)).matmul(params[3].t()) +
+        params[4];
+    return cross_entropy(logits, y);
+  };
+  const auto e_of = [&] {
+    return params[0].index_select(0, x.reshape(-1)).reshape({3, 5, -1});
+  };
+  auto delta = torch::zeros({3, 5, kHidden}, torch::kDouble);
+  std::vector<torch::Tensor> sum(params.size());
+  for (int64_t j = 0; j < m_steps; ++j) {
+    const auto z0 = first(e_of() + delta);
+    const auto loss = rest_loss(z0) / static_cast<double>(m_steps);
+    auto gs = params;
+    gs.push_back(z0);
+    const auto g = torch::autograd::grad({loss}, gs);
+    for (size_t i = 0; i < params.size(); ++i) {
+      sum[i] = sum[i].defined() ? sum[i] + g[i] : g[i];
+    }
+    const auto p = g.back().detach();
+    const auto e = e_of().detach();
+    for (int64_t s = 0; s < n; ++s) {
+      auto d = delta.clone().requires_grad_();
+      const auto gd = torch::autograd::grad({(first(e + d) * p).sum()}, {d})[0];
+      delta = proj(delta + alpha * unit(gd, mask), eps);
+    }
+  }
+  if (n == 1) {
+    // With one inner step, YOPO is PGD along ∂L/∂δ itself, by the chain rule
+    // ∇δ Σ first(E + δ) ⊙ ∂L/∂z0 = ∂L/∂δ at the δ of the full pass. Check
+    // that identity at δ = 0.
+    auto d = torch::zeros({3, 5, kHidden}, torch::kDouble).requires_grad_();
+    const auto z0 = first(e_of().detach() + d);
+    const auto direct =
+        torch::autograd::grad({rest_loss(z0)}, {d}, {}, true)[0];
+    const auto p = torch::autograd::grad({rest_loss(z0)}, {z0})[0];
+    const auto via_h =
+        torch::autograd::grad({(first(e_of().detach() + d) * p).sum()}, {d})[0];
+    CHECK(max_abs_diff(direct, via_h) < 1e-12);
+  }
+
+  int forwards = 0;
+  advtrain::YOPO yopo(
+      model->embedding,
+      [&](const torch::Tensor& e) { return model->first(e); },
+      advtrain::YOPOOptions()
+          .steps(m_steps)
+          .inner_steps(n)
+          .alpha(alpha)
+          .epsilon(eps)
+          .init_mag(0));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, yopo);
+  const auto r = trainer.step(
+      [&] {
+        ++forwards;
+        return model->rest(yopo.first(model->embedding(x)), x);
+      },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+  CHECK(forwards == m_steps);
+  CHECK(r.passes == m_steps);
+  CHECK(yopo.inner_passes() == m_steps * n);
+  const auto now = model->parameters();
+  for (size_t i = 0; i < now.size(); ++i) {
+    CHECK(max_abs_diff(now[i], params[i].detach() - kLr * sum[i]) < kTol);
+  }
+}
+
+TEST_CASE("YOPO rejects a forward that skips yopo.first", "[yopo]") {
+  torch::manual_seed(9);
+  SplitNet model;
+  advtrain::YOPO yopo(model->embedding, [&](const torch::Tensor& e) {
+    return model->first(e);
+  });
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, yopo);
+  const auto before = clone_all(model->parameters());
+  CHECK_THROWS_WITH(
+      trainer.step(
+          [&] {
+            const auto x = padded_ids();
+            return model->rest(model->first(model->embedding(x)), x);
+          },
+          [&](const torch::Tensor& out) {
+            return cross_entropy(out, batch_labels());
+          }),
+      Contains("yopo.first"));
+  CHECK(equal_all(clone_all(model->parameters()), before));
+  CHECK_THROWS_WITH(
+      advtrain::YOPO(
+          model->embedding,
+          [](const torch::Tensor& e) { return e; },
+          advtrain::YOPOOptions().inner_steps(0)),
+      Contains("Invalid inner_steps: 0"));
+}
