@@ -17,6 +17,7 @@
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 namespace {
 
@@ -53,27 +54,44 @@ Batch encode(
   return {ids, labels};
 }
 
-/// Embedding -> masked mean over the sentence -> tanh layer -> classes.
+/// Embedding -> masked mean over the sentence -> tanh layer -> classes. The
+/// embedding is advtrain's PerturbedEmbedding (a plain nn::Embedding unless a
+/// per-example attacker is attached). For YOPO the head splits into `first`
+/// (mean + tanh layer) and `rest` (dropout + output layer).
 struct ClassifierImpl : torch::nn::Module {
   ClassifierImpl(int64_t vocab, int64_t dim, int64_t classes, double dropout)
       : embedding(register_module(
             "embedding",
-            torch::nn::Embedding(torch::nn::EmbeddingOptions(vocab, dim)))),
+            advtrain::PerturbedEmbedding(
+                torch::nn::EmbeddingOptions(vocab, dim)))),
         hidden(register_module("hidden", torch::nn::Linear(dim, dim))),
         out(register_module("out", torch::nn::Linear(dim, classes))),
         drop(register_module("drop", torch::nn::Dropout(dropout))) {}
 
+  static torch::Tensor mask_of(const torch::Tensor& ids) {
+    return ids.ne(Vocabulary::kPad);
+  }
+  /// The first layer after the lookup: masked mean and tanh layer.
+  torch::Tensor first(const torch::Tensor& e, const torch::Tensor& ids) {
+    const auto mask = mask_of(ids).unsqueeze(-1).to(e.dtype());
+    const auto pooled = (e * mask).sum(1) / mask.sum(1).clamp_min(1.0);
+    return torch::tanh(hidden(pooled));
+  }
+  torch::Tensor rest(const torch::Tensor& z) {
+    return out(drop(z));
+  }
   /// Logits for embedded tokens `e` [B, L, H] of `ids` [B, L].
   torch::Tensor head(const torch::Tensor& e, const torch::Tensor& ids) {
-    const auto mask = ids.ne(Vocabulary::kPad).unsqueeze(-1).to(e.dtype());
-    const auto pooled = (e * mask).sum(1) / mask.sum(1).clamp_min(1.0);
-    return out(drop(torch::tanh(hidden(pooled))));
+    return rest(first(e, ids));
+  }
+  torch::Tensor embed(const torch::Tensor& ids) {
+    return embedding(ids, mask_of(ids));
   }
   torch::Tensor forward(const torch::Tensor& ids) {
-    return head(embedding(ids), ids);
+    return head(embed(ids), ids);
   }
 
-  torch::nn::Embedding embedding;
+  advtrain::PerturbedEmbedding embedding;
   torch::nn::Linear hidden, out;
   torch::nn::Dropout drop;
 };
@@ -84,7 +102,11 @@ TORCH_MODULE(Classifier);
 double robust_accuracy(
     Classifier& model, const Batch& batch, double eps, int64_t steps) {
   model->eval();
-  const auto e = model->embedding(batch.ids).detach();
+  torch::Tensor e;
+  {
+    torch::NoGradGuard no_grad;
+    e = model->embed(batch.ids);
+  }
   const auto mask = batch.ids.ne(Vocabulary::kPad).unsqueeze(-1).to(e.dtype());
   auto delta = torch::zeros_like(e);
   const double alpha = 2.5 * eps / static_cast<double>(steps);
@@ -118,18 +140,19 @@ struct Config {
       "data/sentiment/imdb.json",
       "data/sentiment/yelp.json"};
   std::string method = "all";
+  std::string target = "weights";
   int64_t epochs = 10, batch_size = 32, dim = 64, max_len = 64;
   int64_t attack_steps = 10, threads = 2, min_count = 1;
   uint64_t seed = 1;
   double lr = 3e-3, dropout = 0.2, test_fraction = 0.2;
   double attack_epsilon = 1.0;
   // Strategy options; unset ones keep the library's defaults.
-  std::optional<double> epsilon, alpha, weight, noise_var;
-  std::optional<int64_t> steps, replays;
+  std::optional<double> epsilon, alpha, weight, noise_var, init_mag;
+  std::optional<int64_t> steps, replays, inner_steps;
 };
 
 const std::vector<std::string> kMethods = {
-    "plain", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart"};
+    "plain", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo"};
 
 /// The data set, tokenized, with its split and vocabulary.
 struct Data {
@@ -175,22 +198,38 @@ Data load(const Config& c) {
   return d;
 }
 
-/// The attacker for `method` on the model's embedding table; options not
-/// given on the command line keep the library's defaults.
+/// `T` on the model's embedding: the weight table, or (`--target
+/// activations`) each example's embedded tokens. One constructor argument
+/// picks the target.
+template <typename T, typename Options>
+std::unique_ptr<advtrain::Attacker> on_target(
+    Classifier& model, const Config& c, Options options) {
+  if (c.target == "activations") {
+    return std::make_unique<T>(model->embedding, std::move(options));
+  }
+  return std::make_unique<T>(*model, "embedding", std::move(options));
+}
+
+/// The attacker for `method`; options not given on the command line keep
+/// the library's defaults. YOPO (per example only) runs the model's first
+/// layer on the ids in `current_ids`.
 std::unique_ptr<advtrain::Attacker> make_attacker(
-    const std::string& method, Classifier& model, const Config& c) {
+    const std::string& method,
+    Classifier& model,
+    const Config& c,
+    const torch::Tensor& current_ids) {
   using namespace advtrain;
   if (method == "fgsm") {
     FGSMOptions o;
     if (c.epsilon)
       o.epsilon(*c.epsilon);
-    return std::make_unique<FGSM>(*model, "embedding", o);
+    return on_target<FGSM>(model, c, o);
   }
   if (method == "fgm") {
     FGMOptions o;
     if (c.epsilon)
       o.epsilon(*c.epsilon);
-    return std::make_unique<FGM>(*model, "embedding", o);
+    return on_target<FGM>(model, c, o);
   }
   if (method == "pgd") {
     PGDOptions o;
@@ -200,7 +239,7 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
       o.alpha(*c.alpha);
     if (c.steps)
       o.steps(*c.steps);
-    return std::make_unique<PGD>(*model, "embedding", o);
+    return on_target<PGD>(model, c, o);
   }
   if (method == "freeat") {
     FreeATOptions o;
@@ -210,7 +249,7 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
       o.alpha(*c.alpha);
     if (c.replays)
       o.replays(*c.replays);
-    return std::make_unique<FreeAT>(*model, "embedding", o);
+    return on_target<FreeAT>(model, c, o);
   }
   if (method == "freelb") {
     FreeLBOptions o;
@@ -220,7 +259,9 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
       o.alpha(*c.alpha);
     if (c.steps)
       o.steps(*c.steps);
-    return std::make_unique<FreeLB>(*model, "embedding", o);
+    if (c.init_mag)
+      o.init_mag(*c.init_mag);
+    return on_target<FreeLB>(model, c, o);
   }
   if (method == "smart") {
     SMARTOptions o;
@@ -232,7 +273,24 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
       o.weight(*c.weight);
     if (c.noise_var)
       o.noise_var(*c.noise_var);
-    return std::make_unique<SMART>(*model, "embedding", o);
+    return on_target<SMART>(model, c, o);
+  }
+  if (method == "yopo") {
+    YOPOOptions o;
+    if (c.epsilon)
+      o.epsilon(*c.epsilon);
+    if (c.alpha)
+      o.alpha(*c.alpha);
+    if (c.steps)
+      o.steps(*c.steps);
+    if (c.inner_steps)
+      o.inner_steps(*c.inner_steps);
+    if (c.init_mag)
+      o.init_mag(*c.init_mag);
+    auto first = [&model, &current_ids](const torch::Tensor& e) {
+      return model->first(e, current_ids);
+    };
+    return std::make_unique<YOPO>(model->embedding, first, o);
   }
   return nullptr; // plain
 }
@@ -248,7 +306,9 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
   Classifier model(d.vocab->size(), c.dim, d.classes, c.dropout);
   torch::optim::Adam optimizer(
       model->parameters(), torch::optim::AdamOptions(c.lr));
-  auto attacker = make_attacker(method, model, c);
+  torch::Tensor current_ids; // the batch in training, for YOPO's first layer
+  auto attacker = make_attacker(method, model, c, current_ids);
+  auto* yopo = dynamic_cast<advtrain::YOPO*>(attacker.get());
   std::optional<advtrain::Trainer> trainer;
   if (attacker) {
     trainer.emplace(optimizer, *attacker);
@@ -261,8 +321,9 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
   }
   const Batch test = encode(d.tokens, d.sentences, d.test, *d.vocab, c.max_len);
   fmt::print(
-      "method: {}, {} epochs, batch {}, Adam lr {}\n",
+      "method: {} ({}), {} epochs, batch {}, Adam lr {}\n",
       method,
+      method == "yopo" ? "activations" : c.target,
       epochs,
       c.batch_size,
       c.lr);
@@ -282,7 +343,13 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
       const std::vector<size_t> idx(
           order.begin() + i, order.begin() + std::min(order.size(), i + bs));
       const Batch b = encode(d.tokens, d.sentences, idx, *d.vocab, c.max_len);
-      auto forward = [&] { return model->forward(b.ids); };
+      current_ids = b.ids;
+      auto forward = [&] {
+        if (yopo != nullptr) { // YOPO sees the split model
+          return model->rest(yopo->first(model->embed(b.ids)));
+        }
+        return model->forward(b.ids);
+      };
       auto loss_fn = [&](const torch::Tensor& logits) {
         return torch::nn::functional::cross_entropy(logits, b.labels);
       };
@@ -346,17 +413,37 @@ int run(int argc, char** argv) {
   app.add_option(
          "--method",
          c.method,
-         "all, or one of: plain fgsm fgm pgd freeat freelb smart")
-      ->check(CLI::IsMember(
-          {"all", "plain", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart"}))
+         "all, or one of: plain fgsm fgm pgd freeat freelb smart yopo")
+      ->check(CLI::IsMember(std::vector<std::string>{
+          "all",
+          "plain",
+          "fgsm",
+          "fgm",
+          "pgd",
+          "freeat",
+          "freelb",
+          "smart",
+          "yopo"}))
+      ->capture_default_str();
+  app.add_option(
+         "--target",
+         c.target,
+         "weights: perturb the embedding table (any model); "
+         "activations: each example's embedded tokens (YOPO: always)")
+      ->check(CLI::IsMember({"weights", "activations"}))
       ->capture_default_str();
   app.add_option(
          "--epochs", c.epochs, "epochs (FreeAT: divided by its replays)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option("--epsilon", c.epsilon, "radius: fgsm fgm pgd freeat freelb");
-  app.add_option("--alpha", c.alpha, "ascent step: pgd freeat freelb smart");
-  app.add_option("--steps", c.steps, "ascent steps: pgd freelb smart");
+  app.add_option(
+      "--epsilon", c.epsilon, "radius: fgsm fgm pgd freeat freelb yopo");
+  app.add_option(
+      "--alpha", c.alpha, "ascent step: pgd freeat freelb smart yopo");
+  app.add_option("--steps", c.steps, "steps: pgd freelb smart yopo (m)");
+  app.add_option("--inner-steps", c.inner_steps, "YOPO's inner steps n");
+  app.add_option(
+      "--init-mag", c.init_mag, "random start: freelb yopo (activations)");
   app.add_option("--replays", c.replays, "FreeAT's replays m");
   app.add_option("--weight", c.weight, "SMART's regularizer weight");
   app.add_option("--noise-var", c.noise_var, "SMART's noise scale");
