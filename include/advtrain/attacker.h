@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -332,6 +333,31 @@ class Attacker {
     try {
       double sq = 0.0;
       for (size_t i = 0; i < targets_.size(); ++i) {
+        torch::Tensor w = data(i);
+        if (row_wise(i)) {
+          // Only the rows with a nonzero gradient move: back up, perturb and
+          // restore those alone (a batch touches few rows of a vocabulary).
+          if (!grads[i].defined()) {
+            continue;
+          }
+          const auto row_norms = at::linalg_vector_norm(
+              grads[i].reshape({grads[i].size(0), -1}),
+              2,
+              {1},
+              false,
+              detail::norm_dtype(grads[i]));
+          const double gnorm = row_norms.norm().item<double>();
+          if (!usable_norm(i, gnorm)) {
+            continue;
+          }
+          const torch::Tensor& rows = add_rows(i, row_norms.nonzero().view(-1));
+          torch::Tensor w_rows = w.index_select(0, rows);
+          const double n = perturb(
+              i, w_rows, grads[i].index_select(0, rows), gnorm, backup_[i]);
+          w.index_copy_(0, rows, w_rows);
+          sq += n * n;
+          continue;
+        }
         double gnorm = 0.0;
         if (uses_gradient()) {
           // Per example, zero and non-finite norms are handled in the step
@@ -343,11 +369,11 @@ class Attacker {
             continue; // no move along a zero or non-finite gradient
           }
         }
-        torch::Tensor w = data(i);
         const double n = perturb(i, w, grads[i], gnorm, backup_[i]);
         sq += n * n;
       }
       perturbation_norm_ = std::sqrt(sq);
+      peak_bytes_ = std::max(peak_bytes_, held_bytes());
       if (per_example()) {
         // δ's gradient is the attacker's own: used up by this step, so that
         // the next attack sees only the passes run after it.
@@ -367,14 +393,20 @@ class Attacker {
     if (!is_perturbed()) {
       return;
     }
+    peak_bytes_ = std::max(peak_bytes_, held_bytes());
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < targets_.size(); ++i) {
-      data(i).copy_(backup_[i]);
+      if (rows_[i].defined()) {
+        data(i).index_copy_(0, rows_[i], backup_[i]);
+      } else {
+        data(i).copy_(backup_[i]);
+      }
       if (per_example()) {
         targets_[i].mutable_grad() = torch::Tensor();
       }
     }
     backup_.clear();
+    rows_.clear();
   }
 
   /// Saves a copy of the `.grad` of every watched parameter (those whose grad
@@ -476,6 +508,24 @@ class Attacker {
   const char* kind() const noexcept {
     return kind_;
   }
+  /// Bytes the attacker holds now beyond the model: backups (whole tables,
+  /// or only the rows a batch moved), saved gradients, persistent δ.
+  int64_t held_bytes() const {
+    int64_t n = extra_bytes();
+    for (const auto& t : backup_) {
+      n += static_cast<int64_t>(t.nbytes());
+    }
+    for (const auto& t : grad_backup_) {
+      n += t.defined() ? static_cast<int64_t>(t.nbytes()) : 0;
+    }
+    return n;
+  }
+  /// The largest `held_bytes()` seen after an `attack()` or before a
+  /// `restore()`.
+  int64_t peak_held_bytes() const noexcept {
+    return peak_bytes_;
+  }
+
   /// Whether this attacker perturbs embedding outputs per example
   /// (`PerturbedEmbedding`) rather than weight tables.
   bool per_example() const noexcept {
@@ -538,6 +588,11 @@ class Attacker {
   /// per attacker, and is counted).
   bool usable_gradient(size_t i, const torch::Tensor& g, double& gnorm) {
     gnorm = detail::l2_norm(g);
+    return usable_norm(i, gnorm);
+  }
+
+  /// `usable_gradient` for a norm already taken.
+  bool usable_norm(size_t i, double gnorm) {
     if (std::isfinite(gnorm)) {
       return gnorm > 0.0;
     }
@@ -555,6 +610,18 @@ class Attacker {
           "attacker; see nonfinite_gradients())");
     }
     return false;
+  }
+
+  /// Whether the rule moves only the rows where the gradient is nonzero
+  /// (FGSM, FGM, PGD, FreeLB); then, on tables, `attack()` backs up and
+  /// perturbs those rows alone and `perturb` sees only them.
+  virtual bool moves_gradient_rows_only() const {
+    return false;
+  }
+
+  /// State held beyond backups and saved gradients (FreeAT's δ).
+  virtual int64_t extra_bytes() const {
+    return 0;
   }
 
   /// Whether `attack()` moves along the gradient (and so needs one).
@@ -584,10 +651,38 @@ class Attacker {
     sync_targets();
     torch::NoGradGuard no_grad;
     backup_.reserve(targets_.size());
+    rows_.assign(targets_.size(), torch::Tensor());
     for (size_t i = 0; i < targets_.size(); ++i) {
-      backup_.push_back(
-          per_example() ? torch::zeros_like(targets_[i]) : data(i).clone());
+      if (row_wise(i)) { // rows are backed up as they first move
+        rows_[i] = torch::empty(
+            {0}, torch::dtype(torch::kLong).device(targets_[i].device()));
+        backup_.push_back(data(i).index_select(0, rows_[i]));
+      } else {
+        backup_.push_back(
+            per_example() ? torch::zeros_like(targets_[i]) : data(i).clone());
+      }
     }
+  }
+
+  /// Whether target i is perturbed row by row (see
+  /// `moves_gradient_rows_only`).
+  bool row_wise(size_t i) const {
+    return !per_example() && moves_gradient_rows_only() &&
+           targets_[i].dim() >= 2;
+  }
+
+  /// Backs up the rows of `rows` not backed up yet; returns all backed-up
+  /// rows of target i (the rows `backup_[i]` holds, in its order).
+  const torch::Tensor& add_rows(size_t i, const torch::Tensor& rows) {
+    torch::Tensor extra =
+        rows_[i].numel() == 0
+            ? rows
+            : rows.masked_select(torch::isin(rows, rows_[i]).logical_not());
+    if (extra.numel() > 0) {
+      backup_[i] = torch::cat({backup_[i], data(i).index_select(0, extra)});
+      rows_[i] = torch::cat({rows_[i], extra});
+    }
+    return rows_[i];
   }
 
   /// Per example: takes the slots' current δ as the targets.
@@ -778,10 +873,12 @@ class Attacker {
   std::vector<std::string> names_;
   const char* kind_;
   std::vector<torch::Tensor> backup_;
+  std::vector<torch::Tensor> rows_; // per target: backed-up rows, or none
   std::vector<torch::Tensor> watched_;
   std::vector<torch::Tensor> grad_backup_;
   std::vector<std::shared_ptr<Perturbation>> slots_;
   int64_t steps_done_ = 0;
+  int64_t peak_bytes_ = 0;
   int64_t nonfinite_gradients_ = 0;
   bool warned_nonfinite_ = false;
 };

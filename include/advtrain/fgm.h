@@ -57,6 +57,10 @@ class FastGradient : public Attacker {
     return options_.share_dropout_mask();
   }
 
+  bool moves_gradient_rows_only() const override {
+    return true;
+  }
+
  private:
   void check(const char* what) const {
     TORCH_CHECK(

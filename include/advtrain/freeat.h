@@ -103,6 +103,14 @@ class BasicFreeAT : public Attacker {
     return options_.share_dropout_mask();
   }
 
+  int64_t extra_bytes() const override {
+    int64_t n = 0;
+    for (const auto& d : deltas_) {
+      n += d.defined() ? static_cast<int64_t>(d.nbytes()) : 0;
+    }
+    return n;
+  }
+
   double perturb(
       size_t i,
       torch::Tensor& w,

@@ -76,6 +76,10 @@ class BasicFreeLB : public Attacker {
     return options_.share_dropout_mask();
   }
 
+  bool moves_gradient_rows_only() const override {
+    return true;
+  }
+
   /// For t = 1..K: pass at W + δ with `loss / K`; if t < K, ascend along the
   /// targets' gradient of this pass alone (the sum of the earlier passes is
   /// set aside during the pass and added back after the ascent). Restore,

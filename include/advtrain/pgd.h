@@ -69,6 +69,10 @@ class BasicPGD : public Attacker {
     return options_.share_dropout_mask();
   }
 
+  bool moves_gradient_rows_only() const override {
+    return true;
+  }
+
   /// Clean pass; then K times: attack, clear the grads (the clean ones are
   /// set aside after the first attack and put back before the last pass),
   /// adversarial pass. Restore, step.
