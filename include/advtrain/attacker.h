@@ -330,6 +330,7 @@ class Attacker {
           "original backup is kept");
     }
     backup();
+    last_rows_.assign(targets_.size(), torch::Tensor());
     try {
       double sq = 0.0;
       for (size_t i = 0; i < targets_.size(); ++i) {
@@ -355,6 +356,7 @@ class Attacker {
           const double n = perturb(
               i, w_rows, grads[i].index_select(0, rows), gnorm, backup_[i]);
           w.index_copy_(0, rows, w_rows);
+          last_rows_[i] = rows;
           sq += n * n;
           continue;
         }
@@ -664,6 +666,14 @@ class Attacker {
     }
   }
 
+  /// The rows of target i that hold every nonzero of the gradient the last
+  /// `attack()` moved along (all rows it has moved since the backup);
+  /// undefined when that attack did not go row by row.
+  const torch::Tensor& last_rows(size_t i) const {
+    static const torch::Tensor none;
+    return i < last_rows_.size() ? last_rows_[i] : none;
+  }
+
   /// Whether target i is perturbed row by row (see
   /// `moves_gradient_rows_only`).
   bool row_wise(size_t i) const {
@@ -873,7 +883,8 @@ class Attacker {
   std::vector<std::string> names_;
   const char* kind_;
   std::vector<torch::Tensor> backup_;
-  std::vector<torch::Tensor> rows_; // per target: backed-up rows, or none
+  std::vector<torch::Tensor> rows_;      // per target: backed-up rows, or none
+  std::vector<torch::Tensor> last_rows_; // see last_rows()
   std::vector<torch::Tensor> watched_;
   std::vector<torch::Tensor> grad_backup_;
   std::vector<std::shared_ptr<Perturbation>> slots_;

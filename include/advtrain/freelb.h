@@ -107,7 +107,11 @@ class BasicFreeLB : public Attacker {
         r.perturbation_norm = perturbation_norm_;
         for (size_t i = 0; i < n; ++i) {
           torch::Tensor& grad = targets()[i].mutable_grad();
-          if (earlier[i].defined() && grad.defined()) {
+          const torch::Tensor& rows = last_rows(i);
+          if (earlier[i].defined() && grad.defined() && rows.defined()) {
+            // This pass's gradient is zero outside the rows just moved.
+            grad = earlier[i].index_add_(0, rows, grad.index_select(0, rows));
+          } else if (earlier[i].defined() && grad.defined()) {
             grad = earlier[i].add_(grad);
           } else if (earlier[i].defined()) {
             grad = std::move(earlier[i]);
