@@ -1,6 +1,7 @@
 #pragma once
 
 #include <advtrain/attacker.h>
+#include <advtrain/pgd.h>
 
 #include <string>
 #include <utility>
@@ -30,71 +31,45 @@ struct FreeLBOptions {
 /// times larger virtual batch). Between passes, δ ascends along the gradient
 /// of that pass alone and is projected back into the ε-ball when ε > 0.
 template <typename Norm>
-class BasicFreeLB : public Attacker {
+class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
+  using Base = detail::ProjectedAscent<Norm, FreeLBOptions>;
+
  public:
   explicit BasicFreeLB(
       std::vector<torch::Tensor> params, FreeLBOptions options = {})
-      : Attacker(std::move(params), "FreeLB"), options_(std::move(options)) {
+      : Base(std::move(params), std::move(options), "FreeLB") {
     check();
   }
   BasicFreeLB(
       const torch::nn::Module& module,
       const std::string& name_contains,
       FreeLBOptions options = {})
-      : Attacker(module, name_contains, "FreeLB"),
-        options_(std::move(options)) {
+      : Base(module, name_contains, std::move(options), "FreeLB") {
     check();
   }
   /// Per-example perturbation of `embedding`'s output (SPEC §4).
   explicit BasicFreeLB(
       const PerturbedEmbedding& embedding, FreeLBOptions options = {})
-      : Attacker({embedding->perturbation()}, "FreeLB"),
-        options_(std::move(options)) {
+      : Base(embedding, std::move(options), "FreeLB") {
     check();
   }
 
-  const FreeLBOptions& options() const noexcept {
-    return options_;
-  }
-
  protected:
-  double perturb(
-      size_t i,
-      torch::Tensor& w,
-      const torch::Tensor& g,
-      double gnorm,
-      const torch::Tensor& origin) override {
-    if (per_example()) {
-      return detail::projected_step_examples<Norm>(
-          w, g, options_.alpha(), options_.epsilon(), mask(i));
-    }
-    return detail::projected_step<Norm>(
-        w, g, gnorm, options_.alpha(), options_.epsilon(), origin);
-  }
-
-  bool share_dropout_mask() const override {
-    return options_.share_dropout_mask();
-  }
-
-  bool moves_gradient_rows_only() const override {
-    return true;
-  }
-
   /// For t = 1..K: pass at W + δ with `loss / K`; if t < K, ascend along the
   /// targets' gradient of this pass alone (the sum of the earlier passes is
   /// set aside during the pass and added back after the ascent). Restore,
   /// step.
   StepResult run_step(detail::StepContext& ctx) override {
     StepResult r;
-    const int64_t k = options_.steps();
+    const int64_t k = this->options_.steps();
     const double scale = 1.0 / static_cast<double>(k);
-    const size_t n = targets().size();
+    const size_t n = this->targets().size();
     for (int64_t t = 1; t <= k; ++t) {
       std::vector<torch::Tensor> earlier(n);
       if (t < k) {
         for (size_t i = 0; i < n; ++i) {
-          earlier[i] = std::move(targets()[i].mutable_grad());
-          targets()[i].mutable_grad() = torch::Tensor();
+          earlier[i] = std::move(this->targets()[i].mutable_grad());
+          this->targets()[i].mutable_grad() = torch::Tensor();
         }
       }
       const double loss = ctx.pass(scale).item<double>();
@@ -103,11 +78,11 @@ class BasicFreeLB : public Attacker {
       }
       r.adv_loss = loss;
       if (t < k) {
-        attack();
-        r.perturbation_norm = perturbation_norm_;
+        this->attack();
+        r.perturbation_norm = this->perturbation_norm_;
         for (size_t i = 0; i < n; ++i) {
-          torch::Tensor& grad = targets()[i].mutable_grad();
-          const torch::Tensor& rows = last_rows(i);
+          torch::Tensor& grad = this->targets()[i].mutable_grad();
+          const torch::Tensor& rows = this->last_rows(i);
           if (earlier[i].defined() && grad.defined() && rows.defined()) {
             // This pass's gradient is zero outside the rows just moved.
             grad = earlier[i].index_add_(0, rows, grad.index_select(0, rows));
@@ -119,45 +94,19 @@ class BasicFreeLB : public Attacker {
         }
       }
     }
-    restore();
+    this->restore();
     ctx.step_optimizer();
     return r;
-  }
-
- private:
-  void check() const {
-    TORCH_CHECK(
-        options_.alpha() >= 0,
-        "FreeLB: Invalid alpha: ",
-        options_.alpha(),
-        " (must be >= 0)");
-    TORCH_CHECK(
-        options_.steps() >= 1,
-        "FreeLB: Invalid steps: ",
-        options_.steps(),
-        " (must be >= 1)");
-    TORCH_CHECK(
-        options_.epsilon() >= 0,
-        "FreeLB: Invalid epsilon: ",
-        options_.epsilon(),
-        " (must be >= 0; 0 means unbounded)");
-    TORCH_CHECK(
-        options_.init_mag() >= 0 && (per_example() || options_.init_mag() == 0),
-        "FreeLB: Invalid init_mag: ",
-        options_.init_mag(),
-        per_example() ? " (must be >= 0)"
-                      : " (the weight table starts from delta = 0; init_mag "
-                        "applies to per-example targets)");
   }
 
   /// Per example, a random start `U(-1, 1) * mask * init_mag / sqrt(L_i * H)`,
   /// L_i the example's unpadded length.
   void on_new_step() override {
-    if (!per_example() || options_.init_mag() <= 0) {
+    if (!this->per_example() || this->options_.init_mag() <= 0) {
       return;
     }
-    const double mag = options_.init_mag();
-    for (const auto& slot : slots()) {
+    const double mag = this->options_.init_mag();
+    for (const auto& slot : this->slots()) {
       slot->set_initializer([mag](torch::Tensor& d, const torch::Tensor& m) {
         d.uniform_(-1, 1);
         const auto dims = m.sum({1, 2}, /*keepdim=*/true) * d.size(-1);
@@ -166,7 +115,33 @@ class BasicFreeLB : public Attacker {
     }
   }
 
-  FreeLBOptions options_;
+ private:
+  void check() const {
+    TORCH_CHECK(
+        this->options_.alpha() >= 0,
+        "FreeLB: Invalid alpha: ",
+        this->options_.alpha(),
+        " (must be >= 0)");
+    TORCH_CHECK(
+        this->options_.steps() >= 1,
+        "FreeLB: Invalid steps: ",
+        this->options_.steps(),
+        " (must be >= 1)");
+    TORCH_CHECK(
+        this->options_.epsilon() >= 0,
+        "FreeLB: Invalid epsilon: ",
+        this->options_.epsilon(),
+        " (must be >= 0; 0 means unbounded)");
+    TORCH_CHECK(
+        this->options_.init_mag() >= 0 &&
+            (this->per_example() || this->options_.init_mag() == 0),
+        "FreeLB: Invalid init_mag: ",
+        this->options_.init_mag(),
+        this->per_example()
+            ? " (must be >= 0)"
+            : " (the weight table starts from delta = 0; init_mag "
+              "applies to per-example targets)");
+  }
 };
 
 /// FreeLB with L2 steps `α * g / ‖g‖` and L2 projection (SPEC §2).

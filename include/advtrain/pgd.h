@@ -20,37 +20,33 @@ struct PGDOptions {
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
-/// Projected Gradient Descent under the norm policy `Norm`: K steps
-/// `δ ← δ + α * (steepest-ascent direction of g)`, each projected back into
-/// the `Norm` ball of radius ε; only the last adversarial gradient is added
-/// to the clean one. No random start.
-template <typename Norm>
-class BasicPGD : public Attacker {
- public:
-  explicit BasicPGD(std::vector<torch::Tensor> params, PGDOptions options = {})
-      : Attacker(std::move(params), "PGD"), options_(std::move(options)) {
-    check();
-  }
-  BasicPGD(
-      const torch::nn::Module& module,
-      const std::string& name_contains,
-      PGDOptions options = {})
-      : Attacker(module, name_contains, "PGD"), options_(std::move(options)) {
-    check();
-  }
-  /// Per-example perturbation of `embedding`'s output (SPEC §4).
-  explicit BasicPGD(
-      const PerturbedEmbedding& embedding, PGDOptions options = {})
-      : Attacker({embedding->perturbation()}, "PGD"),
-        options_(std::move(options)) {
-    check();
-  }
+namespace detail {
 
-  const PGDOptions& options() const noexcept {
+/// The ascent PGD and FreeLB share: steps of size `alpha` along the gradient
+/// under the norm policy `Norm`, projected back into the ball of radius
+/// `epsilon` (unbounded when epsilon <= 0); row by row on tables, per
+/// example on embedding outputs.
+template <typename Norm, typename Options>
+class ProjectedAscent : public Attacker {
+ public:
+  const Options& options() const noexcept {
     return options_;
   }
 
  protected:
+  ProjectedAscent(
+      std::vector<torch::Tensor> params, Options o, const char* kind)
+      : Attacker(std::move(params), kind), options_(std::move(o)) {}
+  ProjectedAscent(
+      const torch::nn::Module& module,
+      const std::string& name_contains,
+      Options o,
+      const char* kind)
+      : Attacker(module, name_contains, kind), options_(std::move(o)) {}
+  ProjectedAscent(
+      const PerturbedEmbedding& embedding, Options o, const char* kind)
+      : Attacker({embedding->perturbation()}, kind), options_(std::move(o)) {}
+
   double perturb(
       size_t i,
       torch::Tensor& w,
@@ -58,10 +54,10 @@ class BasicPGD : public Attacker {
       double gnorm,
       const torch::Tensor& origin) override {
     if (per_example()) {
-      return detail::projected_step_examples<Norm>(
+      return projected_step_examples<Norm>(
           w, g, options_.alpha(), options_.epsilon(), mask(i));
     }
-    return detail::projected_step<Norm>(
+    return projected_step<Norm>(
         w, g, gnorm, options_.alpha(), options_.epsilon(), origin);
   }
 
@@ -73,16 +69,49 @@ class BasicPGD : public Attacker {
     return true;
   }
 
+  Options options_;
+};
+
+} // namespace detail
+
+/// Projected Gradient Descent under the norm policy `Norm`: K steps
+/// `δ ← δ + α * (steepest-ascent direction of g)`, each projected back into
+/// the `Norm` ball of radius ε; only the last adversarial gradient is added
+/// to the clean one. No random start.
+template <typename Norm>
+class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
+  using Base = detail::ProjectedAscent<Norm, PGDOptions>;
+
+ public:
+  explicit BasicPGD(std::vector<torch::Tensor> params, PGDOptions options = {})
+      : Base(std::move(params), std::move(options), "PGD") {
+    check();
+  }
+  BasicPGD(
+      const torch::nn::Module& module,
+      const std::string& name_contains,
+      PGDOptions options = {})
+      : Base(module, name_contains, std::move(options), "PGD") {
+    check();
+  }
+  /// Per-example perturbation of `embedding`'s output (SPEC §4).
+  explicit BasicPGD(
+      const PerturbedEmbedding& embedding, PGDOptions options = {})
+      : Base(embedding, std::move(options), "PGD") {
+    check();
+  }
+
+ protected:
   /// Clean pass; then K times: attack, clear the grads (the clean ones are
   /// set aside after the first attack and put back before the last pass),
   /// adversarial pass. Restore, step.
   StepResult run_step(detail::StepContext& ctx) override {
     StepResult r;
     r.loss = ctx.pass().item<double>();
-    const int64_t k = options_.steps();
+    const int64_t k = this->options_.steps();
     std::vector<torch::Tensor> clean;
     for (int64_t t = 0; t < k; ++t) {
-      attack(/*is_first_attack=*/t == 0);
+      this->attack(/*is_first_attack=*/t == 0);
       if (t == 0) {
         clean = ctx.take_grads();
       } else if (t < k - 1) {
@@ -93,8 +122,8 @@ class BasicPGD : public Attacker {
       }
       r.adv_loss = ctx.pass().item<double>();
     }
-    r.perturbation_norm = perturbation_norm();
-    restore();
+    r.perturbation_norm = this->perturbation_norm();
+    this->restore();
     ctx.step_optimizer();
     return r;
   }
@@ -102,23 +131,21 @@ class BasicPGD : public Attacker {
  private:
   void check() const {
     TORCH_CHECK(
-        options_.epsilon() > 0,
+        this->options_.epsilon() > 0,
         "PGD: Invalid epsilon: ",
-        options_.epsilon(),
+        this->options_.epsilon(),
         " (must be > 0)");
     TORCH_CHECK(
-        options_.alpha() >= 0,
+        this->options_.alpha() >= 0,
         "PGD: Invalid alpha: ",
-        options_.alpha(),
+        this->options_.alpha(),
         " (must be >= 0)");
     TORCH_CHECK(
-        options_.steps() >= 1,
+        this->options_.steps() >= 1,
         "PGD: Invalid steps: ",
-        options_.steps(),
+        this->options_.steps(),
         " (must be >= 1)");
   }
-
-  PGDOptions options_;
 };
 
 /// PGD with L2 steps `α * g / ‖g‖` and L2 projection (SPEC §2).
