@@ -78,6 +78,22 @@ TEST_CASE("Invalid options are rejected, naming the field", "[options]") {
       Contains("Invalid weight: -1"));
   CHECK_THROWS_WITH(
       SMART(table(), SMARTOptions().weight(kNaN)), Contains("Invalid weight"));
+  PerturbedEmbedding emb(5, 3);
+  auto first = [](const torch::Tensor& e) { return e; };
+  CHECK_THROWS_WITH(
+      YOPO(emb, first, YOPOOptions().steps(0)), Contains("Invalid steps: 0"));
+  CHECK_THROWS_WITH(
+      YOPO(emb, first, YOPOOptions().inner_steps(0)),
+      Contains("Invalid inner_steps: 0"));
+  CHECK_THROWS_WITH(
+      YOPO(emb, first, YOPOOptions().alpha(-1)), Contains("Invalid alpha: -1"));
+  CHECK_THROWS_WITH(
+      YOPO(emb, first, YOPOOptions().epsilon(0)),
+      Contains("Invalid epsilon: 0"));
+  CHECK_THROWS_WITH(
+      YOPO(emb, first, YOPOOptions().init_mag(-1)),
+      Contains("Invalid init_mag: -1"));
+  CHECK_THROWS_WITH(YOPO(emb, nullptr), Contains("first layer"));
   // Valid options construct.
   CHECK_NOTHROW(FreeLB(table(), FreeLBOptions().epsilon(0).steps(1)));
   CHECK_NOTHROW(SMART(table(), SMARTOptions().noise_var(0).weight(0)));

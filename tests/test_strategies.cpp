@@ -4,9 +4,12 @@
 
 #include "common.h"
 
+#include <torch/script.h>
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <map>
+#include <string>
 
 using namespace fixture;
 
@@ -307,4 +310,47 @@ TEST_CASE("Half-precision tables take their norm in float32", "[attacker]") {
   CHECK(fgm.perturbation_norm() == Approx(1.0));
   fgm.restore();
   CHECK(torch::equal(W, torch::zeros({8, 8}, dtype)));
+}
+
+TEST_CASE("A TorchScript model trains like a LibTorch one", "[torchscript]") {
+  torch::jit::Module scripted = torch::jit::load(
+      std::string(ADVTRAIN_TEST_DATA_DIR) + "/scripted_classifier.pt");
+  std::map<std::string, torch::Tensor> named;
+  for (const auto& item : scripted.named_parameters()) {
+    named[item.name] = item.value;
+  }
+  REQUIRE(named.size() == 3);
+  const Plain p0{
+      named.at("embedding.weight").detach().clone(),
+      named.at("fc.weight").detach().clone(),
+      named.at("fc.bias").detach().clone()};
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  const double eps = 0.6;
+  const Plain g0 = plain_grads(p0, x, y);
+  const Plain g1 =
+      plain_grads(p0.with_W(p0.W + eps * g0.W / g0.W.norm()), x, y);
+  const Plain expected = sgd(p0, g0 + g1);
+
+  const auto picked = advtrain::select_parameters(scripted, "embedding");
+  REQUIRE(picked.size() == 1);
+  CHECK(picked[0].is_same(named.at("embedding.weight")));
+  CHECK_THROWS_WITH(
+      advtrain::select_parameters(scripted, "word_embeddings"),
+      Catch::Matchers::Contains("fc.bias"));
+
+  std::vector<torch::Tensor> params;
+  for (const auto& p : scripted.parameters()) {
+    params.push_back(p);
+  }
+  advtrain::FGM fgm(scripted, "embedding", advtrain::FGMOptions().epsilon(eps));
+  torch::optim::SGD opt(params, torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, fgm);
+  const auto r = trainer.step(
+      [&] { return scripted.forward({x}).toTensor(); },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+  CHECK(r.passes == 2);
+  CHECK(max_abs_diff(named.at("embedding.weight"), expected.W) < kTol);
+  CHECK(max_abs_diff(named.at("fc.weight"), expected.A) < kTol);
+  CHECK(max_abs_diff(named.at("fc.bias"), expected.b) < kTol);
 }

@@ -36,32 +36,65 @@ struct StepResult {
   double perturbation_norm = 0.0;
 };
 
+/// The named parameters of a LibTorch module or of a TorchScript module (a
+/// model scripted in Python and loaded with `torch::jit::load`): what the
+/// attackers' "module + name" constructors and `select_parameters` read.
+/// Converts implicitly from either.
+class NamedParameters {
+ public:
+  NamedParameters(const torch::nn::Module& module) { // NOLINT: implicit
+    for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+      items_.emplace_back(item.key(), item.value());
+    }
+  }
+  NamedParameters(const torch::jit::Module& module) { // NOLINT: implicit
+    for (const auto& item : module.named_parameters(/*recurse=*/true)) {
+      items_.emplace_back(item.name, item.value);
+    }
+  }
+  const std::vector<std::pair<std::string, torch::Tensor>>& items()
+      const noexcept {
+    return items_;
+  }
+  /// Every parameter, in order.
+  std::vector<torch::Tensor> tensors() const {
+    std::vector<torch::Tensor> out;
+    for (const auto& item : items_) {
+      out.push_back(item.second);
+    }
+    return out;
+  }
+
+ private:
+  std::vector<std::pair<std::string, torch::Tensor>> items_;
+};
+
 /// Picks the parameters of `module` whose names contain `name_contains`, like
 /// the `emb_name` of the Python implementations. Throws std::invalid_argument,
 /// listing the available names, when nothing matches.
 inline std::vector<torch::Tensor> select_parameters(
-    const torch::nn::Module& module, const std::string& name_contains);
+    const NamedParameters& module, const std::string& name_contains);
 
 namespace detail {
 
 /// Names and tensors of the parameters of `module` that contain `pattern`.
 inline std::pair<std::vector<std::string>, std::vector<torch::Tensor>>
-select_named(const torch::nn::Module& module, const std::string& pattern) {
+select_named(const NamedParameters& module, const std::string& pattern) {
   std::vector<std::string> names;
   std::vector<torch::Tensor> tensors;
   std::vector<std::string> all;
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-    all.push_back(item.key());
-    if (item.key().find(pattern) == std::string::npos) {
+  for (const auto& item : module.items()) {
+    all.push_back(item.first);
+    if (item.first.find(pattern) == std::string::npos) {
       continue;
     }
     bool tied = false; // the same tensor under a second name: select it once
     for (const auto& t : tensors) {
-      tied = tied || t.is_same(item.value());
+      tied = tied || t.is_same(item.second);
     }
     if (!tied) {
-      names.push_back(item.key());
-      tensors.push_back(item.value());
+      names.push_back(item.first);
+      tensors.push_back(item.second);
     }
   }
   if (tensors.empty()) {
@@ -562,14 +595,14 @@ class Attacker {
   }
 
   Attacker(
-      const torch::nn::Module& module,
+      const NamedParameters& module,
       const std::string& name_contains,
       const char* kind)
       : kind_(kind) {
     auto selected = detail::select_named(module, name_contains);
     names_ = std::move(selected.first);
     targets_ = std::move(selected.second);
-    watched_ = module.parameters(/*recurse=*/true);
+    watched_ = module.tensors();
     check_targets();
     warn_tied(module);
   }
@@ -814,22 +847,22 @@ class Attacker {
   /// Warns when a target is also registered under another name, or shares
   /// its storage with another parameter (tied input/output embeddings):
   /// perturbing it perturbs that layer too.
-  void warn_tied(const torch::nn::Module& module) {
-    for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-      const auto& p = item.value();
+  void warn_tied(const NamedParameters& module) {
+    for (const auto& item : module.items()) {
+      const auto& p = item.second;
       for (size_t i = 0; i < targets_.size(); ++i) {
         const auto& t = targets_[i];
         const bool shared =
             p.is_same(t) || (p.has_storage() && t.has_storage() &&
                              p.storage().is_alias_of(t.storage()));
-        if (shared && item.key() != names_[i]) {
+        if (shared && item.first != names_[i]) {
           TORCH_WARN(
               "advtrain: ",
               kind_,
               ": ",
               names_[i],
               " is tied to ",
-              item.key(),
+              item.first,
               " (they share storage): perturbing it also perturbs that "
               "parameter's layer");
         }
@@ -909,7 +942,7 @@ inline torch::serialize::InputArchive& operator>>(
 }
 
 inline std::vector<torch::Tensor> select_parameters(
-    const torch::nn::Module& module, const std::string& name_contains) {
+    const NamedParameters& module, const std::string& name_contains) {
   return detail::select_named(module, name_contains).second;
 }
 

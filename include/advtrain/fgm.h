@@ -24,7 +24,7 @@ class FastGradient : public Attacker {
     check(what);
   }
   FastGradient(
-      const torch::nn::Module& module,
+      const NamedParameters& module,
       const std::string& name_contains,
       Options o,
       const char* what)
@@ -89,7 +89,7 @@ class FGM : public detail::FastGradient<L2, FGMOptions> {
  public:
   explicit FGM(std::vector<torch::Tensor> params, FGMOptions options = {})
       : FastGradient(std::move(params), std::move(options), "FGM") {}
-  FGM(const torch::nn::Module& module,
+  FGM(const NamedParameters& module,
       const std::string& name_contains,
       FGMOptions options = {})
       : FastGradient(module, name_contains, std::move(options), "FGM") {}
@@ -112,7 +112,7 @@ class FGSM : public detail::FastGradient<LInf, FGSMOptions> {
   explicit FGSM(std::vector<torch::Tensor> params, FGSMOptions options = {})
       : FastGradient(std::move(params), std::move(options), "FGSM") {}
   FGSM(
-      const torch::nn::Module& module,
+      const NamedParameters& module,
       const std::string& name_contains,
       FGSMOptions options = {})
       : FastGradient(module, name_contains, std::move(options), "FGSM") {}

@@ -44,7 +44,7 @@ class BasicFreeAT : public Attacker {
     check();
   }
   BasicFreeAT(
-      const torch::nn::Module& module,
+      const NamedParameters& module,
       const std::string& name_contains,
       FreeATOptions options = {})
       : Attacker(module, name_contains, "FreeAT"),

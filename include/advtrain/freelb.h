@@ -41,7 +41,7 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
     check();
   }
   BasicFreeLB(
-      const torch::nn::Module& module,
+      const NamedParameters& module,
       const std::string& name_contains,
       FreeLBOptions options = {})
       : Base(module, name_contains, std::move(options), "FreeLB") {

@@ -38,7 +38,7 @@ class ProjectedAscent : public Attacker {
       std::vector<torch::Tensor> params, Options o, const char* kind)
       : Attacker(std::move(params), kind), options_(std::move(o)) {}
   ProjectedAscent(
-      const torch::nn::Module& module,
+      const NamedParameters& module,
       const std::string& name_contains,
       Options o,
       const char* kind)
@@ -88,7 +88,7 @@ class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
     check();
   }
   BasicPGD(
-      const torch::nn::Module& module,
+      const NamedParameters& module,
       const std::string& name_contains,
       PGDOptions options = {})
       : Base(module, name_contains, std::move(options), "PGD") {

@@ -98,7 +98,7 @@ class SMART : public Attacker {
     check();
   }
   SMART(
-      const torch::nn::Module& module,
+      const NamedParameters& module,
       const std::string& name_contains,
       SMARTOptions options = {})
       : Attacker(module, name_contains, "SMART"), options_(std::move(options)) {
