@@ -487,3 +487,52 @@ TEST_CASE(
           [&](const torch::Tensor& out) { return cross_entropy(out, y); }),
       Contains("micro-batches"));
 }
+
+TEST_CASE("Every strategy trains a bfloat16 model on CPU", "[bf16]") {
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  for (int which = 0; which < 6; ++which) {
+    auto model = make_model();
+    model->to(torch::kBFloat16);
+    std::unique_ptr<advtrain::Attacker> a;
+    switch (which) {
+      case 0:
+        a = std::make_unique<advtrain::FGSM>(*model, "embedding");
+        break;
+      case 1:
+        a = std::make_unique<advtrain::FGM>(*model, "embedding");
+        break;
+      case 2:
+        a = std::make_unique<advtrain::PGD>(*model, "embedding");
+        break;
+      case 3:
+        a = std::make_unique<advtrain::FreeAT>(*model, "embedding");
+        break;
+      case 4:
+        a = std::make_unique<advtrain::FreeLB>(*model, "embedding");
+        break;
+      default:
+        // The default noise (1e-5) is below bfloat16's resolution for
+        // weights near 1: W + δ would round back to W (see the README).
+        a = std::make_unique<advtrain::SMART>(
+            *model, "embedding", advtrain::SMARTOptions().noise_var(1e-2));
+        break;
+    }
+    INFO(a->kind());
+    const auto before = clone_all(model->parameters());
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.5));
+    advtrain::Trainer trainer(opt, *a);
+    const auto r = trainer.step(
+        [&] { return model->forward(x).to(torch::kFloat); },
+        [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+    CHECK(std::isfinite(r.loss));
+    CHECK(std::isfinite(r.perturbation_norm));
+    CHECK(r.perturbation_norm > 0.0);
+    CHECK_FALSE(a->is_perturbed());
+    for (const auto& p : model->parameters()) {
+      CHECK(p.scalar_type() == torch::kBFloat16);
+      CHECK(torch::isfinite(p).all().item<bool>());
+    }
+    CHECK_FALSE(equal_all(clone_all(model->parameters()), before));
+  }
+}
