@@ -42,11 +42,6 @@ inline std::pair<torch::Tensor, torch::Tensor> masked_finite(
   return {gm, torch::where(ok, n, torch::zeros_like(n))};
 }
 
-/// A gradient norm that can scale a step: positive and finite.
-inline bool usable_norm(double n) {
-  return n > 0.0 && std::isfinite(n);
-}
-
 } // namespace detail
 
 /// What a norm policy's `project` did.
