@@ -61,7 +61,9 @@ inline torch::Tensor cross_entropy(
 struct Plain {
   torch::Tensor W, A, b;
 
-  static Plain of(const TinyNet& m) {
+  /// From any model with an `embedding` table and an `fc` linear layer.
+  template <typename Net>
+  static Plain of(const Net& m) {
     return {
         m->embedding->weight.detach().clone(),
         m->fc->weight.detach().clone(),
@@ -105,11 +107,21 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
 }
 
 /// Largest difference between the model's parameters and p.
-inline double max_diff(const TinyNet& m, const Plain& p) {
+template <typename Net>
+double max_diff(const Net& m, const Plain& p) {
   return std::max(
       {max_abs_diff(m->embedding->weight, p.W),
        max_abs_diff(m->fc->weight, p.A),
        max_abs_diff(m->fc->bias, p.b)});
+}
+
+/// The learning rate of the tests' SGD steps, and their tolerance.
+constexpr double kLr = 0.1;
+constexpr double kTol = 1e-9;
+
+/// One SGD step from p with the gradient g.
+inline Plain sgd(const Plain& p, const Plain& g) {
+  return p + g * (-kLr);
 }
 
 inline std::vector<torch::Tensor> clone_all(

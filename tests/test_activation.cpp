@@ -13,9 +13,6 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-constexpr double kLr = 0.1;
-constexpr double kTol = 1e-9;
-
 /// Token 0 is padding: the masked positions.
 torch::Tensor padded_ids() {
   return torch::tensor(
@@ -49,23 +46,12 @@ ActNet make_act(uint64_t seed = 7) {
   return ActNet();
 }
 
-/// Parameters of the plain computation.
-struct P {
-  torch::Tensor W, A, b;
-  static P of(const ActNet& m) {
-    return {
-        m->embedding->weight.detach().clone(),
-        m->fc->weight.detach().clone(),
-        m->fc->bias.detach().clone()};
-  }
-};
-
 torch::Tensor mask_of(const torch::Tensor& x) {
   return x.ne(0).unsqueeze(-1).to(torch::kDouble);
 }
 
 torch::Tensor plain_loss_at(
-    const P& p,
+    const Plain& p,
     const torch::Tensor& x,
     const torch::Tensor& y,
     const torch::Tensor& delta) {
@@ -79,7 +65,7 @@ torch::Tensor plain_loss_at(
 
 /// Gradients at δ: {W, A, b, δ}.
 std::vector<torch::Tensor> grads_at(
-    const P& p,
+    const Plain& p,
     const torch::Tensor& x,
     const torch::Tensor& y,
     const torch::Tensor& delta) {
@@ -101,15 +87,9 @@ torch::Tensor proj(const torch::Tensor& d, double eps) {
   return d * (eps / n.clamp_min(eps));
 }
 
-P sgd(const P& p, const std::vector<torch::Tensor>& g) {
-  return {p.W - kLr * g[0], p.A - kLr * g[1], p.b - kLr * g[2]};
-}
-
-double diff(const ActNet& m, const P& p) {
-  return std::max(
-      {max_abs_diff(m->embedding->weight, p.W),
-       max_abs_diff(m->fc->weight, p.A),
-       max_abs_diff(m->fc->bias, p.b)});
+/// SGD with the parameter gradients of `grads_at` ({W, A, b, ...}).
+Plain sgd(const Plain& p, const std::vector<torch::Tensor>& g) {
+  return fixture::sgd(p, Plain{g[0], g[1], g[2]});
 }
 
 advtrain::StepResult step(
@@ -205,7 +185,7 @@ TEST_CASE(
     "FGM, FGSM and PGD per example equal the plain computation",
     "[activation]") {
   auto model = make_act();
-  const P p0 = P::of(model);
+  const Plain p0 = Plain::of(model);
   const auto x = padded_ids();
   const auto y = batch_labels();
   const auto m = mask_of(x);
@@ -213,7 +193,7 @@ TEST_CASE(
       torch::zeros({x.size(0), x.size(1), kHidden}, torch::kDouble);
   const auto g0 = grads_at(p0, x, y, zero);
   std::unique_ptr<advtrain::Attacker> attacker;
-  P expected;
+  Plain expected;
   int passes = 0;
   SECTION("FGM") {
     const auto g1 = grads_at(p0, x, y, 0.8 * unit(g0[3], m));
@@ -248,7 +228,7 @@ TEST_CASE(
     passes = 4;
   }
   const auto r = step(model, *attacker, x, y);
-  CHECK(diff(model, expected) < kTol);
+  CHECK(max_diff(model, expected) < kTol);
   CHECK(r.passes == passes);
   CHECK_FALSE(attacker->is_perturbed());
   CHECK_FALSE(model->embedding->perturbation()->delta().defined());
@@ -256,7 +236,7 @@ TEST_CASE(
 
 TEST_CASE("FreeLB per example equals the plain computation", "[activation]") {
   auto model = make_act();
-  const P p0 = P::of(model);
+  const Plain p0 = Plain::of(model);
   const auto x = padded_ids();
   const auto y = batch_labels();
   const auto m = mask_of(x);
@@ -281,7 +261,7 @@ TEST_CASE("FreeLB per example equals the plain computation", "[activation]") {
       model->embedding,
       advtrain::FreeLBOptions().alpha(alpha).epsilon(eps).steps(k));
   const auto r = step(model, freelb, x, y);
-  CHECK(diff(model, sgd(p0, sum)) < kTol);
+  CHECK(max_diff(model, sgd(p0, sum)) < kTol);
   CHECK(r.passes == k);
 }
 
@@ -321,7 +301,7 @@ TEST_CASE(
     "FreeAT per example over two batches equals the plain computation",
     "[activation]") {
   auto model = make_act();
-  P p = P::of(model);
+  Plain p = Plain::of(model);
   const auto x = padded_ids();
   const auto y = batch_labels();
   const auto y2 = torch::tensor({2, 0, 0}, torch::kLong);
@@ -341,12 +321,12 @@ TEST_CASE(
       advtrain::FreeATOptions().epsilon(eps).alpha(alpha).replays(replays));
   step(model, freeat, x, y);
   step(model, freeat, x, y2);
-  CHECK(diff(model, p) < kTol);
+  CHECK(max_diff(model, p) < kTol);
 }
 
 TEST_CASE("SMART per example equals the plain computation", "[activation]") {
   auto model = make_act();
-  const P p0 = P::of(model);
+  const Plain p0 = Plain::of(model);
   const auto x = padded_ids();
   const auto y = batch_labels();
   const auto m = mask_of(x);
@@ -354,7 +334,7 @@ TEST_CASE("SMART per example equals the plain computation", "[activation]") {
   const auto shape = std::vector<int64_t>{x.size(0), x.size(1), kHidden};
   torch::manual_seed(321);
   auto delta = torch::randn(shape, torch::kDouble) * m * o.noise_var();
-  auto logits_at = [&](const P& p, const torch::Tensor& d) {
+  auto logits_at = [&](const Plain& p, const torch::Tensor& d) {
     const auto e =
         p.W.index_select(0, x.reshape(-1)).reshape({x.size(0), x.size(1), -1});
     const auto pooled = ((e + d) * m).sum(1) / m.sum(1).clamp_min(1);
@@ -370,7 +350,7 @@ TEST_CASE("SMART per example equals the plain computation", "[activation]") {
   }
   auto W = p0.W.clone().requires_grad_(), A = p0.A.clone().requires_grad_(),
        b = p0.b.clone().requires_grad_();
-  const P leaves{W, A, b};
+  const Plain leaves{W, A, b};
   const auto lc = logits_at(leaves, torch::zeros(shape, torch::kDouble));
   const auto la = logits_at(leaves, delta);
   const auto loss =
@@ -380,7 +360,7 @@ TEST_CASE("SMART per example equals the plain computation", "[activation]") {
   advtrain::SMART smart(model->embedding, o);
   torch::manual_seed(321);
   const auto r = step(model, smart, x, y);
-  CHECK(diff(model, sgd(p0, {g[0], g[1], g[2]})) < kTol);
+  CHECK(max_diff(model, sgd(p0, Plain{g[0], g[1], g[2]})) < kTol);
   CHECK(r.passes == o.steps() + 2);
 }
 

@@ -15,9 +15,6 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-constexpr double kLr = 0.1;
-constexpr double kTol = 1e-9;
-
 /// A second batch, different tokens and labels.
 torch::Tensor other_ids() {
   return torch::tensor(
@@ -25,10 +22,6 @@ torch::Tensor other_ids() {
 }
 torch::Tensor other_labels() {
   return torch::tensor({1, 1, 0}, torch::kLong);
-}
-
-Plain sgd(const Plain& p, const Plain& g) {
-  return p + g * (-kLr);
 }
 
 advtrain::StepResult step_on(

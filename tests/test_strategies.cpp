@@ -15,14 +15,6 @@ using namespace fixture;
 
 namespace {
 
-constexpr double kLr = 0.1;
-constexpr double kTol = 1e-9;
-
-/// SGD from p with the gradient g.
-Plain sgd(const Plain& p, const Plain& g) {
-  return p + g * (-kLr);
-}
-
 advtrain::StepResult trainer_step(
     TinyNet& model, advtrain::Attacker& attacker) {
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
