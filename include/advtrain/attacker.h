@@ -198,11 +198,17 @@ struct StepContext {
   std::optional<RngReplay> replay;
   /// Set by `Trainer::accumulate`: the protocol's optimizer step is skipped.
   bool accumulating = false;
+  /// Run before every optimizer step, once the gradients are final (e.g. to
+  /// all-reduce them across workers); none when empty.
+  std::function<void()> before_optimizer_step;
   int64_t passes = 0;
 
   /// The protocol's optimizer step (none while accumulating micro-batches).
   void step_optimizer() {
     if (!accumulating) {
+      if (before_optimizer_step) {
+        before_optimizer_step();
+      }
       optimizer.step();
     }
   }

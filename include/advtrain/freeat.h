@@ -164,7 +164,7 @@ class BasicFreeAT : public Attacker {
       r.adv_loss = loss;
       update_delta();
       restore();
-      ctx.optimizer.step();
+      ctx.step_optimizer();
       if (j < m - 1) {
         ctx.clear_grads();
       }

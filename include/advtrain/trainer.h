@@ -2,6 +2,7 @@
 
 #include <advtrain/attacker.h>
 
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -40,6 +41,16 @@ class Trainer {
     return run(forward, loss_fn, /*accumulating=*/true);
   }
 
+  /// Runs `hook` before every `optimizer.step()` the protocol makes, after
+  /// the method's passes and never between them: once per step, m times per
+  /// step for FreeAT. It sees the final gradients and may change them, e.g.
+  /// average them across workers (`advtrain::DataParallel`). An empty
+  /// function removes it.
+  Trainer& before_optimizer_step(std::function<void()> hook) {
+    before_optimizer_step_ = std::move(hook);
+    return *this;
+  }
+
   torch::optim::Optimizer& optimizer() noexcept {
     return optimizer_;
   }
@@ -61,6 +72,7 @@ class Trainer {
                                       attacker_.targets());
     detail::StepContext ctx(optimizer_, forward, loss_fn, params);
     ctx.accumulating = accumulating;
+    ctx.before_optimizer_step = before_optimizer_step_;
     if (attacker_.share_dropout_mask()) {
       ctx.replay.emplace(params);
     }
@@ -87,6 +99,7 @@ class Trainer {
 
   torch::optim::Optimizer& optimizer_;
   Attacker& attacker_;
+  std::function<void()> before_optimizer_step_;
 };
 
 } // namespace advtrain

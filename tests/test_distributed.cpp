@@ -1,0 +1,204 @@
+// Data-parallel training on c10d: two worker processes on loopback against
+// one process on the whole batch, and DataParallel's reduction rules checked
+// with two ranks on threads.
+
+#include "distributed_case.h"
+
+#include <advtrain/distributed.h>
+
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <exception>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern char** environ;
+
+namespace {
+
+namespace fs = std::filesystem;
+
+/// A fresh path in the temporary directory for a FileStore or an output.
+std::string temp_path(const std::string& what) {
+  static int counter = 0;
+  const fs::path p = fs::temp_directory_path() /
+                     ("advtrain_dp_" + std::to_string(::getpid()) + "_" +
+                      std::to_string(counter++) + "_" + what);
+  fs::remove(p);
+  return p.string();
+}
+
+/// Runs the worker binary once per rank, in parallel; returns exit codes.
+std::vector<int> run_workers(
+    int world, const std::string& method, std::vector<std::string>& outs) {
+  const std::string store = temp_path("store");
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < world; ++rank) {
+    outs.push_back(temp_path("rank" + std::to_string(rank) + ".pt"));
+    std::vector<std::string> args{
+        ADVTRAIN_DISTRIBUTED_WORKER,
+        std::to_string(rank),
+        std::to_string(world),
+        store,
+        method,
+        outs.back()};
+    std::vector<char*> argv;
+    for (auto& a : args) {
+      argv.push_back(a.data());
+    }
+    argv.push_back(nullptr);
+    pid_t pid = 0;
+    REQUIRE(
+        ::posix_spawn(&pid, argv[0], nullptr, nullptr, argv.data(), environ) ==
+        0);
+    pids.push_back(pid);
+  }
+  std::vector<int> codes;
+  for (const pid_t pid : pids) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    codes.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+  }
+  fs::remove(store);
+  return codes;
+}
+
+double max_diff(
+    const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  REQUIRE(a.size() == b.size());
+  double d = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    d = std::max(d, (a[i] - b[i]).abs().max().item<double>());
+  }
+  return d;
+}
+
+/// Runs fn(rank, group) on `world` threads of this process, each with its
+/// own Gloo group; rethrows the first exception.
+void on_threads(
+    int world,
+    const std::function<void(int, c10::intrusive_ptr<c10d::ProcessGroup>)>&
+        fn) {
+  const std::string store = temp_path("store");
+  std::vector<std::exception_ptr> errors(world);
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < world; ++rank) {
+    threads.emplace_back([&, rank] {
+      try {
+        auto s = c10::make_intrusive<c10d::FileStore>(store, world);
+        fn(rank, advtrain::make_gloo_group(s, rank, world));
+      } catch (...) {
+        errors[rank] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) {
+    t.join();
+  }
+  fs::remove(store);
+  for (auto& e : errors) {
+    if (e) {
+      std::rethrow_exception(e);
+    }
+  }
+}
+
+} // namespace
+
+TEST_CASE(
+    "Two workers on loopback equal one process on the whole batch",
+    "[distributed]") {
+  const std::string method = GENERATE("fgm", "freelb", "freeat");
+  CAPTURE(method);
+  std::vector<std::string> outs;
+  const auto codes = run_workers(2, method, outs);
+  REQUIRE(codes == std::vector<int>{0, 0});
+
+  auto whole = dp_case::make_net(/*seed=*/100); // rank 0's initialization
+  const auto expected = dp_case::train(
+      whole, method, dp_case::ids(), dp_case::labels(), [](auto&) {});
+  // One process on rank 0's shard alone: what a worker would reach without
+  // the all-reduce. It must differ, or the comparison proves nothing.
+  auto alone = dp_case::make_net(100);
+  const auto local = dp_case::train(
+      alone,
+      method,
+      dp_case::shard(dp_case::ids(), 0, 2),
+      dp_case::shard(dp_case::labels(), 0, 2),
+      [](auto&) {});
+  REQUIRE(max_diff(local, expected) > 1e-3);
+
+  // FreeAT steps the optimizer (so reduces) once per replay.
+  const int64_t per_step = method == "freeat" ? 3 : 1;
+  for (const auto& out : outs) {
+    std::vector<torch::Tensor> got;
+    torch::load(got, out);
+    fs::remove(out);
+    REQUIRE(got.size() == expected.size() + 1);
+    CHECK(got.back().item<int64_t>() == per_step * dp_case::kSteps);
+    got.pop_back();
+    CHECK(max_diff(got, expected) < 1e-12);
+  }
+}
+
+TEST_CASE(
+    "DataParallel averages, broadcasts and keeps undefined gradients",
+    "[distributed]") {
+  on_threads(2, [](int rank, c10::intrusive_ptr<c10d::ProcessGroup> group) {
+    const double r = rank;
+    auto a = torch::full({2, 3}, 10.0 * (r + 1)).requires_grad_();
+    auto b = torch::full({4}, -1.0 - r, torch::kHalf).requires_grad_();
+    auto c = torch::zeros({5}).requires_grad_(); // no gradient anywhere
+    auto d = torch::zeros({2}, torch::kDouble).requires_grad_();
+    advtrain::DataParallel dp(group, {a, b, c, d});
+    // Broadcast: rank 0's values everywhere.
+    REQUIRE(torch::equal(a, torch::full({2, 3}, 10.0)));
+    REQUIRE(torch::equal(b, torch::full({4}, -1.0, torch::kHalf)));
+
+    a.mutable_grad() = torch::arange(6.0).view({2, 3}) * (r + 1);
+    // float16 ends at 65504: summed in float16, 60000 + 60000 would be inf.
+    b.mutable_grad() = torch::full({4}, 60000.0, torch::kHalf);
+    if (rank == 1) { // defined on one worker only: zero on the other
+      d.mutable_grad() = torch::tensor({4.0, -2.0}, torch::kDouble);
+    }
+    dp.all_reduce_gradients();
+    CHECK(torch::allclose(a.grad(), torch::arange(6.0).view({2, 3}) * 1.5));
+    CHECK(b.grad().scalar_type() == torch::kHalf);
+    CHECK(torch::equal(b.grad(), torch::full({4}, 60000.0, torch::kHalf)));
+    CHECK_FALSE(c.grad().defined());
+    REQUIRE(d.grad().defined());
+    CHECK(torch::equal(d.grad(), torch::tensor({2.0, -1.0}, torch::kDouble)));
+    CHECK(dp.reductions() == 1);
+    CHECK(dp.world_size() == 2);
+    CHECK(dp.rank() == rank);
+  });
+}
+
+TEST_CASE("DataParallel refuses bad input", "[distributed][errors]") {
+  on_threads(1, [](int, c10::intrusive_ptr<c10d::ProcessGroup> group) {
+    auto w = torch::zeros({3, 3}).requires_grad_();
+    CHECK_THROWS_WITH(
+        advtrain::DataParallel(
+            group, {w}, advtrain::DataParallelOptions().root(1)),
+        Catch::Matchers::Contains("Invalid root: 1"));
+    CHECK_THROWS_WITH(
+        advtrain::DataParallel(group, {torch::zeros({3})}),
+        Catch::Matchers::Contains("require grad"));
+    advtrain::DataParallel dp(group, {w});
+    w.mutable_grad() = torch::eye(3).to_sparse();
+    CHECK_THROWS_WITH(
+        dp.all_reduce_gradients(), Catch::Matchers::Contains("sparse"));
+    CHECK_THROWS_WITH(
+        advtrain::make_gloo_group(c10::make_intrusive<c10d::HashStore>(), 2, 2),
+        Catch::Matchers::Contains("Invalid rank: 2"));
+  });
+}
