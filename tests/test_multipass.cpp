@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <memory>
 #include <string>
 
 using namespace fixture;
@@ -514,4 +515,67 @@ TEST_CASE(
     CHECK_FALSE(attacker->is_perturbed());
     CHECK(attacker->steps_done() == 0);
   }
+}
+
+TEST_CASE(
+    "before_optimizer_step runs once per optimizer step, on final gradients",
+    "[trainer]") {
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  std::unique_ptr<advtrain::Attacker> attacker;
+  int64_t per_step = 1;
+  SECTION("FGM") {
+    attacker = std::make_unique<advtrain::FGM>(*model, "embedding");
+  }
+  SECTION("PGD") {
+    attacker = std::make_unique<advtrain::PGD>(
+        *model, "embedding", advtrain::PGDOptions().steps(3));
+  }
+  SECTION("FreeLB") {
+    attacker = std::make_unique<advtrain::FreeLB>(
+        *model, "embedding", advtrain::FreeLBOptions().steps(3));
+  }
+  SECTION("SMART") {
+    attacker = std::make_unique<advtrain::SMART>(*model, "embedding");
+  }
+  SECTION("FreeAT") {
+    attacker = std::make_unique<advtrain::FreeAT>(
+        *model, "embedding", advtrain::FreeATOptions().replays(3));
+    per_step = 3;
+  }
+  advtrain::Trainer trainer(opt, *attacker);
+  int64_t calls = 0;
+  bool restored = true;
+  trainer.before_optimizer_step([&] {
+    ++calls;
+    // The targets are restored before it (and with zeroed gradients no
+    // step moves them)...
+    restored = restored && torch::equal(model->embedding->weight, p0.W);
+    // ...and what the hook does to the gradients is what the step uses.
+    for (auto& p : model->parameters()) {
+      p.mutable_grad().zero_();
+    }
+  });
+  step_on(trainer, model, batch_ids(), batch_labels());
+  CHECK(calls == per_step);
+  CHECK(restored);
+  // Zeroed gradients: SGD without momentum leaves the parameters as they
+  // were (FreeAT's replays included).
+  CHECK(max_diff(model, p0) == 0.0);
+
+  if (per_step == 1) { // accumulating: no optimizer step, no hook
+    trainer.accumulate(
+        [&] { return model->forward(batch_ids()); },
+        [&](const torch::Tensor& out) {
+          return cross_entropy(out, batch_labels());
+        });
+    CHECK(calls == 1);
+  }
+  // An empty function removes the hook: the step moves the parameters.
+  trainer.before_optimizer_step(nullptr);
+  opt.zero_grad();
+  step_on(trainer, model, batch_ids(), batch_labels());
+  CHECK(calls == per_step);
+  CHECK(max_diff(model, p0) > 1e-4);
 }

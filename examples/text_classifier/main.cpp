@@ -1,23 +1,40 @@
 // Trains a small text classifier with one adversarial-training method of
 // advtrain and reports clean test accuracy and test accuracy under a PGD
-// attack on the embedded sentences (the same attack for every method).
+// attack on the embedded sentences (the same attack for every method), at
+// several radii.
 //
 //   text_classifier --method fgm --epochs 8
 //   text_classifier --data my.json --method pgd --steps 3 --epsilon 0.5
+//   text_classifier --dataset spamassassin --method all --csv results.csv
+//   text_classifier --method freelb --world-size 2   # two processes
 
 #include "dataset.h"
+#include "email.h"
 
 #include <advtrain/advtrain.h>
+#if defined(TEXT_CLASSIFIER_DISTRIBUTED)
+#include <advtrain/distributed.h>
+#endif
 
 #include <fmt/core.h>
+#include <fmt/ranges.h>
 #include <torch/torch.h>
 #include <CLI/CLI.hpp>
 
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <optional>
+#include <sstream>
 #include <tuple>
 #include <type_traits>
+
+extern char** environ;
 
 namespace {
 
@@ -135,26 +152,59 @@ double accuracy(Classifier& model, const Batch& batch) {
 
 /// Everything the command line sets.
 struct Config {
-  std::vector<std::string> files = {
-      "data/sentiment/amazon.json",
-      "data/sentiment/imdb.json",
-      "data/sentiment/yelp.json"};
+  std::string dataset = "sentiment";
+  std::vector<std::string> files; // empty: the data set's default files
   std::string method = "all";
   std::string target = "weights";
+  std::string norm; // pgd, freelb, freeat: "l2" or "linf"; empty: default
   int64_t epochs = 10, batch_size = 32, dim = 64, max_len = 64;
-  int64_t attack_steps = 10, threads = 2, min_count = 1;
+  int64_t attack_steps = 10, threads = 2, min_count = 1, limit = 0;
   uint64_t seed = 1;
   double lr = 3e-3, dropout = 0.2, test_fraction = 0.2;
   double attack_epsilon = 1.0;
+  std::vector<double> eval_epsilons = {0, 0.5, 1, 2, 4};
+  bool validation = false;
+  std::string csv;
+  // Data-parallel training: world_size processes, this one `rank` (-1: the
+  // launcher, which starts them), meeting through a FileStore at `store`.
+  int world_size = 1, rank = -1;
+  std::string store;
   // Strategy options; unset ones keep the library's defaults.
   std::optional<double> epsilon, alpha, weight, noise_var, init_mag;
   std::optional<int64_t> steps, replays, inner_steps;
+
+  /// Rank 0 (or the only process) reports; other ranks stay quiet.
+  bool reports() const {
+    return rank <= 0;
+  }
+  /// The strategy options set on the command line, "name=value;...".
+  std::string options() const {
+    std::vector<std::string> o;
+    auto add = [&](const char* name, const auto& v) {
+      if (v) {
+        o.push_back(fmt::format("{}={}", name, *v));
+      }
+    };
+    add("epsilon", epsilon);
+    add("alpha", alpha);
+    add("steps", steps);
+    add("inner_steps", inner_steps);
+    add("init_mag", init_mag);
+    add("replays", replays);
+    add("weight", weight);
+    add("noise_var", noise_var);
+    if (!norm.empty()) {
+      o.push_back("norm=" + norm);
+    }
+    return fmt::format("{}", fmt::join(o, ";"));
+  }
 };
 
 const std::vector<std::string> kMethods = {
     "plain", "fgsm", "fgm", "pgd", "freeat", "freelb", "smart", "yopo"};
 
-/// The data set, tokenized, with its split and vocabulary.
+/// The data set, tokenized, with its split and vocabulary. `test` is the
+/// validation split (taken from the training one) under `--validation`.
 struct Data {
   std::vector<Sentence> sentences;
   std::vector<std::vector<std::string>> tokens;
@@ -163,10 +213,24 @@ struct Data {
   int64_t classes = 0;
 };
 
+/// The files read when `--data` is not given.
+std::vector<std::string> default_files(const std::string& dataset) {
+  if (dataset == "spamassassin") {
+    return {"data/spamassassin"};
+  }
+  return {
+      "data/sentiment/amazon.json",
+      "data/sentiment/imdb.json",
+      "data/sentiment/yelp.json"};
+}
+
 Data load(const Config& c) {
   Data d;
-  for (const auto& f : c.files) {
-    auto part = example::read_json_file(f);
+  for (const auto& f : c.files.empty() ? default_files(c.dataset) : c.files) {
+    auto part = std::filesystem::is_directory(f) ||
+                        (c.dataset == "spamassassin" && c.files.empty())
+                    ? example::read_email_dir(f)
+                    : example::read_json_file(f);
     d.sentences.insert(d.sentences.end(), part.begin(), part.end());
   }
   const size_t repeats = example::drop_repeats(d.sentences);
@@ -181,20 +245,41 @@ Data load(const Config& c) {
   }
   std::tie(d.train, d.test) =
       example::split(d.sentences.size(), c.test_fraction, c.seed);
+  if (c.validation) { // the test split is never looked at
+    auto [fit, held] = example::split(d.train.size(), c.test_fraction, c.seed);
+    std::vector<size_t> train, val;
+    for (const auto i : fit) {
+      train.push_back(d.train[i]);
+    }
+    for (const auto i : held) {
+      val.push_back(d.train[i]);
+    }
+    d.train = std::move(train);
+    d.test = std::move(val);
+  }
+  if (c.limit > 0) { // a small subset, for smoke runs
+    d.train.resize(std::min<size_t>(d.train.size(), c.limit));
+    d.test.resize(
+        std::min<size_t>(d.test.size(), std::max<size_t>(4, c.limit / 4)));
+  }
   std::vector<std::vector<std::string>> train_tokens;
   for (const auto i : d.train) {
     train_tokens.push_back(d.tokens[i]);
   }
   d.vocab = std::make_unique<Vocabulary>(train_tokens, c.min_count);
-  fmt::print(
-      "data: {} sentences ({} repeats dropped), {} classes, {} train / {} "
-      "test, vocabulary {}\n",
-      d.sentences.size(),
-      repeats,
-      d.classes,
-      d.train.size(),
-      d.test.size(),
-      d.vocab->size());
+  if (c.reports()) {
+    fmt::print(
+        "data: {}, {} texts ({} repeats dropped), {} classes, {} train / {} "
+        "{}, vocabulary {}\n",
+        c.dataset,
+        d.sentences.size(),
+        repeats,
+        d.classes,
+        d.train.size(),
+        d.test.size(),
+        c.validation ? "validation" : "test",
+        d.vocab->size());
+  }
   return d;
 }
 
@@ -239,6 +324,8 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
       o.alpha(*c.alpha);
     if (c.steps)
       o.steps(*c.steps);
+    if (c.norm == "linf")
+      return on_target<PGDLInf>(model, c, o);
     return on_target<PGD>(model, c, o);
   }
   if (method == "freeat") {
@@ -249,6 +336,8 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
       o.alpha(*c.alpha);
     if (c.replays)
       o.replays(*c.replays);
+    if (c.norm == "l2")
+      return on_target<FreeATL2>(model, c, o);
     return on_target<FreeAT>(model, c, o);
   }
   if (method == "freelb") {
@@ -261,6 +350,8 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
       o.steps(*c.steps);
     if (c.init_mag)
       o.init_mag(*c.init_mag);
+    if (c.norm == "linf")
+      return on_target<FreeLBLInf>(model, c, o);
     return on_target<FreeLB>(model, c, o);
   }
   if (method == "smart") {
@@ -298,10 +389,50 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
 struct Outcome {
   std::string method;
   double clean = 0, robust = 0, seconds = 0, passes_per_step = 0;
+  int64_t epochs = 0;
+  std::vector<double> robust_at; // accuracy at each of --eval-epsilons
 };
 
-/// Trains a fresh model (initialized from the seed) with `method`.
-Outcome train(const std::string& method, const Config& c, const Data& d) {
+#if defined(TEXT_CLASSIFIER_DISTRIBUTED)
+using Group = c10::intrusive_ptr<c10d::ProcessGroup>;
+#else
+using Group = std::nullptr_t;
+#endif
+
+/// Averages gradients over the workers of `group` before each optimizer step
+/// (nothing with one process).
+struct Reducer {
+#if defined(TEXT_CLASSIFIER_DISTRIBUTED)
+  std::optional<advtrain::DataParallel> dp;
+  Reducer(const Group& group, const std::vector<torch::Tensor>& params) {
+    if (group) {
+      dp.emplace(group, params);
+    }
+  }
+  void attach(advtrain::Trainer& trainer) {
+    if (dp) {
+      dp->attach(trainer);
+    }
+  }
+  void all_reduce() {
+    if (dp) {
+      dp->all_reduce_gradients();
+    }
+  }
+#else
+  Reducer(const Group&, const std::vector<torch::Tensor>&) {}
+  void attach(advtrain::Trainer&) {}
+  void all_reduce() {}
+#endif
+};
+
+/// Trains a fresh model (initialized from the seed) with `method`. With
+/// several workers each trains on its share of every batch.
+Outcome train(
+    const std::string& method,
+    const Config& c,
+    const Data& d,
+    const Group& group) {
   torch::manual_seed(c.seed);
   Classifier model(d.vocab->size(), c.dim, d.classes, c.dropout);
   torch::optim::Adam optimizer(
@@ -310,25 +441,39 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
   auto attacker = make_attacker(method, model, c, current_ids);
   auto* yopo = dynamic_cast<advtrain::YOPO*>(attacker.get());
   std::optional<advtrain::Trainer> trainer;
+  Reducer reducer(group, model->parameters());
   if (attacker) {
     trainer.emplace(optimizer, *attacker);
+    reducer.attach(*trainer);
   }
+  const size_t world = static_cast<size_t>(c.world_size);
+  const size_t rank = static_cast<size_t>(std::max(0, c.rank));
   // FreeAT takes m optimizer steps per batch: m times fewer epochs.
   int64_t epochs = c.epochs;
-  if (auto* freeat = dynamic_cast<advtrain::FreeAT*>(attacker.get())) {
-    const auto m = freeat->options().replays();
-    epochs = std::max<int64_t>(1, (c.epochs + m / 2) / m);
+  std::optional<int64_t> replays;
+  if (auto* f = dynamic_cast<advtrain::FreeAT*>(attacker.get())) {
+    replays = f->options().replays();
+  } else if (auto* f2 = dynamic_cast<advtrain::FreeATL2*>(attacker.get())) {
+    replays = f2->options().replays();
+  }
+  if (replays) {
+    epochs = std::max<int64_t>(1, (c.epochs + *replays / 2) / *replays);
   }
   const Batch test = encode(d.tokens, d.sentences, d.test, *d.vocab, c.max_len);
-  fmt::print(
-      "method: {} ({}), {} epochs, batch {}, Adam lr {}\n",
-      method,
-      method == "yopo" ? "activations" : c.target,
-      epochs,
-      c.batch_size,
-      c.lr);
+  if (c.reports()) {
+    fmt::print(
+        "method: {} ({}), {} epochs, batch {}{}, Adam lr {}\n",
+        method,
+        method == "yopo" ? "activations" : c.target,
+        epochs,
+        c.batch_size,
+        world > 1 ? fmt::format(" over {} processes", world) : "",
+        c.lr);
+  }
 
-  Outcome o{method};
+  Outcome o;
+  o.method = method;
+  o.epochs = epochs;
   std::vector<size_t> order = d.train;
   std::mt19937_64 rng(c.seed + 1);
   int64_t all_batches = 0, all_passes = 0;
@@ -340,8 +485,17 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
     int64_t batches = 0, passes = 0;
     const auto bs = static_cast<size_t>(c.batch_size);
     for (size_t i = 0; i < order.size(); i += bs) {
-      const std::vector<size_t> idx(
+      std::vector<size_t> idx(
           order.begin() + i, order.begin() + std::min(order.size(), i + bs));
+      if (world > 1) { // this worker's share; a batch too small is skipped
+        if (idx.size() < world) {
+          continue;
+        }
+        const size_t per = idx.size() / world;
+        idx = std::vector<size_t>(
+            idx.begin() + rank * per,
+            rank + 1 == world ? idx.end() : idx.begin() + (rank + 1) * per);
+      }
       const Batch b = encode(d.tokens, d.sentences, idx, *d.vocab, c.max_len);
       current_ids = b.ids;
       auto forward = [&] {
@@ -363,6 +517,7 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
         optimizer.zero_grad();
         const auto loss = loss_fn(forward());
         loss.backward();
+        reducer.all_reduce();
         optimizer.step();
         loss_sum += loss.item<double>();
         passes += 1;
@@ -375,6 +530,9 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
     o.seconds += secs;
     all_batches += batches;
     all_passes += passes;
+    if (!c.reports()) {
+      continue;
+    }
     fmt::print(
         "epoch {:>3}/{}  loss {:.4f}", epoch, epochs, loss_sum / batches);
     if (trainer) {
@@ -389,18 +547,111 @@ Outcome train(const std::string& method, const Config& c, const Data& d) {
         100 * accuracy(model, test),
         secs);
   }
-  o.passes_per_step = static_cast<double>(all_passes) / all_batches;
+  o.passes_per_step =
+      static_cast<double>(all_passes) / std::max<int64_t>(1, all_batches);
+  if (!c.reports()) {
+    return o;
+  }
+  const char* split = c.validation ? "validation" : "test";
   o.clean = accuracy(model, test);
   o.robust = robust_accuracy(model, test, c.attack_epsilon, c.attack_steps);
   fmt::print(
-      "result: method {}  clean test accuracy {:.1f}%  accuracy under "
+      "result: method {}  clean {} accuracy {:.1f}%  accuracy under "
       "PGD (L2 eps {} per sentence, {} steps) {:.1f}%\n",
       method,
+      split,
       100 * o.clean,
       c.attack_epsilon,
       c.attack_steps,
       100 * o.robust);
+  std::vector<std::string> curve;
+  for (const double eps : c.eval_epsilons) {
+    o.robust_at.push_back(
+        eps == 0 ? o.clean : robust_accuracy(model, test, eps, c.attack_steps));
+    curve.push_back(fmt::format("{}: {:.1f}%", eps, 100 * o.robust_at.back()));
+  }
+  fmt::print(
+      "result: method {}  {} accuracy by PGD radius  {}\n",
+      method,
+      split,
+      fmt::join(curve, "  "));
   return o;
+}
+
+/// Appends one row per outcome to `path` (with a header line if the file is
+/// new or empty).
+void write_csv(
+    const std::string& path,
+    const Config& c,
+    const std::vector<Outcome>& outcomes) {
+  const bool fresh =
+      !std::filesystem::exists(path) || std::filesystem::file_size(path) == 0;
+  std::ofstream out(path, std::ios::app);
+  if (!out) {
+    throw std::runtime_error("cannot write '" + path + "'");
+  }
+  if (fresh) {
+    out << "dataset,split,method,target,options,seed,epochs,clean_acc";
+    for (const double eps : c.eval_epsilons) {
+      out << ",acc_eps_" << eps;
+    }
+    out << ",epoch_seconds,passes_per_step\n";
+  }
+  for (const auto& o : outcomes) {
+    out << c.dataset << ',' << (c.validation ? "validation" : "test") << ','
+        << o.method << ',' << (o.method == "yopo" ? "activations" : c.target)
+        << ",\"" << (o.method == "plain" ? "" : c.options()) << "\"," << c.seed
+        << ',' << o.epochs << ',' << fmt::format("{:.4f}", o.clean);
+    for (const double a : o.robust_at) {
+      out << ',' << fmt::format("{:.4f}", a);
+    }
+    out << ','
+        << fmt::format("{:.3f}", o.seconds / std::max<int64_t>(1, o.epochs))
+        << ',' << fmt::format("{:.2f}", o.passes_per_step) << '\n';
+  }
+  if (!out) {
+    throw std::runtime_error("cannot write '" + path + "'");
+  }
+}
+
+/// Starts this program once per rank (same arguments, plus --rank and
+/// --store) and waits for all; non-zero if any worker failed.
+int launch_workers(int argc, char** argv, const Config& c) {
+  const std::string store =
+      (std::filesystem::temp_directory_path() /
+       fmt::format("text_classifier_store_{}", ::getpid()))
+          .string();
+  std::filesystem::remove(store);
+  std::vector<pid_t> pids;
+  for (int r = 0; r < c.world_size; ++r) {
+    std::vector<std::string> args(argv, argv + argc);
+    args.insert(args.end(), {"--rank", std::to_string(r), "--store", store});
+    std::vector<char*> cargs;
+    for (auto& a : args) {
+      cargs.push_back(a.data());
+    }
+    cargs.push_back(nullptr);
+    pid_t pid = 0;
+    if (::posix_spawn(
+            &pid, "/proc/self/exe", nullptr, nullptr, cargs.data(), environ) !=
+        0) {
+      throw std::runtime_error("cannot start worker " + std::to_string(r));
+    }
+    pids.push_back(pid);
+  }
+  int failed = 0;
+  for (const pid_t pid : pids) {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    failed += !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  }
+  std::filesystem::remove(store);
+  if (failed > 0) {
+    fmt::print(
+        stderr, "error: {} of {} workers failed\n", failed, c.world_size);
+    return 1;
+  }
+  return 0;
 }
 
 int run(int argc, char** argv) {
@@ -408,8 +659,18 @@ int run(int argc, char** argv) {
       "Train a text classifier with advtrain and report clean accuracy and "
       "accuracy under a PGD attack on the embeddings."};
   Config c;
-  app.add_option("--data", c.files, "JSON files of {\"text\", \"class\"}")
+  app.add_option(
+         "--dataset",
+         c.dataset,
+         "sentiment (UCI sentences) or spamassassin (e-mails); picks the "
+         "default --data")
+      ->check(CLI::IsMember({"sentiment", "spamassassin"}))
       ->capture_default_str();
+  app.add_option(
+      "--data",
+      c.files,
+      "JSON files of {\"text\", \"class\"}, or directories of e-mails in "
+      "*ham*/*spam* subdirectories (default: the --dataset's files)");
   app.add_option(
          "--method",
          c.method,
@@ -445,6 +706,11 @@ int run(int argc, char** argv) {
   app.add_option(
       "--init-mag", c.init_mag, "random start: freelb yopo (activations)");
   app.add_option("--replays", c.replays, "FreeAT's replays m");
+  app.add_option(
+         "--norm",
+         c.norm,
+         "the ball of pgd and freelb (default l2) and freeat (default linf)")
+      ->check(CLI::IsMember({"l2", "linf"}));
   app.add_option("--weight", c.weight, "SMART's regularizer weight");
   app.add_option("--noise-var", c.noise_var, "SMART's noise scale");
   app.add_option("--lr", c.lr, "Adam's learning rate")->capture_default_str();
@@ -477,11 +743,56 @@ int run(int argc, char** argv) {
   app.add_option("--attack-steps", c.attack_steps)
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  app.add_option(
+         "--eval-epsilons",
+         c.eval_epsilons,
+         "PGD radii of the final evaluation (accuracy at each)")
+      ->check(CLI::NonNegativeNumber)
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_flag(
+      "--validation",
+      c.validation,
+      "evaluate on a validation split of the training data (for tuning); "
+      "the test split is not used");
+  app.add_option("--csv", c.csv, "append one row per method to this CSV");
+  app.add_option(
+         "--limit", c.limit, "train on at most this many texts (smoke runs)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option(
+         "--world-size",
+         c.world_size,
+         "data-parallel processes on loopback (c10d Gloo)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--rank", c.rank, "this worker's rank (set by the launcher)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option(
+      "--store", c.store, "the workers' FileStore path (set by the launcher)");
   app.add_option("--threads", c.threads)
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
+  Group group;
+  if (c.world_size > 1) {
+#if defined(TEXT_CLASSIFIER_DISTRIBUTED)
+    if (c.rank < 0) {
+      return launch_workers(argc, argv, c);
+    }
+    if (c.rank >= c.world_size || c.store.empty()) {
+      throw std::runtime_error(
+          "--rank must be below --world-size, with --store set");
+    }
+    group = advtrain::make_gloo_group(
+        c10::make_intrusive<c10d::FileStore>(c.store, c.world_size),
+        c.rank,
+        c.world_size);
+#else
+    throw std::runtime_error(
+        "--world-size needs a LibTorch built with c10d Gloo");
+#endif
+  }
   torch::set_num_threads(static_cast<int>(c.threads));
   const Data d = load(c);
   std::vector<std::string> methods = {c.method};
@@ -490,7 +801,13 @@ int run(int argc, char** argv) {
   }
   std::vector<Outcome> outcomes;
   for (const auto& m : methods) {
-    outcomes.push_back(train(m, c, d));
+    outcomes.push_back(train(m, c, d, group));
+  }
+  if (!c.reports()) {
+    return 0;
+  }
+  if (!c.csv.empty()) {
+    write_csv(c.csv, c, outcomes);
   }
   if (outcomes.size() > 1) {
     fmt::print(

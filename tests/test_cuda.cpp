@@ -1,0 +1,112 @@
+// The strategies on CUDA tensors against the same steps on the CPU. Exits
+// with 77 (ctest: skipped) where no CUDA device is present.
+
+#include "common.h"
+#include "distributed_case.h"
+
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+
+#include <iostream>
+#include <memory>
+
+using namespace fixture;
+
+namespace {
+
+/// One Trainer step of `make(model)` with SGD on `device`; the parameters
+/// afterwards, on the CPU.
+template <typename Make>
+std::vector<torch::Tensor> step_on(const torch::Device& device, Make make) {
+  auto model = make_model();
+  model->to(device);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  auto attacker = make(model);
+  advtrain::Trainer trainer(opt, *attacker);
+  const auto x = batch_ids().to(device);
+  const auto y = batch_labels().to(device);
+  for (int s = 0; s < 2; ++s) {
+    trainer.step(
+        [&] { return model->forward(x); },
+        [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+  }
+  std::vector<torch::Tensor> out;
+  for (const auto& p : model->parameters()) {
+    REQUIRE(p.device() == device);
+    out.push_back(p.detach().cpu());
+  }
+  return out;
+}
+
+double max_diff_all(
+    const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  double d = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    d = std::max(d, (a[i] - b[i]).abs().max().item<double>());
+  }
+  return d;
+}
+
+} // namespace
+
+TEST_CASE("Each strategy on the weight table: CUDA equals CPU", "[cuda]") {
+  using Make = std::function<std::unique_ptr<advtrain::Attacker>(TinyNet&)>;
+  const std::vector<std::pair<std::string, Make>> makers = {
+      {"FGSM",
+       [](TinyNet& m) {
+         return std::make_unique<advtrain::FGSM>(*m, "embedding");
+       }},
+      {"FGM",
+       [](TinyNet& m) {
+         return std::make_unique<advtrain::FGM>(*m, "embedding");
+       }},
+      {"PGD",
+       [](TinyNet& m) {
+         return std::make_unique<advtrain::PGD>(
+             *m, "embedding", advtrain::PGDOptions().epsilon(0.2));
+       }},
+      {"FreeAT",
+       [](TinyNet& m) {
+         return std::make_unique<advtrain::FreeAT>(*m, "embedding");
+       }},
+      {"FreeLB", [](TinyNet& m) {
+         return std::make_unique<advtrain::FreeLB>(*m, "embedding");
+       }}};
+  for (const auto& [name, make] : makers) {
+    CAPTURE(name);
+    const auto cpu = step_on(torch::kCPU, make);
+    const auto gpu = step_on(torch::kCUDA, make);
+    CHECK(max_diff_all(cpu, gpu) < 1e-9);
+  }
+}
+
+TEST_CASE("Each strategy per example: CUDA equals CPU", "[cuda]") {
+  for (const std::string method : {"fgm", "freelb", "freeat"}) {
+    CAPTURE(method);
+    auto on_cpu = dp_case::make_net(3);
+    const auto cpu = dp_case::train(
+        on_cpu, method, dp_case::ids(), dp_case::labels(), [](auto&) {});
+    auto on_gpu = dp_case::make_net(3);
+    on_gpu->to(torch::kCUDA);
+    const auto gpu = dp_case::train(
+        on_gpu,
+        method,
+        dp_case::ids().cuda(),
+        dp_case::labels().cuda(),
+        [](auto&) {});
+    double d = 0;
+    for (size_t i = 0; i < cpu.size(); ++i) {
+      REQUIRE(gpu[i].is_cuda());
+      d = std::max(d, (cpu[i] - gpu[i].cpu()).abs().max().item<double>());
+    }
+    CHECK(d < 1e-9);
+  }
+}
+
+int main(int argc, char** argv) {
+  if (!torch::cuda::is_available()) {
+    std::cout << "no CUDA device: the CUDA tests are skipped\n";
+    return 77;
+  }
+  return Catch::Session().run(argc, argv);
+}
