@@ -111,8 +111,16 @@ class DataParallel {
       std::vector<torch::Tensor> flat{flatten(members, /*grads=*/true)};
       group_->allreduce(flat)->wait();
       const int64_t total = flat[0].numel() - members.size();
-      const torch::Tensor counts = flat[0].narrow(0, total, members.size());
-      const std::vector<double> defined_on = to_vector(counts);
+      // The counts are read on the host only when a gradient is undefined
+      // here: one defined here is defined on at least one worker, so the
+      // common case makes no device-to-host copy.
+      bool all_defined = true;
+      for (const size_t i : members) {
+        all_defined = all_defined && params_[i].grad().defined();
+      }
+      const std::vector<double> defined_on =
+          all_defined ? std::vector<double>(members.size(), 1.0)
+                      : to_vector(flat[0].narrow(0, total, members.size()));
       int64_t offset = 0;
       for (size_t k = 0; k < members.size(); ++k) {
         const torch::Tensor& p = params_[members[k]];
