@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -50,6 +51,34 @@ inline torch::Tensor batch_labels() {
 inline TinyNet make_model(uint64_t seed = 7) {
   torch::manual_seed(seed);
   return TinyNet();
+}
+
+/// The per-example target's model: PerturbedEmbedding (token 0 pads) ->
+/// masked mean -> linear, float64. Counts its forward passes.
+struct ActNetImpl : torch::nn::Module {
+  explicit ActNetImpl(int64_t vocab = kVocab)
+      : embedding(register_module(
+            "embedding",
+            advtrain::PerturbedEmbedding(
+                torch::nn::EmbeddingOptions(vocab, kHidden).padding_idx(0)))),
+        fc(register_module("fc", torch::nn::Linear(kHidden, kClasses))) {
+    to(torch::kDouble);
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    const auto m = x.ne(0).unsqueeze(-1).to(torch::kDouble);
+    const auto e = embedding(x);
+    ++forwards;
+    return fc((e * m).sum(1) / m.sum(1).clamp_min(1));
+  }
+  advtrain::PerturbedEmbedding embedding;
+  torch::nn::Linear fc;
+  int forwards = 0;
+};
+TORCH_MODULE(ActNet);
+
+inline ActNet make_act(uint64_t seed = 7, int64_t vocab = kVocab) {
+  torch::manual_seed(seed);
+  return ActNet(vocab);
 }
 
 inline torch::Tensor cross_entropy(
@@ -104,6 +133,17 @@ inline Plain plain_grads(
 
 inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a - b).abs().max().item<double>();
+}
+
+/// Largest max_abs_diff over two lists of tensors (b's moved to a's device).
+inline double max_diff_all(
+    const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
+  TORCH_CHECK(a.size() == b.size(), "max_diff_all: lists of unequal length");
+  double d = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    d = std::max(d, max_abs_diff(a[i], b[i].to(a[i].device())));
+  }
+  return d;
 }
 
 /// Largest difference between the model's parameters and p.

@@ -1,9 +1,11 @@
 #pragma once
 
 // The data-parallel case shared by the distributed test and its worker
-// processes: a float64 classifier on the per-example target, a batch of 8
+// processes: fixture::ActNet (the per-example target), a batch of 8
 // sentences, and one strategy by name. A worker trains on its shard of the
 // batch; the test trains one process on the whole batch and compares.
+
+#include "common.h"
 
 #include <advtrain/advtrain.h>
 
@@ -15,34 +17,14 @@
 
 namespace dp_case {
 
+/// The batch's tokens run up to 8.
 constexpr int64_t kVocab = 9;
-constexpr int64_t kHidden = 4;
-constexpr int64_t kClasses = 3;
-constexpr double kLr = 0.1;
 constexpr int kSteps = 2;
 
-/// PerturbedEmbedding (token 0 pads) -> masked mean -> linear.
-struct NetImpl : torch::nn::Module {
-  NetImpl()
-      : embedding(register_module(
-            "embedding",
-            advtrain::PerturbedEmbedding(
-                torch::nn::EmbeddingOptions(kVocab, kHidden).padding_idx(0)))),
-        fc(register_module("fc", torch::nn::Linear(kHidden, kClasses))) {
-    to(torch::kDouble);
-  }
-  torch::Tensor forward(const torch::Tensor& x) {
-    const auto m = x.ne(0).unsqueeze(-1).to(torch::kDouble);
-    return fc((embedding(x) * m).sum(1) / m.sum(1).clamp_min(1));
-  }
-  advtrain::PerturbedEmbedding embedding;
-  torch::nn::Linear fc;
-};
-TORCH_MODULE(Net);
+using Net = fixture::ActNet;
 
 inline Net make_net(uint64_t seed) {
-  torch::manual_seed(seed);
-  return Net();
+  return fixture::make_act(seed, kVocab);
 }
 
 inline torch::Tensor ids() {
@@ -98,7 +80,8 @@ std::vector<torch::Tensor> train(
     const torch::Tensor& y,
     Prepare prepare) {
   auto attacker = make_attacker(method, net);
-  torch::optim::SGD opt(net->parameters(), torch::optim::SGDOptions(kLr));
+  torch::optim::SGD opt(
+      net->parameters(), torch::optim::SGDOptions(fixture::kLr));
   advtrain::Trainer trainer(opt, *attacker);
   prepare(trainer);
   for (int s = 0; s < kSteps; ++s) {

@@ -19,33 +19,6 @@ torch::Tensor padded_ids() {
       {{3, 1, 2, 0, 0}, {4, 4, 6, 2, 5}, {1, 0, 0, 0, 0}}, torch::kLong);
 }
 
-/// PerturbedEmbedding -> masked mean -> linear, float64.
-struct ActNetImpl : torch::nn::Module {
-  ActNetImpl()
-      : embedding(register_module(
-            "embedding",
-            advtrain::PerturbedEmbedding(
-                torch::nn::EmbeddingOptions(kVocab, kHidden).padding_idx(0)))),
-        fc(register_module("fc", torch::nn::Linear(kHidden, kClasses))) {
-    to(torch::kDouble);
-  }
-  torch::Tensor forward(const torch::Tensor& x) {
-    const auto m = x.ne(0).unsqueeze(-1).to(torch::kDouble);
-    const auto e = embedding(x);
-    ++forwards;
-    return fc((e * m).sum(1) / m.sum(1).clamp_min(1));
-  }
-  advtrain::PerturbedEmbedding embedding;
-  torch::nn::Linear fc;
-  int forwards = 0;
-};
-TORCH_MODULE(ActNet);
-
-ActNet make_act(uint64_t seed = 7) {
-  torch::manual_seed(seed);
-  return ActNet();
-}
-
 torch::Tensor mask_of(const torch::Tensor& x) {
   return x.ne(0).unsqueeze(-1).to(torch::kDouble);
 }

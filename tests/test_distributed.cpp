@@ -72,16 +72,6 @@ std::vector<int> run_workers(
   return codes;
 }
 
-double max_diff(
-    const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  REQUIRE(a.size() == b.size());
-  double d = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    d = std::max(d, (a[i] - b[i]).abs().max().item<double>());
-  }
-  return d;
-}
-
 /// Runs fn(rank, group) on `world` threads of this process, each with its
 /// own Gloo group; rethrows the first exception.
 void on_threads(
@@ -135,7 +125,7 @@ TEST_CASE(
       dp_case::shard(dp_case::ids(), 0, 2),
       dp_case::shard(dp_case::labels(), 0, 2),
       [](auto&) {});
-  REQUIRE(max_diff(local, expected) > 1e-3);
+  REQUIRE(fixture::max_diff_all(local, expected) > 1e-3);
 
   // FreeAT steps the optimizer (so reduces) once per replay.
   const int64_t per_step = method == "freeat" ? 3 : 1;
@@ -146,7 +136,7 @@ TEST_CASE(
     REQUIRE(got.size() == expected.size() + 1);
     CHECK(got.back().item<int64_t>() == per_step * dp_case::kSteps);
     got.pop_back();
-    CHECK(max_diff(got, expected) < 1e-12);
+    CHECK(fixture::max_diff_all(got, expected) < 1e-12);
   }
 }
 
