@@ -40,7 +40,8 @@ torch::Tensor kl_rows(const torch::Tensor& a, const torch::Tensor& b) {
   return (a * (a.log() - b.log())).sum();
 }
 
-/// The stable KL written out: 2 Σ p (r(p) − r(q)) / rows, with
+/// The stable KL written out, summed over the rows as SMART's ascent takes it
+/// (mt-dnn calls it with reduce=False): 2 Σ p (r(p) − r(q)), with
 /// r(x) = −log(1/(x + e) − 1 + e) put over one denominator:
 /// 1/(x + e) − 1 + e = (1 − x − e + e (x + e)) / (x + e).
 torch::Tensor plain_stable_kl(
@@ -51,7 +52,7 @@ torch::Tensor plain_stable_kl(
   auto r = [e](const torch::Tensor& v) {
     return torch::log(v + e) - torch::log(1.0 - v - e + e * (v + e));
   };
-  return 2.0 * (p * (r(p.detach()) - r(q))).sum() / p_logits.size(0);
+  return 2.0 * (p * (r(p.detach()) - r(q))).sum();
 }
 
 torch::Tensor plain_sym_kl(
@@ -284,6 +285,14 @@ TEST_CASE("stable_kl and sym_kl against hand-derived values", "[smart]") {
   const auto r2 = torch::tensor({{0.0}, {1.0}}, torch::kDouble);
   CHECK(advtrain::sym_kl(r1, r2).item<double>() == Approx(2.5));
   CHECK(advtrain::stable_kl(r1, r2).item<double>() == Approx(2.5));
+  // reduce = false sums the rows: (1 + 4) for the regression, and the rows'
+  // sum for the classes (rows * mean).
+  CHECK(advtrain::stable_kl(r1, r2, false).item<double>() == Approx(5.0));
+  const auto b =
+      torch::tensor({{1.0, 0.0, -1.0}, {0.5, 2.0, 0.0}}, torch::kDouble);
+  CHECK(
+      advtrain::stable_kl(a, b, false).item<double>() ==
+      Approx(2 * advtrain::stable_kl(a, b).item<double>()).epsilon(1e-12));
   // float16 logits: computed in float32.
   CHECK(
       advtrain::sym_kl(a.to(torch::kHalf), a.to(torch::kHalf)).scalar_type() ==

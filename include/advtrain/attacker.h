@@ -24,16 +24,31 @@ using ForwardFunction = std::function<torch::Tensor()>;
 /// Turns the model's output into a scalar loss.
 using LossFunction = std::function<torch::Tensor(const torch::Tensor&)>;
 
-/// What one `Trainer::step` did.
+/// What one `Trainer::step` did. Each field means the same for every
+/// strategy and both targets.
 struct StepResult {
-  /// Loss of the clean (unperturbed) pass.
+  /// Task loss of the step's first pass, run at the step's starting point δ₀:
+  /// δ₀ = 0 (a clean pass) except for FreeLB and YOPO with a random start and
+  /// for FreeAT, whose δ persists across batches; `start_norm` is ‖δ₀‖.
   double loss = 0.0;
-  /// Loss of the last adversarial pass.
+  /// ‖δ₀‖ at the first pass (0: `loss` is the clean loss).
+  double start_norm = 0.0;
+  /// Task loss of the step's last pass at a perturbation (FGSM/FGM: the
+  /// adversarial pass; PGD, FreeLB: the K-th; FreeAT: the m-th replay; YOPO:
+  /// the m-th full pass; SMART: the task loss of the final perturbed
+  /// output). With a single pass (FreeLB K = 1), that pass.
   double adv_loss = 0.0;
-  /// Forward+backward passes run.
-  int64_t passes = 0;
-  /// ‖δ‖ of the last perturbation applied (0 when none was applied).
+  /// ‖δ‖₂ at the pass of `adv_loss`: the L2 norm over everything perturbed
+  /// (all targets; on the per-example target, all examples together:
+  /// sqrt(Σᵢ ‖δᵢ‖²)). 0 when no perturbation was applied.
   double perturbation_norm = 0.0;
+  /// The regularizer added to the task loss, before its weight (SMART's
+  /// symmetric divergence); 0 for strategies without one, or when SMART
+  /// skipped it (non-finite ascent gradient).
+  double regularizer = 0.0;
+  /// Forward passes through the whole model (each followed by a backward,
+  /// except SMART's ascent passes, which use autograd::grad).
+  int64_t passes = 0;
 };
 
 /// The named parameters of a LibTorch module or of a TorchScript module (a
@@ -134,7 +149,13 @@ inline std::vector<torch::Tensor> optimizer_parameters(
 /// Makes every forward pass of one step draw the same random numbers (hence
 /// the same dropout masks, for any model): the default generators' states
 /// (CPU, and each CUDA device of the targets) are saved before the first pass
-/// and put back before each later one.
+/// and put back before each later one. No number is used twice: a random
+/// start drawn inside the first pass moves the saved point past it
+/// (`restart_here`), and after each later pass the generators go back to the
+/// frontier, the furthest point the step's stream reached (past the first
+/// pass and whatever was drawn between passes, e.g. SMART's noise). So the
+/// step leaves the generators past every number it consumed, and the next
+/// step draws new ones.
 class RngReplay {
  public:
   /// `tensors`: those the step works on (their devices' generators replay).
@@ -155,24 +176,85 @@ class RngReplay {
     }
   }
 
-  /// Saves the states on the first call, puts them back on later ones.
+  /// Before a pass: the first call saves the states; later ones note the
+  /// frontier and put the saved states back.
   void before_pass() {
-    if (states_.empty()) {
-      for (auto& g : generators_) {
-        std::lock_guard<std::mutex> lock(g.mutex());
-        states_.push_back(g.get_state());
-      }
+    if (start_.empty()) {
+      start_ = get();
       return;
     }
-    for (size_t i = 0; i < generators_.size(); ++i) {
-      std::lock_guard<std::mutex> lock(generators_[i].mutex());
-      generators_[i].set_state(states_[i]);
+    frontier_ = get();
+    set(start_);
+  }
+
+  /// After a pass: later passes return to the frontier.
+  void after_pass() {
+    if (!frontier_.empty()) {
+      set(frontier_);
+    }
+  }
+
+  /// Within the first pass, after a random start was drawn: later passes
+  /// replay from here, so they draw the first pass's dropout masks and not
+  /// the start's numbers again.
+  void restart_here() {
+    if (!start_.empty() && frontier_.empty()) {
+      start_ = get();
     }
   }
 
  private:
+  std::vector<torch::Tensor> get() {
+    std::vector<torch::Tensor> states;
+    for (auto& g : generators_) {
+      std::lock_guard<std::mutex> lock(g.mutex());
+      states.push_back(g.get_state());
+    }
+    return states;
+  }
+  void set(const std::vector<torch::Tensor>& states) {
+    for (size_t i = 0; i < generators_.size(); ++i) {
+      std::lock_guard<std::mutex> lock(generators_[i].mutex());
+      generators_[i].set_state(states[i]);
+    }
+  }
+
   std::vector<at::Generator> generators_;
-  std::vector<torch::Tensor> states_;
+  std::vector<torch::Tensor> start_;
+  std::vector<torch::Tensor> frontier_;
+};
+
+/// Which attacker has each perturbed tensor backed up, so that a second
+/// attacker cannot perturb it on top: restores made in the wrong order would
+/// leave it perturbed.
+class PerturbedTensors {
+ public:
+  static PerturbedTensors& instance() {
+    static PerturbedTensors registry;
+    return registry;
+  }
+  /// The kind of the attacker other than `owner` that holds `t`, or null.
+  const char* holder(const torch::Tensor& t, const void* owner) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = owners_.find(t.unsafeGetTensorImpl());
+    return it == owners_.end() || it->second.first == owner ? nullptr
+                                                            : it->second.second;
+  }
+  void claim(const torch::Tensor& t, const void* owner, const char* kind) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    owners_[t.unsafeGetTensorImpl()] = {owner, kind};
+  }
+  void release(const void* impl, const void* owner) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = owners_.find(impl);
+    if (it != owners_.end() && it->second.first == owner) {
+      owners_.erase(it);
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<const void*, std::pair<const void*, const char*>> owners_;
 };
 
 /// One batch's worth of work for a strategy's protocol: the closures, the
@@ -216,10 +298,21 @@ struct StepContext {
   /// The model's output, with the random state of the step's first pass when
   /// `replay` is set.
   torch::Tensor run_forward() {
+    return replayed(forward);
+  }
+
+  /// `f()`, run as a pass of the step: with the first pass's random state
+  /// when `replay` is set (YOPO's passes through the first layer use it).
+  template <typename F>
+  torch::Tensor replayed(const F& f) {
     if (replay) {
       replay->before_pass();
     }
-    return forward();
+    torch::Tensor out = f();
+    if (replay) {
+      replay->after_pass();
+    }
+    return out;
   }
 
   /// The loss of `out`, checked to be a scalar that can be differentiated.
@@ -312,7 +405,7 @@ double projected_step(
 
 /// Per example (activation target, δ = w): `Norm`'s masked step of size
 /// alpha along g, then, if eps > 0, each example's δ is projected back into
-/// the ball of radius eps. Returns the mean over examples of ‖δ_i‖.
+/// the ball of radius eps. Returns ‖δ‖ over all examples.
 template <typename Norm>
 double projected_step_examples(
     torch::Tensor& w,
@@ -324,7 +417,7 @@ double projected_step_examples(
   if (eps > 0) {
     Norm::project_examples(w, eps);
   }
-  return example_norms(w).mean().item<double>();
+  return l2_norm(w);
 }
 
 } // namespace detail
@@ -340,7 +433,12 @@ class Trainer;
 /// No call leaves the targets perturbed when it throws.
 class Attacker {
  public:
+  /// Restores the targets if they are still perturbed.
   virtual ~Attacker() {
+    try {
+      restore();
+    } catch (...) { // NOLINT: a destructor does not throw
+    }
     for (auto& slot : slots_) {
       slot->disarm();
     }
@@ -372,6 +470,8 @@ class Attacker {
     last_rows_.assign(targets_.size(), torch::Tensor());
     try {
       double sq = 0.0;
+      bool all_zero = true; // every target's gradient is exactly zero
+      std::vector<torch::Tensor> nonzero; // per example, on the device
       for (size_t i = 0; i < targets_.size(); ++i) {
         torch::Tensor w = data(i);
         if (row_wise(i)) {
@@ -387,6 +487,7 @@ class Attacker {
               false,
               detail::norm_dtype(grads[i]));
           const double gnorm = row_norms.norm().item<double>();
+          all_zero = all_zero && gnorm == 0.0;
           if (!usable_norm(i, gnorm)) {
             continue;
           }
@@ -401,17 +502,28 @@ class Attacker {
         }
         double gnorm = 0.0;
         if (uses_gradient()) {
-          // Per example, zero and non-finite norms are handled in the step
-          // itself, without a host synchronization.
-          const bool usable =
-              grads[i].defined() &&
-              (per_example() || usable_gradient(i, grads[i], gnorm));
-          if (!usable) {
-            continue; // no move along a zero or non-finite gradient
+          if (!grads[i].defined()) {
+            continue;
+          }
+          if (per_example()) {
+            // Zero and non-finite norms are handled in the step itself.
+            nonzero.push_back(grads[i].ne(0).any());
+          } else {
+            const bool usable = usable_gradient(i, grads[i], gnorm);
+            all_zero = all_zero && gnorm == 0.0;
+            if (!usable) {
+              continue; // no move along a zero or non-finite gradient
+            }
           }
         }
         const double n = perturb(i, w, grads[i], gnorm, backup_[i]);
         sq += n * n;
+      }
+      if (!nonzero.empty()) {
+        all_zero = all_zero && !torch::stack(nonzero).any().item<bool>();
+      }
+      if (uses_gradient() && all_zero) {
+        note_zero_gradients();
       }
       perturbation_norm_ = std::sqrt(sq);
       peak_bytes_ = std::max(peak_bytes_, held_bytes());
@@ -448,6 +560,10 @@ class Attacker {
     }
     backup_.clear();
     rows_.clear();
+    for (const void* impl : claimed_) {
+      detail::PerturbedTensors::instance().release(impl, this);
+    }
+    claimed_.clear();
   }
 
   /// Saves a copy of the `.grad` of every watched parameter (those whose grad
@@ -576,6 +692,12 @@ class Attacker {
   int64_t nonfinite_gradients() const noexcept {
     return nonfinite_gradients_;
   }
+  /// How many times `attack()` found every target's gradient exactly zero
+  /// (nothing moved; typically `zero_grad()` ran between the backward and
+  /// `attack()`).
+  int64_t zero_gradients() const noexcept {
+    return zero_gradients_;
+  }
 
  protected:
   /// `kind` names the strategy in error messages and archives.
@@ -684,12 +806,31 @@ class Attacker {
   virtual void load_state(torch::serialize::InputArchive& /*archive*/) {}
 
   /// Backs the targets up unless they already are. Per example, the origin
-  /// is δ = 0, whatever δ started from.
+  /// is δ = 0, whatever δ started from. Refuses a target that another
+  /// attacker has perturbed and not restored yet.
   void backup() {
     if (is_perturbed()) {
       return;
     }
     sync_targets();
+    auto& registry = detail::PerturbedTensors::instance();
+    for (size_t i = 0; i < targets_.size(); ++i) {
+      const char* other = registry.holder(targets_[i], this);
+      TORCH_CHECK(
+          other == nullptr,
+          "advtrain: ",
+          kind_,
+          ": ",
+          names_[i],
+          " is already perturbed by another attacker (",
+          other == nullptr ? "" : other,
+          "); call that attacker's restore() first, since restores in "
+          "another order would leave it perturbed");
+    }
+    for (const auto& t : targets_) {
+      registry.claim(t, this, kind_);
+      claimed_.push_back(t.unsafeGetTensorImpl());
+    }
     torch::NoGradGuard no_grad;
     backup_.reserve(targets_.size());
     rows_.assign(targets_.size(), torch::Tensor());
@@ -762,9 +903,38 @@ class Attacker {
   }
 
   /// Called by Trainer before a step; per example, the slots forget δ so the
-  /// step's first forward makes a new one (through `on_new_step`'s
-  /// initializer, if any).
+  /// step's first forward makes a new one (through the initializer
+  /// `on_new_step` sets, if any; it is removed when the step ends).
   virtual void on_new_step() {}
+
+  /// Per example: each new δ of the current step starts from `draw(d, mask)`
+  /// (a random start, d zero, mask [B, L, 1]), masked afterwards. It is drawn
+  /// at the step's first lookup, before the first pass's dropout masks (as
+  /// the official FreeLB and YOPO draw it before their first forward), and
+  /// the step's random replay starts after it.
+  void set_random_start(Perturbation::Initializer draw) {
+    for (auto& slot : slots_) {
+      slot->set_initializer(
+          [this, draw](torch::Tensor& d, const torch::Tensor& m) {
+            draw(d, m);
+            if (step_ != nullptr && step_->replay) {
+              step_->replay->restart_here();
+            }
+          });
+    }
+  }
+
+  /// ‖δ‖ over the slots' current δ (per example); 0 when there is none.
+  double slots_norm() const {
+    double sq = 0.0;
+    for (const auto& slot : slots_) {
+      if (slot->delta().defined()) {
+        const double n = detail::l2_norm(slot->delta().detach());
+        sq += n * n;
+      }
+    }
+    return std::sqrt(sq);
+  }
 
   /// Target `i`'s backed-up value; only while perturbed.
   const torch::Tensor& origin(size_t i) const {
@@ -799,18 +969,35 @@ class Attacker {
   friend class Trainer;
 
  private:
-  void begin_step() {
+  void begin_step(detail::StepContext& ctx) {
+    step_ = &ctx;
     for (auto& slot : slots_) {
       slot->reset();
     }
     on_new_step();
   }
   void end_step() {
+    step_ = nullptr;
     for (auto& slot : slots_) {
       slot->reset();
+      slot->set_initializer(nullptr);
     }
     if (per_example()) {
       targets_.clear();
+    }
+  }
+
+  void note_zero_gradients() {
+    ++zero_gradients_;
+    if (!warned_zero_) {
+      warned_zero_ = true;
+      TORCH_WARN(
+          "advtrain: ",
+          kind_,
+          ": attack() found every target gradient exactly zero, so nothing "
+          "was perturbed; run the loss's backward() right before attack() "
+          "(zero_grad() in between leaves zero-filled gradients) (warned "
+          "once per attacker; see zero_gradients())");
     }
   }
 
@@ -931,6 +1118,10 @@ class Attacker {
   int64_t peak_bytes_ = 0;
   int64_t nonfinite_gradients_ = 0;
   bool warned_nonfinite_ = false;
+  int64_t zero_gradients_ = 0;
+  bool warned_zero_ = false;
+  std::vector<const void*> claimed_;    // registered in PerturbedTensors
+  detail::StepContext* step_ = nullptr; // the running Trainer step, if any
 };
 
 /// `archive << attacker`, so that `torch::save(attacker, path)` works.

@@ -120,7 +120,7 @@ class BasicFreeAT : public Attacker {
     const torch::Tensor& d = delta(i, w);
     if (per_example()) {
       w.copy_(d * mask(i));
-      return detail::example_norms(w).mean().item<double>();
+      return detail::l2_norm(w);
     }
     at::add_out(w, origin, d);
     return detail::l2_norm(d);
@@ -133,7 +133,6 @@ class BasicFreeAT : public Attacker {
       slots()[i]->set_initializer(
           [this, i](torch::Tensor& d, const torch::Tensor& m) {
             d.copy_(delta(i, d) * m);
-            perturbation_norm_ = detail::example_norms(d).mean().item<double>();
           });
     }
   }
@@ -156,10 +155,11 @@ class BasicFreeAT : public Attacker {
         attack();
       }
       const double loss = ctx.pass().item<double>();
-      r.perturbation_norm = perturbation_norm_;
+      r.perturbation_norm = per_example() ? slots_norm() : perturbation_norm_;
       sync_targets();
       if (j == 0) {
         r.loss = loss;
+        r.start_norm = r.perturbation_norm;
       }
       r.adv_loss = loss;
       update_delta();

@@ -17,9 +17,10 @@ struct FreeLBOptions {
   TORCH_ARG(int64_t, steps) = 3;
   /// Bound: ‖δ‖ ≤ ε after each ascent step; 0 leaves δ unbounded.
   TORCH_ARG(double, epsilon) = 0.0;
-  /// Magnitude of the random start on per-example targets,
-  /// `U(-1, 1) * mask * init_mag / sqrt(L_i * H)`; the weight table starts
-  /// from δ = 0, so it must be 0 there.
+  /// Magnitude of the random start on per-example targets: L2,
+  /// `U(-1, 1) * mask * init_mag / sqrt(L_i * H)`; L∞,
+  /// `U(-init_mag, init_mag) * mask`. The weight table starts from δ = 0, so
+  /// it must be 0 there.
   TORCH_ARG(double, init_mag) = 0.0;
   /// Whether the K passes draw the same dropout masks (the FreeLB paper finds
   /// fresh masks hurt).
@@ -29,7 +30,10 @@ struct FreeLBOptions {
 /// FreeLB under the norm policy `Norm`: K passes at `W + δ_t`, each backward
 /// of `loss / K`, so the parameters get the mean of the K gradients (a K
 /// times larger virtual batch). Between passes, δ ascends along the gradient
-/// of that pass alone and is projected back into the ε-ball when ε > 0.
+/// of that pass alone and is projected back into the ε-ball when ε > 0. As
+/// in zhuchen03/FreeLB (huggingface-transformers/examples/run_glue_freelb.py):
+/// the random start is drawn before the first pass's dropout masks, and with
+/// `share_dropout_mask` every pass draws the first pass's masks.
 template <typename Norm>
 class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
   using Base = detail::ProjectedAscent<Norm, FreeLBOptions>;
@@ -75,6 +79,8 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
       const double loss = ctx.pass(scale).item<double>();
       if (t == 1) {
         r.loss = loss;
+        r.start_norm = this->slots_norm();
+        r.perturbation_norm = r.start_norm;
       }
       r.adv_loss = loss;
       if (t < k) {
@@ -99,20 +105,15 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
     return r;
   }
 
-  /// Per example, a random start `U(-1, 1) * mask * init_mag / sqrt(L_i * H)`,
-  /// L_i the example's unpadded length.
+  /// Per example, `Norm`'s random start of magnitude init_mag.
   void on_new_step() override {
     if (!this->per_example() || this->options_.init_mag() <= 0) {
       return;
     }
     const double mag = this->options_.init_mag();
-    for (const auto& slot : this->slots()) {
-      slot->set_initializer([mag](torch::Tensor& d, const torch::Tensor& m) {
-        d.uniform_(-1, 1);
-        const auto dims = m.sum({1, 2}, /*keepdim=*/true) * d.size(-1);
-        d.mul_(m * mag / dims.clamp_min(1).sqrt());
-      });
-    }
+    this->set_random_start([mag](torch::Tensor& d, const torch::Tensor& m) {
+      Norm::random_start(d, m, mag);
+    });
   }
 
  private:
@@ -146,7 +147,9 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
 
 /// FreeLB with L2 steps `α * g / ‖g‖` and L2 projection (SPEC §2).
 using FreeLB = BasicFreeLB<L2>;
-/// FreeLB with sign steps and element-wise clamp to [-ε, ε].
-using FreeLBLInf = BasicFreeLB<LInf>;
+/// The official L∞ FreeLB: steps `α * g / ‖g‖∞` (per example on embedding
+/// outputs), element-wise clamp to [-ε, ε] when ε > 0, random start
+/// `U(-init_mag, init_mag) * mask`. (`BasicFreeLB<LInf>` steps along sign(g).)
+using FreeLBLInf = BasicFreeLB<LInfScaled>;
 
 } // namespace advtrain

@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -66,14 +67,26 @@ struct L2 {
   }
 
   /// Per example i (first dimension): `w_i += alpha * g_i / max(‖g_i‖,
-  /// 1e-8)`, `g` masked first; examples with a non-finite ‖g_i‖ do not move.
+  /// floor)`, `g` masked first; examples with a non-finite ‖g_i‖ do not move.
+  /// The floor is FreeLB's 1e-8 (its fairseq YOPO uses 1e-10).
   static void step_examples(
       torch::Tensor& w,
       const torch::Tensor& g,
       double alpha,
-      const torch::Tensor& mask) {
+      const torch::Tensor& mask,
+      double floor = 1e-8) {
     const auto gn = detail::masked_finite(g, mask);
-    w.add_((gn.first * (alpha / gn.second.clamp_min(1e-8))).to(w.dtype()));
+    w.add_((gn.first * (alpha / gn.second.clamp_min(floor))).to(w.dtype()));
+  }
+
+  /// FreeLB's L2 random start of a per-example δ ([B, L, H], zero):
+  /// `U(-1, 1) * mask * mag / sqrt(L_i * H)`, L_i the example's unpadded
+  /// length (`mask` is [B, L, 1]).
+  static void random_start(
+      torch::Tensor& d, const torch::Tensor& mask, double mag) {
+    d.uniform_(-1, 1);
+    const auto dims = mask.sum({1, 2}, /*keepdim=*/true) * d.size(-1);
+    d.mul_(mask * mag / dims.clamp_min(1).sqrt());
   }
 
   /// Per example: rescales the examples with ‖delta_i‖ > eps onto eps.
@@ -125,6 +138,13 @@ struct LInf {
     project(delta, eps);
   }
 
+  /// The L∞ random start of a per-example δ: `U(-mag, mag) * mask`.
+  static void random_start(
+      torch::Tensor& d, const torch::Tensor& mask, double mag) {
+    d.uniform_(-mag, mag);
+    d.mul_(mask);
+  }
+
   /// Clamps `delta` in place to [-eps, eps].
   static Projection project(torch::Tensor& delta, double eps) {
     if (delta.scalar_type() == torch::kHalf && delta.device().is_cpu()) {
@@ -134,6 +154,51 @@ struct LInf {
       delta.clamp_(-eps, eps);
     }
     return {detail::l2_norm(delta), true};
+  }
+};
+
+/// Norm policy: the L∞ ball with steps scaled by the gradient's largest
+/// entry, `alpha * g / max(‖g‖∞, 1e-8)` (per example on embedding outputs),
+/// and the element-wise clamp to [-eps, eps] of `LInf`: the official FreeLB's
+/// `norm_type == "linf"` (zhuchen03/FreeLB,
+/// huggingface-transformers/examples/run_glue_freelb.py). `LInf` steps along
+/// sign(g) instead.
+struct LInfScaled {
+  static constexpr const char* name = "LInfScaled";
+
+  /// Adds `alpha * g / ‖g‖∞` to `w` in place (‖g‖ = gnorm is positive and
+  /// finite, so ‖g‖∞ is too). Returns the step's L2 norm.
+  static double step(
+      torch::Tensor& w, const torch::Tensor& g, double alpha, double gnorm) {
+    const double top =
+        std::max(g.abs().max().to(torch::kDouble).item<double>(), 1e-8);
+    w.add_(g, alpha / top);
+    return alpha * gnorm / top;
+  }
+
+  /// Per example: `w_i += alpha * g_i / max(‖g_i‖∞, 1e-8)`, `g` masked
+  /// first; examples with a non-finite ‖g_i‖ do not move.
+  static void step_examples(
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      double alpha,
+      const torch::Tensor& mask) {
+    const torch::Tensor gm = detail::masked_finite(g, mask).first;
+    std::vector<int64_t> shape(gm.dim(), 1);
+    shape[0] = gm.size(0);
+    const auto top = gm.abs().reshape({gm.size(0), -1}).amax(1).view(shape);
+    w.add_((gm * (alpha / top.clamp_min(1e-8))).to(w.dtype()));
+  }
+
+  static void project_examples(torch::Tensor& delta, double eps) {
+    LInf::project(delta, eps);
+  }
+  static Projection project(torch::Tensor& delta, double eps) {
+    return LInf::project(delta, eps);
+  }
+  static void random_start(
+      torch::Tensor& d, const torch::Tensor& mask, double mag) {
+    LInf::random_start(d, mask, mag);
   }
 };
 

@@ -13,17 +13,22 @@ namespace advtrain {
 /// mask [B, L] of real (1) and padded (0) positions. An attacker built on it
 /// arms it; unarmed, it adds nothing.
 ///
-/// δ is a leaf tensor that requires grad, created zero (or by the attacker's
-/// initializer) at the first forward of a step, so after a backward its
-/// `.grad` is ∂L/∂E. It is re-created when the batch's shape changes.
+/// δ is a leaf tensor that requires grad, created zero (or by the running
+/// step's initializer: a random start, FreeAT's persistent δ) at the first
+/// forward of a step, so after a backward its `.grad` is ∂L/∂E. It is
+/// re-created when the batch's shape changes. Outside an attacker's step the
+/// slot has no initializer, so a forward run with autograd on (validation
+/// without NoGradGuard, another attacker's clean pass) sees δ = 0 or the
+/// δ of an own-loop attack() not yet restored, never a random start.
 class Perturbation {
  public:
   /// Fills a new δ (given the mask, expanded to δ's shape) in place.
   using Initializer = std::function<void(torch::Tensor&, const torch::Tensor&)>;
 
-  /// E + δ when armed and training; E unchanged otherwise.
-  torch::Tensor apply(const torch::Tensor& e, const torch::Tensor& mask) {
-    if (armers_ == 0 || !torch::GradMode::is_enabled()) {
+  /// E + δ when armed, training and with autograd on; E unchanged otherwise.
+  torch::Tensor apply(
+      const torch::Tensor& e, const torch::Tensor& mask, bool training = true) {
+    if (armers_ == 0 || !training || !torch::GradMode::is_enabled()) {
       return e;
     }
     TORCH_CHECK(
@@ -81,7 +86,8 @@ class Perturbation {
     mask_ = torch::Tensor();
     embedded_ = torch::Tensor();
   }
-  /// How a new δ is filled (FreeLB's and YOPO's random start); none: zero.
+  /// How a new δ is filled during the current step (a random start, FreeAT's
+  /// persistent δ); none (the default, and after every step): zero.
   void set_initializer(Initializer init) {
     initializer_ = std::move(init);
   }
@@ -108,7 +114,8 @@ class Perturbation {
 /// Without an attacker built on it, it is exactly `nn::Embedding`: the same
 /// parameter (`weight`), the same output, the same state_dict names, so a
 /// trained model loads into a plain `nn::Embedding` and back. The perturbation
-/// is added only while an attacker is attached and autograd is on.
+/// is added only while an attacker is attached, the module is in training
+/// mode and autograd is on: `eval()` gives the plain lookup.
 class PerturbedEmbeddingImpl : public torch::nn::EmbeddingImpl {
  public:
   using torch::nn::EmbeddingImpl::EmbeddingImpl;
@@ -119,14 +126,14 @@ class PerturbedEmbeddingImpl : public torch::nn::EmbeddingImpl {
   torch::Tensor forward(
       const torch::Tensor& ids, const torch::Tensor& mask = {}) {
     const torch::Tensor e = torch::nn::EmbeddingImpl::forward(ids);
-    if (!perturbation_->armed()) {
+    if (!perturbation_->armed() || !is_training()) {
       return e;
     }
     torch::Tensor m = mask;
     if (!m.defined() && options.padding_idx().has_value()) {
       m = ids.ne(*options.padding_idx());
     }
-    return perturbation_->apply(e, m);
+    return perturbation_->apply(e, m, is_training());
   }
 
   /// The slot an attacker attaches to.

@@ -14,36 +14,48 @@ inline torch::Tensor class_rows(const torch::Tensor& logits) {
   return logits.reshape({-1, logits.size(-1)}).to(norm_dtype(logits));
 }
 
-/// Whether the model is a regression (one output column).
+/// Whether the model's output is a regression by its shape: `[B]` (or a
+/// scalar) or one output column `[B, 1]`.
 inline bool is_regression(const torch::Tensor& logits) {
-  return logits.dim() == 0 || logits.size(-1) == 1;
+  return logits.dim() <= 1 || logits.size(-1) == 1;
 }
 
 } // namespace detail
 
-/// mt-dnn's numerically stable KL used in SMART's ascent:
-/// `2 * Σ p * (rp − rq)` averaged over the rows, `p = softmax(p_logits)`,
-/// `rp = −log(1 / (p + 1e-6) − 1 + 1e-6)` (detached; likewise `rq`). The
-/// gradient flows through `p` only. One output column: mean squared error.
+/// mt-dnn's numerically stable KL (namisan/mt-dnn, mt_dnn/loss.py,
+/// `stable_kl`): `2 * Σ p * (rp − rq)` over the rows, divided by the number
+/// of rows when `reduce` (a batch mean) and summed otherwise (SMART's ascent
+/// calls it with `reduce=False`); `p = exp(log_softmax(p_logits))`,
+/// `rp = −log(1 / (p + 1e-6) − 1 + 1e-6)` (detached; likewise `rq` for
+/// `q_logits`, detached). The gradient flows through `p` only. A regression
+/// output (`[B]` or `[B, 1]`): squared error, mean or sum likewise.
 inline torch::Tensor stable_kl(
-    const torch::Tensor& p_logits, const torch::Tensor& q_logits) {
+    const torch::Tensor& p_logits,
+    const torch::Tensor& q_logits,
+    bool reduce = true) {
+  const auto dtype = detail::norm_dtype(p_logits);
   if (detail::is_regression(p_logits)) {
     return torch::mse_loss(
-        p_logits.to(detail::norm_dtype(p_logits)),
-        q_logits.detach().to(detail::norm_dtype(p_logits)));
+        p_logits.to(dtype),
+        q_logits.detach().to(dtype),
+        reduce ? at::Reduction::Mean : at::Reduction::Sum);
   }
   const auto p_rows = detail::class_rows(p_logits);
-  const auto p = torch::softmax(p_rows, -1);
-  const auto q = torch::softmax(detail::class_rows(q_logits), -1).detach();
+  const auto p = torch::log_softmax(p_rows, -1).exp();
+  const auto q =
+      torch::log_softmax(detail::class_rows(q_logits), -1).exp().detach();
   const double e = 1e-6;
   const auto rp = -(1.0 / (p.detach() + e) - 1 + e).log();
   const auto rq = -(1.0 / (q + e) - 1 + e).log();
-  return (p * (rp - rq) * 2).sum() / static_cast<double>(p_rows.size(0));
+  const auto sum = (p * (rp - rq) * 2).sum();
+  return reduce ? sum / static_cast<double>(p_rows.size(0)) : sum;
 }
 
 /// Symmetric KL of SMART's regularizer, `KL(sg(p) ‖ q) + KL(sg(q) ‖ p)`
 /// between the softmaxes of the two logits, averaged over the rows, in
-/// float32 (`sg` stops the gradient). One output column: mean squared error.
+/// float32 (float64 stays float64; `sg` stops the gradient), as mt-dnn's
+/// `SymKlCriterion`. A regression output (`[B]` or `[B, 1]`): mean squared
+/// error, as mt-dnn's `MseCriterion`.
 inline torch::Tensor sym_kl(
     const torch::Tensor& p_logits, const torch::Tensor& q_logits) {
   if (detail::is_regression(p_logits)) {
@@ -74,12 +86,20 @@ struct SMARTOptions {
   TORCH_ARG(double, weight) = 1.0;
   /// Whether the clean and the perturbed passes draw the same dropout masks.
   TORCH_ARG(bool, share_dropout_mask) = false;
+  /// Treat the model's output as a regression whatever its shape (squared
+  /// error in the ascent and the regularizer). Outputs of shape `[B]` or
+  /// `[B, 1]` are regressions anyway; set this for several regression
+  /// outputs `[B, k]`, which would otherwise be read as k class logits.
+  TORCH_ARG(bool, regression) = false;
 };
 
 /// SMART's smoothness-inducing adversarial regularizer: the task loss plus
 /// `weight * sym_kl(f(W + δ), f(W))`, δ found by K ascent steps on
-/// `stable_kl(f(W + δ), f(W))` from Gaussian noise, each step normalized row by
-/// row (`N`: divide by the row's max-abs value + norm_eps). The ascent uses
+/// `stable_kl(f(W + δ), f(W))` summed over the batch (not its mean, as
+/// mt-dnn's K-step `SmartPerturbation` in mt_dnn/perturbation.py) from
+/// Gaussian noise, each step normalized row by row (`N`: divide by the row's
+/// max-abs value + norm_eps). A regression output uses squared error: summed
+/// in the ascent, mean in the regularizer. The ascent uses
 /// `torch::autograd::grad`, so nothing accumulates into `.grad` until the one
 /// final backward; `StepResult::passes` counts the K + 2 forward passes
 /// (clean, K ascent steps, final). If an ascent gradient is not finite, the
@@ -131,7 +151,7 @@ class SMART : public Attacker {
     normalize(delta);
     if (per_example()) {
       w.copy_(delta * mask(i));
-      return detail::example_norms(w).mean().item<double>();
+      return detail::l2_norm(w);
     }
     at::add_out(w, origin, delta);
     return detail::l2_norm(delta);
@@ -139,6 +159,27 @@ class SMART : public Attacker {
 
   bool share_dropout_mask() const override {
     return options_.share_dropout_mask();
+  }
+
+  /// The divergence the ascent climbs: summed over the batch.
+  torch::Tensor ascent_divergence(
+      const torch::Tensor& adv, const torch::Tensor& clean) const {
+    if (options_.regression() || detail::is_regression(adv)) {
+      const auto dtype = detail::norm_dtype(adv);
+      return torch::mse_loss(
+          adv.to(dtype), clean.detach().to(dtype), at::Reduction::Sum);
+    }
+    return stable_kl(adv, clean.detach(), /*reduce=*/false);
+  }
+
+  /// The regularizer: a batch mean, with gradients through both outputs.
+  torch::Tensor regularizer(
+      const torch::Tensor& adv, const torch::Tensor& clean) const {
+    if (options_.regression() || detail::is_regression(adv)) {
+      const auto dtype = detail::norm_dtype(adv);
+      return torch::mse_loss(adv.to(dtype), clean.to(dtype));
+    }
+    return sym_kl(adv, clean);
   }
 
   StepResult run_step(detail::StepContext& ctx) override {
@@ -162,7 +203,7 @@ class SMART : public Attacker {
     }
     bool finite = true;
     for (int64_t k = 0; k < options_.steps() && finite; ++k) {
-      const torch::Tensor adv = stable_kl(ctx.run_forward(), logits.detach());
+      const torch::Tensor adv = ascent_divergence(ctx.run_forward(), logits);
       const auto grads = torch::autograd::grad(
           {adv},
           targets(),
@@ -191,10 +232,15 @@ class SMART : public Attacker {
       perturbation_norm_ = std::sqrt(sq);
     }
     if (finite) {
-      const torch::Tensor reg = sym_kl(ctx.run_forward(), logits);
+      const torch::Tensor adv_logits = ctx.run_forward();
+      const torch::Tensor reg = regularizer(adv_logits, logits);
       ++ctx.passes;
-      r.adv_loss = reg.item<double>();
+      r.regularizer = reg.item<double>();
       r.perturbation_norm = perturbation_norm_;
+      {
+        torch::NoGradGuard no_grad;
+        r.adv_loss = ctx.loss_fn(adv_logits).item<double>();
+      }
       loss = loss + options_.weight() * reg;
     }
     restore();

@@ -76,7 +76,7 @@ class Trainer {
     if (attacker_.share_dropout_mask()) {
       ctx.replay.emplace(params);
     }
-    attacker_.begin_step();
+    attacker_.begin_step(ctx);
     // The step starts from zero gradients; those there before are kept aside
     // to be put back if anything throws (or added back when accumulating).
     std::vector<torch::Tensor> before = ctx.take_grads();

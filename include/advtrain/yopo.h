@@ -17,11 +17,13 @@ struct YOPOOptions {
   TORCH_ARG(double, alpha) = 1.33e-2;
   /// Radius ε of each example's perturbation (L2 over [L, H]).
   TORCH_ARG(double, epsilon) = 0.4;
-  /// Random start `U(-1, 1) * mask * init_mag / sqrt(L_i * H)`, then
-  /// projected to ε; 0 starts from δ = 0.
+  /// Random start `U(-1, 1) * mask * init_mag / sqrt(L_i * H)` (not
+  /// projected, as in the official code); 0 starts from δ = 0.
   TORCH_ARG(double, init_mag) = 0.64;
-  /// Whether the m full passes draw the same dropout masks.
-  TORCH_ARG(bool, share_dropout_mask) = false;
+  /// Whether the m full passes and the inner passes through the first layer
+  /// draw the first full pass's dropout masks (the official code reuses
+  /// them).
+  TORCH_ARG(bool, share_dropout_mask) = true;
 };
 
 /// YOPO on the per-example target. The model is split at its first layer
@@ -30,12 +32,15 @@ struct YOPOOptions {
 /// here (e.g. positions + LayerNorm + first block) and `rest` the remainder.
 ///
 /// Each of the m full passes runs forward at E + δ and backward of loss / m
-/// (parameter gradients average over the passes); then the co-state
-/// `p = ∂L/∂z0` at the first layer's output z0 is held fixed and δ takes n
-/// steps on `H = Σ first(E + δ) ⊙ p` through `first` alone, each
-/// `δ ← δ + α * ∇δH / ‖∇δH‖` per example, projected to ε. `∇δH` comes from
-/// `torch::autograd::grad`, so the first layer's parameters get no gradient
-/// from the inner steps (the original code counted them twice).
+/// (parameter gradients average over the passes); between two full passes,
+/// the co-state `p = ∂L/∂z0` at the first layer's output z0 is held fixed and
+/// δ takes n steps on `H = Σ first(E + δ) ⊙ p` through `first` alone, each
+/// `δ ← δ + α * ∇δH / max(‖∇δH‖, 1e-10)` per example, projected to ε. No
+/// inner steps follow the last full pass (their δ would never be used). This
+/// is the protocol of FreeLB's fairseq YOPO (zhuchen03/FreeLB,
+/// fairseq-RoBERTa/fairseq/tasks/sentence_prediction.py, `yopo_train_step`
+/// and `yopo_inner_steps`). `∇δH` comes from `torch::autograd::grad`, so the
+/// first layer's parameters get no gradient from the inner steps.
 class YOPO : public Attacker {
  public:
   using FirstLayer = std::function<torch::Tensor(const torch::Tensor&)>;
@@ -90,7 +95,7 @@ class YOPO : public Attacker {
     return z0;
   }
 
-  /// Inner passes through the first layer alone in the last step.
+  /// Inner passes through the first layer alone in the last step: (m - 1) * n.
   int64_t inner_passes() const noexcept {
     return inner_passes_;
   }
@@ -102,8 +107,9 @@ class YOPO : public Attacker {
       const torch::Tensor& g,
       double /*gnorm*/,
       const torch::Tensor& /*origin*/) override {
-    return detail::projected_step_examples<L2>(
-        w, g, options_.alpha(), options_.epsilon(), mask(i));
+    L2::step_examples(w, g, options_.alpha(), mask(i), /*floor=*/1e-10);
+    L2::project_examples(w, options_.epsilon());
+    return detail::l2_norm(w);
   }
 
   bool share_dropout_mask() const override {
@@ -112,17 +118,12 @@ class YOPO : public Attacker {
 
   void on_new_step() override {
     const double mag = options_.init_mag();
-    const double eps = options_.epsilon();
     if (mag <= 0) {
       return;
     }
-    slots()[0]->set_initializer(
-        [mag, eps](torch::Tensor& d, const torch::Tensor& m) {
-          d.uniform_(-1, 1);
-          const auto dims = m.sum({1, 2}, /*keepdim=*/true) * d.size(-1);
-          d.mul_(m * mag / dims.clamp_min(1).sqrt());
-          L2::project_examples(d, eps);
-        });
+    set_random_start([mag](torch::Tensor& d, const torch::Tensor& m) {
+      L2::random_start(d, m, mag);
+    });
   }
 
   StepResult run_step(detail::StepContext& ctx) override {
@@ -134,19 +135,25 @@ class YOPO : public Attacker {
       const double loss = ctx.pass(1.0 / static_cast<double>(m)).item<double>();
       if (j == 0) {
         r.loss = loss;
+        r.start_norm = slots_norm();
+        r.perturbation_norm = r.start_norm;
       }
       r.adv_loss = loss;
       TORCH_CHECK(
           z0_.defined() && z0_.grad().defined(),
           "YOPO: the model's forward must call yopo.first(...) on the "
           "perturbed embedding output, and the loss must depend on it");
+      if (j == m - 1) {
+        break; // no inner steps after the last full pass
+      }
       const torch::Tensor p = z0_.grad().detach();
       z0_ = torch::Tensor();
       backup(); // δ = 0 is the origin; takes this step's δ as the target
       torch::Tensor delta = targets()[0];
       const torch::Tensor e = slots()[0]->embedded();
       for (int64_t s = 0; s < options_.inner_steps(); ++s) {
-        const torch::Tensor h = (first_(e + delta) * p).sum();
+        const torch::Tensor h =
+            (ctx.replayed([&] { return first_(e + delta); }) * p).sum();
         const torch::Tensor g = torch::autograd::grad({h}, {delta})[0];
         ++inner_passes_;
         torch::NoGradGuard no_grad;
@@ -156,6 +163,7 @@ class YOPO : public Attacker {
       delta.mutable_grad() = torch::Tensor();
       r.perturbation_norm = perturbation_norm();
     }
+    z0_ = torch::Tensor();
     restore();
     ctx.step_optimizer();
     return r;
