@@ -76,6 +76,17 @@ struct ActNetImpl : torch::nn::Module {
 };
 TORCH_MODULE(ActNet);
 
+/// Token 0 is padding: the masked positions.
+inline torch::Tensor padded_ids() {
+  return torch::tensor(
+      {{3, 1, 2, 0, 0}, {4, 4, 6, 2, 5}, {1, 0, 0, 0, 0}}, torch::kLong);
+}
+
+/// The mask [B, L, 1] of real (1) and padded (0) positions, float64.
+inline torch::Tensor mask_of(const torch::Tensor& x) {
+  return x.ne(0).unsqueeze(-1).to(torch::kDouble);
+}
+
 inline ActNet make_act(uint64_t seed = 7, int64_t vocab = kVocab) {
   torch::manual_seed(seed);
   return ActNet(vocab);

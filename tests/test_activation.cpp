@@ -13,16 +13,6 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-/// Token 0 is padding: the masked positions.
-torch::Tensor padded_ids() {
-  return torch::tensor(
-      {{3, 1, 2, 0, 0}, {4, 4, 6, 2, 5}, {1, 0, 0, 0, 0}}, torch::kLong);
-}
-
-torch::Tensor mask_of(const torch::Tensor& x) {
-  return x.ne(0).unsqueeze(-1).to(torch::kDouble);
-}
-
 torch::Tensor plain_loss_at(
     const Plain& p,
     const torch::Tensor& x,

@@ -1,0 +1,392 @@
+// The random stream of a step (random starts, shared dropout masks, no
+// number used twice), SMART on regression outputs, and the pitfalls a new
+// user meets: a perturbation outliving its step, attack() after zero_grad(),
+// two attackers on one table. Each case is checked against a plain program
+// that draws the same numbers in the same order, or against plain math.
+
+#include "common.h"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <vector>
+
+using namespace fixture;
+using Catch::Matchers::Contains;
+
+namespace {
+
+constexpr double kDrop = 0.3;
+
+/// PerturbedEmbedding -> dropout -> tanh(linear) -> masked mean -> linear:
+/// dropout comes after the lookup, as in real models. Records each pass's
+/// dropout mask (drawn as `dropout(ones)`, the same numbers as dropout of
+/// the input) and the δ each forward sees.
+struct DropNetImpl : torch::nn::Module {
+  DropNetImpl()
+      : embedding(register_module(
+            "embedding",
+            advtrain::PerturbedEmbedding(
+                torch::nn::EmbeddingOptions(kVocab, kHidden).padding_idx(0)))),
+        layer(register_module("layer", torch::nn::Linear(kHidden, kHidden))),
+        fc(register_module("fc", torch::nn::Linear(kHidden, kClasses))) {
+    to(torch::kDouble);
+  }
+  torch::Tensor first(const torch::Tensor& e) {
+    const auto keep = torch::dropout(torch::ones_like(e), kDrop, is_training());
+    masks.push_back(keep.detach().clone());
+    return torch::tanh(layer(e * keep));
+  }
+  torch::Tensor rest(const torch::Tensor& z, const torch::Tensor& x) {
+    const auto m = mask_of(x);
+    return fc((z * m).sum(1) / m.sum(1).clamp_min(1));
+  }
+  torch::Tensor lookup(const torch::Tensor& x) {
+    const auto e = embedding(x);
+    const auto& d = embedding->perturbation()->delta();
+    deltas.push_back(d.defined() ? d.detach().clone() : torch::Tensor());
+    return e;
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return rest(first(lookup(x)), x);
+  }
+  advtrain::PerturbedEmbedding embedding;
+  torch::nn::Linear layer, fc;
+  std::vector<torch::Tensor> masks, deltas;
+};
+TORCH_MODULE(DropNet);
+
+DropNet make_drop(uint64_t seed = 5) {
+  torch::manual_seed(seed);
+  return DropNet();
+}
+
+std::vector<int64_t> delta_shape(const torch::Tensor& x) {
+  return {x.size(0), x.size(1), kHidden};
+}
+
+/// The plain program's draws: FreeLB's (and YOPO's) L2 random start.
+torch::Tensor draw_start(const torch::Tensor& x, double mag) {
+  const auto u = torch::empty(delta_shape(x), torch::kDouble).uniform_(-1, 1);
+  const auto m = mask_of(x);
+  const auto dims = m.sum({1, 2}, true) * kHidden;
+  return u * m * mag / dims.sqrt();
+}
+/// The plain program's draws: one dropout mask.
+torch::Tensor draw_mask(const torch::Tensor& x) {
+  return torch::dropout(
+      torch::ones(delta_shape(x), torch::kDouble), kDrop, true);
+}
+
+advtrain::StepResult step_drop(
+    advtrain::Trainer& trainer, DropNet& model, const torch::Tensor& x) {
+  return trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) {
+        return cross_entropy(out, batch_labels());
+      });
+}
+
+} // namespace
+
+TEST_CASE(
+    "FreeLB's random start: masks shared across passes, a new start every "
+    "step, the plain program's numbers",
+    "[random][freelb]") {
+  const auto x = padded_ids();
+  const double mag = 0.5;
+  const int64_t k = 3;
+  const bool share = GENERATE(true, false);
+  auto model = make_drop();
+  advtrain::FreeLB freelb(
+      model->embedding,
+      advtrain::FreeLBOptions()
+          .init_mag(mag)
+          .steps(k)
+          .alpha(0.2)
+          .share_dropout_mask(share));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, freelb);
+  torch::manual_seed(77);
+  std::vector<advtrain::StepResult> results;
+  results.push_back(step_drop(trainer, model, x));
+  results.push_back(step_drop(trainer, model, x));
+  const auto after = torch::rand({1}, torch::kDouble);
+
+  // The plain program: the start, then pass 1's mask (and, without sharing,
+  // one mask per pass), step after step.
+  torch::manual_seed(77);
+  std::vector<torch::Tensor> starts, masks;
+  for (int step = 0; step < 2; ++step) {
+    starts.push_back(draw_start(x, mag));
+    masks.push_back(draw_mask(x));
+    for (int64_t t = 1; t < k && !share; ++t) {
+      masks.push_back(draw_mask(x));
+    }
+  }
+  const auto plain_after = torch::rand({1}, torch::kDouble);
+
+  REQUIRE(model->masks.size() == static_cast<size_t>(2 * k));
+  REQUIRE(model->deltas.size() == static_cast<size_t>(2 * k));
+  for (int step = 0; step < 2; ++step) {
+    const auto& start = model->deltas[step * k];
+    CHECK(max_abs_diff(start, starts[step]) < 1e-15);
+    CHECK(
+        results[step].start_norm ==
+        Approx(start.norm().item<double>()).epsilon(1e-12));
+    for (int64_t t = 0; t < k; ++t) {
+      const auto& plain = masks[share ? step : step * k + t];
+      CHECK(bit_equal(model->masks[step * k + t], plain));
+    }
+  }
+  // Two steps, two different starts; and the generator ends where the plain
+  // program's does (no number used twice, none skipped).
+  CHECK(max_abs_diff(starts[0], starts[1]) > 1e-3);
+  CHECK(bit_equal(after, plain_after));
+  if (share) {
+    CHECK_FALSE(bit_equal(model->masks[0], model->masks[k]));
+  } else {
+    CHECK_FALSE(bit_equal(model->masks[0], model->masks[1]));
+  }
+}
+
+TEST_CASE(
+    "YOPO's full and inner passes share the first pass's masks; a new start "
+    "every step",
+    "[random][yopo]") {
+  const auto x = padded_ids();
+  const int64_t m = 3, n = 2;
+  const double mag = 0.64;
+  auto model = make_drop();
+  advtrain::YOPO yopo(
+      model->embedding,
+      [&](const torch::Tensor& e) { return model->first(e); },
+      advtrain::YOPOOptions().steps(m).inner_steps(n).init_mag(mag).alpha(0.1));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, yopo);
+  torch::manual_seed(78);
+  for (int step = 0; step < 2; ++step) {
+    trainer.step(
+        [&] { return model->rest(yopo.first(model->lookup(x)), x); },
+        [&](const torch::Tensor& out) {
+          return cross_entropy(out, batch_labels());
+        });
+  }
+  const auto after = torch::rand({1}, torch::kDouble);
+
+  torch::manual_seed(78);
+  std::vector<torch::Tensor> starts, masks;
+  for (int step = 0; step < 2; ++step) {
+    starts.push_back(draw_start(x, mag));
+    masks.push_back(draw_mask(x));
+  }
+  const auto plain_after = torch::rand({1}, torch::kDouble);
+
+  // m full passes and (m - 1) * n inner passes per step, all with the mask.
+  const size_t per_step = m + (m - 1) * n;
+  REQUIRE(model->masks.size() == 2 * per_step);
+  for (size_t i = 0; i < model->masks.size(); ++i) {
+    CHECK(bit_equal(model->masks[i], masks[i / per_step]));
+  }
+  REQUIRE(model->deltas.size() == static_cast<size_t>(2 * m));
+  CHECK(max_abs_diff(model->deltas[0], starts[0]) < 1e-15);
+  CHECK(max_abs_diff(model->deltas[m], starts[1]) < 1e-15);
+  CHECK(bit_equal(after, plain_after));
+}
+
+TEST_CASE(
+    "Without shared masks nothing is replayed: every pass draws on",
+    "[random]") {
+  const auto x = padded_ids();
+  auto model = make_drop();
+  advtrain::PGD pgd(
+      model->embedding, advtrain::PGDOptions().steps(2).epsilon(0.5));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, pgd);
+  torch::manual_seed(79);
+  step_drop(trainer, model, x);
+  torch::manual_seed(79);
+  REQUIRE(model->masks.size() == 3);
+  for (const auto& mask : model->masks) {
+    CHECK(bit_equal(mask, draw_mask(x)));
+  }
+}
+
+TEST_CASE(
+    "A random start does not outlive its step, and eval() adds no δ",
+    "[pitfalls]") {
+  const auto x = padded_ids();
+  auto model = make_drop();
+  const auto plain = [&] {
+    return torch::nn::functional::embedding(x, model->embedding->weight)
+        .detach();
+  };
+  advtrain::FreeLB freelb(
+      model->embedding, advtrain::FreeLBOptions().init_mag(0.5));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, freelb);
+  const auto r = step_drop(trainer, model, x);
+  REQUIRE(r.start_norm > 0.1);
+  // Training mode, autograd on: the plain lookup (δ = 0).
+  CHECK(max_abs_diff(model->embedding(x), plain()) == 0.0);
+  CHECK(max_abs_diff(model->embedding(x), plain()) == 0.0);
+  // Another attacker's step on the same embedding starts from a clean pass.
+  advtrain::FGM fgm(model->embedding, advtrain::FGMOptions().epsilon(0.5));
+  advtrain::Trainer fgm_trainer(opt, fgm);
+  model->deltas.clear();
+  const auto r2 = step_drop(fgm_trainer, model, x);
+  CHECK(r2.start_norm == 0.0);
+  REQUIRE(model->deltas.size() == 2);
+  CHECK(model->deltas[0].abs().max().item<double>() == 0.0);
+  CHECK(r2.perturbation_norm == Approx(0.5 * std::sqrt(3.0)));
+  // An own-loop attack leaves δ in place until restore(), but eval() and
+  // NoGradGuard see the plain lookup.
+  cross_entropy(model->forward(x), batch_labels()).backward();
+  fgm.attack();
+  CHECK(max_abs_diff(model->embedding(x), plain()) > 0.1);
+  model->eval();
+  CHECK(max_abs_diff(model->embedding(x), plain()) == 0.0);
+  model->train();
+  {
+    torch::NoGradGuard no_grad;
+    CHECK(max_abs_diff(model->embedding(x), plain()) == 0.0);
+  }
+  fgm.restore();
+  CHECK(max_abs_diff(model->embedding(x), plain()) == 0.0);
+}
+
+TEST_CASE("attack() after zero_grad() warns and counts", "[pitfalls]") {
+  auto model = make_model();
+  const auto w0 = model->embedding->weight.detach().clone();
+  advtrain::FGM fgm(*model, "embedding");
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  WarningCapture warnings;
+  for (int i = 0; i < 2; ++i) {
+    cross_entropy(model->forward(batch_ids()), batch_labels()).backward();
+    opt.zero_grad(); // LibTorch 1.13 leaves zero-filled gradients
+    fgm.attack();
+    CHECK(bit_equal(model->embedding->weight.detach(), w0));
+    CHECK(fgm.perturbation_norm() == 0.0);
+    fgm.restore();
+  }
+  CHECK(warnings.count("exactly zero") == 1);
+  CHECK(fgm.zero_gradients() == 2);
+  // A real gradient moves the table and is not counted.
+  cross_entropy(model->forward(batch_ids()), batch_labels()).backward();
+  fgm.attack();
+  CHECK(fgm.perturbation_norm() == Approx(1.0));
+  fgm.restore();
+  CHECK(fgm.zero_gradients() == 2);
+}
+
+TEST_CASE(
+    "A second attacker may not perturb a table another one holds",
+    "[pitfalls]") {
+  auto model = make_model();
+  const auto w0 = model->embedding->weight.detach().clone();
+  advtrain::FGM a(*model, "embedding");
+  advtrain::FGSM b(*model, "embedding");
+  cross_entropy(model->forward(batch_ids()), batch_labels()).backward();
+  a.attack();
+  const auto perturbed = model->embedding->weight.detach().clone();
+  CHECK_THROWS_WITH(b.attack(), Contains("already perturbed by another"));
+  CHECK(bit_equal(model->embedding->weight.detach(), perturbed));
+  CHECK_FALSE(b.is_perturbed());
+  a.restore();
+  CHECK(bit_equal(model->embedding->weight.detach(), w0));
+  // Once released, the other attacker may take it.
+  b.attack();
+  CHECK(b.is_perturbed());
+  b.restore();
+  CHECK(bit_equal(model->embedding->weight.detach(), w0));
+  // An attacker destroyed while perturbing restores and releases.
+  {
+    advtrain::FGM c(*model, "embedding");
+    c.attack();
+  }
+  CHECK(bit_equal(model->embedding->weight.detach(), w0));
+  a.attack();
+  a.restore();
+}
+
+namespace {
+
+/// Embedding -> mean -> linear to one output, returned as [B] or [B, 1].
+struct RegNetImpl : torch::nn::Module {
+  explicit RegNetImpl(bool column)
+      : embedding(register_module(
+            "embedding", torch::nn::Embedding(kVocab, kHidden))),
+        fc(register_module("fc", torch::nn::Linear(kHidden, 1))),
+        column(column) {
+    to(torch::kDouble);
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    const auto out = fc(torch::tanh(embedding(x)).mean(1));
+    return column ? out : out.squeeze(-1);
+  }
+  torch::nn::Embedding embedding;
+  torch::nn::Linear fc;
+  bool column;
+};
+TORCH_MODULE(RegNet);
+
+} // namespace
+
+TEST_CASE(
+    "SMART on a regression output [B] or [B, 1]: squared error, summed in "
+    "the ascent",
+    "[smart]") {
+  const bool column = GENERATE(false, true);
+  const auto o =
+      advtrain::SMARTOptions().steps(2).alpha(3.0).noise_var(0.1).weight(0.7);
+  const auto x = batch_ids();
+  const auto y = torch::tensor({0.5, -1.0, 2.0}, torch::kDouble);
+  torch::manual_seed(11);
+  RegNet model(column);
+  std::vector<torch::Tensor> p0;
+  for (const auto& p : model->parameters()) {
+    p0.push_back(p.detach().clone());
+  }
+  // Plain: f(W, A, b) written out; noise is the step's only draw.
+  auto f = [&](const torch::Tensor& W,
+               const torch::Tensor& A,
+               const torch::Tensor& b) {
+    const auto e = W.index_select(0, x.reshape(-1)).reshape({3, 5, kHidden});
+    return (torch::tanh(e).mean(1).matmul(A.t()) + b).reshape({-1});
+  };
+  torch::manual_seed(12);
+  auto delta = torch::randn_like(p0[0]) * o.noise_var();
+  const auto clean = f(p0[0], p0[1], p0[2]).detach();
+  for (int64_t k = 0; k < o.steps(); ++k) {
+    auto d = delta.clone().requires_grad_();
+    const auto adv = (f(p0[0] + d, p0[1], p0[2]) - clean).pow(2).sum();
+    const auto g = torch::autograd::grad({adv}, {d})[0];
+    const auto moved = delta + o.alpha() * g;
+    delta = moved / (std::get<0>(moved.abs().max(-1, true)) + o.norm_eps());
+  }
+  std::vector<torch::Tensor> leaves;
+  for (const auto& p : p0) {
+    leaves.push_back(p.clone().requires_grad_());
+  }
+  const auto out = f(leaves[0], leaves[1], leaves[2]);
+  const auto out_adv = f(leaves[0] + delta, leaves[1], leaves[2]);
+  const auto loss =
+      (out - y).pow(2).mean() + o.weight() * (out_adv - out).pow(2).mean();
+  const auto g = torch::autograd::grad({loss}, leaves);
+
+  advtrain::SMART smart(*model, "embedding", o);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, smart);
+  torch::manual_seed(12);
+  const auto r = trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& o) {
+        return torch::mse_loss(o.reshape({-1}), y);
+      });
+  const auto now = model->parameters();
+  for (size_t i = 0; i < now.size(); ++i) {
+    CHECK(max_abs_diff(now[i], p0[i] - kLr * g[i]) < kTol);
+  }
+  CHECK(r.regularizer > 0.0);
+  CHECK(r.adv_loss != r.loss);
+}
