@@ -101,7 +101,8 @@ struct Setup {
     const auto logits = model->forward(x);
     auto total = F::cross_entropy(logits, y);
     for (int k = 0; k < steps; ++k) {
-      const auto adv = advtrain::stable_kl(model->forward(x), logits.detach());
+      const auto adv =
+          advtrain::stable_kl(model->forward(x), logits.detach(), false);
       torch::autograd::grad({adv}, {model->emb->weight});
     }
     total = total + advtrain::sym_kl(model->forward(x), logits);

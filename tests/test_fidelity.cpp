@@ -9,6 +9,9 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdio>
+#include <mutex>
+#include <string>
 #include <vector>
 
 using namespace fixture;
@@ -389,4 +392,50 @@ TEST_CASE(
   }
   CHECK(r.regularizer > 0.0);
   CHECK(r.adv_loss != r.loss);
+}
+
+TEST_CASE(
+    "Saving the generator's state resumes a run with random starts bit for "
+    "bit",
+    "[random][state]") {
+  const auto x = padded_ids();
+  const auto options =
+      advtrain::FreeLBOptions().init_mag(0.5).alpha(0.2).epsilon(0.4);
+  const std::string model_file = "fidelity_model.pt",
+                    rng_file = "fidelity_rng.pt";
+  auto run = [&](int steps, DropNet& model) {
+    advtrain::FreeLB freelb(model->embedding, options);
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+    advtrain::Trainer trainer(opt, freelb);
+    for (int i = 0; i < steps; ++i) {
+      step_drop(trainer, model, x);
+    }
+  };
+  // Straight through: 4 steps.
+  auto straight = make_drop();
+  torch::manual_seed(80);
+  run(4, straight);
+  // 2 steps, save model and generator, scramble, load, 2 more.
+  auto first = make_drop();
+  torch::manual_seed(80);
+  run(2, first);
+  at::Generator gen = at::globalContext().defaultGenerator(torch::kCPU);
+  torch::save(first, model_file);
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    torch::save(gen.get_state(), rng_file);
+  }
+  torch::manual_seed(999);
+  auto resumed = make_drop(6);
+  torch::load(resumed, model_file);
+  torch::Tensor state;
+  torch::load(state, rng_file);
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(state);
+  }
+  run(2, resumed);
+  CHECK(equal_all(resumed->parameters(), straight->parameters()));
+  std::remove(model_file.c_str());
+  std::remove(rng_file.c_str());
 }

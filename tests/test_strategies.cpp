@@ -1,5 +1,5 @@
 // FGSM, FGM and PGD: one Trainer::step against the same method written plainly
-// with tensor ops; the SPEC's low-level loops against Trainer::step; restore
+// with tensor ops; the README's low-level loops against Trainer::step; restore
 // and projection bounds.
 
 #include "common.h"
@@ -142,7 +142,7 @@ TEST_CASE("Several targets each get their own norm", "[fgm]") {
   CHECK(r.perturbation_norm == Approx(eps * std::sqrt(2.0)));
 }
 
-TEST_CASE("SPEC's low-level FGM loop equals Trainer::step", "[fgm][loop]") {
+TEST_CASE("README's low-level FGM loop equals Trainer::step", "[fgm][loop]") {
   auto a = make_model();
   auto b = make_model();
   const auto x = batch_ids();
@@ -176,7 +176,7 @@ TEST_CASE("SPEC's low-level FGM loop equals Trainer::step", "[fgm][loop]") {
   CHECK(max_diff(a, Plain::of(make_model())) > 1e-3);
 }
 
-TEST_CASE("SPEC's low-level PGD loop equals Trainer::step", "[pgd][loop]") {
+TEST_CASE("README's low-level PGD loop equals Trainer::step", "[pgd][loop]") {
   const int K = GENERATE(1, 3);
   auto a = make_model();
   auto b = make_model();

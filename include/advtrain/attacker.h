@@ -13,6 +13,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -709,7 +710,8 @@ class Attacker {
     check_targets();
   }
 
-  /// Activation target: the δ of each slot, per example (SPEC §4).
+  /// Activation target: the δ of each slot, per example (docs/design.md,
+  /// "Targets").
   Attacker(std::vector<std::shared_ptr<Perturbation>> slots, const char* kind)
       : kind_(kind), slots_(std::move(slots)) {
     TORCH_CHECK(
@@ -797,8 +799,8 @@ class Attacker {
     return false;
   }
 
-  /// The strategy's protocol for one batch (see SPEC §3); called by Trainer,
-  /// which restores weights and gradients if it throws.
+  /// The strategy's protocol for one batch (docs/design.md, "Protocols");
+  /// called by Trainer, which restores weights and gradients if it throws.
   virtual StepResult run_step(detail::StepContext& ctx) = 0;
 
   /// State beyond the base's.

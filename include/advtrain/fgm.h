@@ -93,7 +93,8 @@ class FGM : public detail::FastGradient<L2, FGMOptions> {
       const std::string& name_contains,
       FGMOptions options = {})
       : FastGradient(module, name_contains, std::move(options), "FGM") {}
-  /// Per-example perturbation of `embedding`'s output (SPEC §4).
+  /// Per-example perturbation of `embedding`'s output (docs/design.md,
+  /// "Targets").
   explicit FGM(const PerturbedEmbedding& embedding, FGMOptions options = {})
       : FastGradient(embedding, std::move(options), "FGM") {}
 };
@@ -116,7 +117,8 @@ class FGSM : public detail::FastGradient<LInf, FGSMOptions> {
       const std::string& name_contains,
       FGSMOptions options = {})
       : FastGradient(module, name_contains, std::move(options), "FGSM") {}
-  /// Per-example perturbation of `embedding`'s output (SPEC §4).
+  /// Per-example perturbation of `embedding`'s output (docs/design.md,
+  /// "Targets").
   explicit FGSM(const PerturbedEmbedding& embedding, FGSMOptions options = {})
       : FastGradient(embedding, std::move(options), "FGSM") {}
 };

@@ -51,8 +51,9 @@ class BasicFreeAT : public Attacker {
         options_(std::move(options)) {
     check();
   }
-  /// Per-example perturbation of `embedding`'s output (SPEC §4): δ [B, L, H]
-  /// persists across batches; a batch of another shape keeps the overlap.
+  /// Per-example perturbation of `embedding`'s output (docs/design.md,
+  /// "Targets"): δ [B, L, H] persists across batches; a batch of another shape
+  /// keeps the overlap.
   explicit BasicFreeAT(
       const PerturbedEmbedding& embedding, FreeATOptions options = {})
       : Attacker({embedding->perturbation()}, "FreeAT"),
@@ -251,7 +252,8 @@ class BasicFreeAT : public Attacker {
   std::vector<torch::Tensor> deltas_;
 };
 
-/// FreeAT with sign steps and element-wise clamp to [-ε, ε] (SPEC §2).
+/// FreeAT with sign steps and element-wise clamp to [-ε, ε] (docs/design.md,
+/// "Protocols").
 using FreeAT = BasicFreeAT<LInf>;
 /// FreeAT with L2 steps `α * g / ‖g‖` and projection onto ‖δ‖ ≤ ε.
 using FreeATL2 = BasicFreeAT<L2>;

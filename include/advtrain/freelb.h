@@ -51,7 +51,8 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
       : Base(module, name_contains, std::move(options), "FreeLB") {
     check();
   }
-  /// Per-example perturbation of `embedding`'s output (SPEC §4).
+  /// Per-example perturbation of `embedding`'s output (docs/design.md,
+  /// "Targets").
   explicit BasicFreeLB(
       const PerturbedEmbedding& embedding, FreeLBOptions options = {})
       : Base(embedding, std::move(options), "FreeLB") {
@@ -145,7 +146,8 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
   }
 };
 
-/// FreeLB with L2 steps `α * g / ‖g‖` and L2 projection (SPEC §2).
+/// FreeLB with L2 steps `α * g / ‖g‖` and L2 projection (docs/design.md,
+/// "Protocols").
 using FreeLB = BasicFreeLB<L2>;
 /// The official L∞ FreeLB: steps `α * g / ‖g‖∞` (per example on embedding
 /// outputs), element-wise clamp to [-ε, ε] when ε > 0, random start

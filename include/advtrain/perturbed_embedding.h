@@ -8,10 +8,10 @@
 
 namespace advtrain {
 
-/// A per-example perturbation of an embedding lookup's output (SPEC §4): the
-/// δ of shape [B, L, H] that `PerturbedEmbedding` adds to its output, and the
-/// mask [B, L] of real (1) and padded (0) positions. An attacker built on it
-/// arms it; unarmed, it adds nothing.
+/// A per-example perturbation of an embedding lookup's output (docs/design.md,
+/// "Targets"): the δ of shape [B, L, H] that `PerturbedEmbedding` adds to its
+/// output, and the mask [B, L] of real (1) and padded (0) positions. An
+/// attacker built on it arms it; unarmed, it adds nothing.
 ///
 /// δ is a leaf tensor that requires grad, created zero (or by the running
 /// step's initializer: a random start, FreeAT's persistent δ) at the first

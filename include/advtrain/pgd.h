@@ -94,7 +94,8 @@ class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
       : Base(module, name_contains, std::move(options), "PGD") {
     check();
   }
-  /// Per-example perturbation of `embedding`'s output (SPEC §4).
+  /// Per-example perturbation of `embedding`'s output (docs/design.md,
+  /// "Targets").
   explicit BasicPGD(
       const PerturbedEmbedding& embedding, PGDOptions options = {})
       : Base(embedding, std::move(options), "PGD") {
@@ -148,7 +149,8 @@ class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
   }
 };
 
-/// PGD with L2 steps `α * g / ‖g‖` and L2 projection (SPEC §2).
+/// PGD with L2 steps `α * g / ‖g‖` and L2 projection (docs/design.md,
+/// "Protocols").
 using PGD = BasicPGD<L2>;
 /// PGD with sign steps `α * sign(g)` and element-wise clamp to [-ε, ε].
 using PGDLInf = BasicPGD<LInf>;

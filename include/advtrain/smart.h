@@ -125,8 +125,8 @@ class SMART : public Attacker {
     untracked_writes_ = true;
     check();
   }
-  /// Per-example perturbation of `embedding`'s output (SPEC §4), as in the
-  /// official code: N normalizes each token's vector.
+  /// Per-example perturbation of `embedding`'s output (docs/design.md,
+  /// "Targets"), as in the official code: N normalizes each token's vector.
   explicit SMART(const PerturbedEmbedding& embedding, SMARTOptions options = {})
       : Attacker({embedding->perturbation()}, "SMART"),
         options_(std::move(options)) {

@@ -8,8 +8,9 @@
 
 namespace advtrain {
 
-/// Runs one strategy's whole protocol (SPEC §3) for one batch, with any
-/// `torch::nn::Module` (through closures) and any `torch::optim::Optimizer`.
+/// Runs one strategy's whole protocol (docs/design.md, "Protocols") for one
+/// batch, with any `torch::nn::Module` (through closures) and any
+/// `torch::optim::Optimizer`.
 ///
 /// The step starts from zero gradients and ends with the optimizer's update;
 /// the targets are restored before every `optimizer.step()`. If a closure
