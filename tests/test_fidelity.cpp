@@ -10,7 +10,9 @@
 
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -45,7 +47,17 @@ struct DropNetImpl : torch::nn::Module {
     return fc((z * m).sum(1) / m.sum(1).clamp_min(1));
   }
   torch::Tensor lookup(const torch::Tensor& x) {
-    const auto e = embedding(x);
+    torch::Tensor e;
+    if (word_drop) { // randomness before the lookup, e.g. word dropout
+      const auto keep = torch::dropout(
+          torch::ones({x.size(0), x.size(1)}, torch::kDouble),
+          kDrop,
+          is_training());
+      word_masks.push_back(keep);
+      e = embedding(x) * keep.unsqueeze(-1);
+    } else {
+      e = embedding(x);
+    }
     const auto& d = embedding->perturbation()->delta();
     deltas.push_back(d.defined() ? d.detach().clone() : torch::Tensor());
     return e;
@@ -55,7 +67,8 @@ struct DropNetImpl : torch::nn::Module {
   }
   advtrain::PerturbedEmbedding embedding;
   torch::nn::Linear layer, fc;
-  std::vector<torch::Tensor> masks, deltas;
+  std::vector<torch::Tensor> masks, deltas, word_masks;
+  bool word_drop = false;
 };
 TORCH_MODULE(DropNet);
 
@@ -74,6 +87,11 @@ torch::Tensor draw_start(const torch::Tensor& x, double mag) {
   const auto m = mask_of(x);
   const auto dims = m.sum({1, 2}, true) * kHidden;
   return u * m * mag / dims.sqrt();
+}
+/// The plain program's draws: one word-dropout mask ([B, L]).
+torch::Tensor draw_word_mask(const torch::Tensor& x) {
+  return torch::dropout(
+      torch::ones({x.size(0), x.size(1)}, torch::kDouble), kDrop, true);
 }
 /// The plain program's draws: one dropout mask.
 torch::Tensor draw_mask(const torch::Tensor& x) {
@@ -438,4 +456,184 @@ TEST_CASE(
   CHECK(equal_all(resumed->parameters(), straight->parameters()));
   std::remove(model_file.c_str());
   std::remove(rng_file.c_str());
+}
+
+TEST_CASE(
+    "Draws before the lookup: every pass replays them and jumps over the "
+    "start",
+    "[random]") {
+  const auto x = padded_ids();
+  const double mag = 0.5;
+  const int64_t k = 3, m = 3, n = 2;
+  const bool yopo_case = GENERATE(false, true);
+  auto model = make_drop();
+  model->word_drop = true;
+  std::unique_ptr<advtrain::Attacker> attacker;
+  advtrain::YOPO* yopo = nullptr;
+  if (yopo_case) {
+    auto y = std::make_unique<advtrain::YOPO>(
+        model->embedding,
+        [&](const torch::Tensor& e) { return model->first(e); },
+        advtrain::YOPOOptions().steps(m).inner_steps(n).init_mag(mag));
+    yopo = y.get();
+    attacker = std::move(y);
+  } else {
+    attacker = std::make_unique<advtrain::FreeLB>(
+        model->embedding, advtrain::FreeLBOptions().init_mag(mag).steps(k));
+  }
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, *attacker);
+  torch::manual_seed(81);
+  for (int step = 0; step < 2; ++step) {
+    trainer.step(
+        [&] {
+          return yopo != nullptr ? model->rest(yopo->first(model->lookup(x)), x)
+                                 : model->forward(x);
+        },
+        [&](const torch::Tensor& out) {
+          return cross_entropy(out, batch_labels());
+        });
+  }
+  const auto after = torch::rand({1}, torch::kDouble);
+
+  // The plain program: word mask, start, mask; step after step.
+  torch::manual_seed(81);
+  std::vector<torch::Tensor> words, starts, masks;
+  for (int step = 0; step < 2; ++step) {
+    words.push_back(draw_word_mask(x));
+    starts.push_back(draw_start(x, mag));
+    masks.push_back(draw_mask(x));
+  }
+  const auto plain_after = torch::rand({1}, torch::kDouble);
+
+  const size_t full = yopo_case ? m : k;
+  const size_t per_step = yopo_case ? m + (m - 1) * n : k;
+  REQUIRE(model->word_masks.size() == 2 * full);
+  REQUIRE(model->masks.size() == 2 * per_step);
+  for (size_t i = 0; i < model->word_masks.size(); ++i) {
+    CHECK(bit_equal(model->word_masks[i], words[i / full]));
+  }
+  for (size_t i = 0; i < model->masks.size(); ++i) {
+    CHECK(bit_equal(model->masks[i], masks[i / per_step]));
+  }
+  CHECK(max_abs_diff(model->deltas[0], starts[0]) < 1e-15);
+  CHECK(max_abs_diff(model->deltas[full], starts[1]) < 1e-15);
+  CHECK(bit_equal(after, plain_after));
+}
+
+TEST_CASE(
+    "SMART with shared masks: every pass sees the clean pass's masks, the "
+    "noise is drawn once",
+    "[random][smart]") {
+  const auto x = padded_ids();
+  const auto o = advtrain::SMARTOptions()
+                     .steps(2)
+                     .noise_var(0.1)
+                     .alpha(1.0)
+                     .share_dropout_mask(true);
+  auto model = make_drop();
+  advtrain::SMART smart(model->embedding, o);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, smart);
+  torch::manual_seed(82);
+  step_drop(trainer, model, x);
+  step_drop(trainer, model, x);
+  const auto after = torch::rand({1}, torch::kDouble);
+
+  // The plain program: the clean pass's mask, then the noise; per step.
+  torch::manual_seed(82);
+  std::vector<torch::Tensor> masks, noises;
+  for (int step = 0; step < 2; ++step) {
+    masks.push_back(draw_mask(x));
+    noises.push_back(torch::randn(delta_shape(x), torch::kDouble));
+  }
+  const auto plain_after = torch::rand({1}, torch::kDouble);
+
+  const size_t per_step = o.steps() + 2; // clean, K ascent passes, final
+  REQUIRE(model->masks.size() == 2 * per_step);
+  for (size_t i = 0; i < model->masks.size(); ++i) {
+    CHECK(bit_equal(model->masks[i], masks[i / per_step]));
+  }
+  // The first ascent pass sees the clean δ (zero) plus the masked noise.
+  REQUIRE(model->deltas.size() == 2 * per_step);
+  for (int step = 0; step < 2; ++step) {
+    const auto expected = noises[step] * mask_of(x) * o.noise_var();
+    CHECK(max_abs_diff(model->deltas[step * per_step + 1], expected) < 1e-15);
+  }
+  CHECK(bit_equal(after, plain_after));
+}
+
+TEST_CASE(
+    "A pass that throws leaves the generator past the numbers drawn",
+    "[random][exceptions]") {
+  const auto x = padded_ids();
+  auto model = make_drop();
+  advtrain::FreeLB freelb(
+      model->embedding, advtrain::FreeLBOptions().init_mag(0.5).steps(3));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, freelb);
+  torch::manual_seed(83);
+  int calls = 0;
+  CHECK_THROWS_WITH(
+      trainer.step(
+          [&] {
+            auto out = model->forward(x);
+            if (++calls == 2) {
+              throw std::runtime_error("pass 2 fails");
+            }
+            return out;
+          },
+          [&](const torch::Tensor& out) {
+            return cross_entropy(out, batch_labels());
+          }),
+      Contains("pass 2 fails"));
+  const auto after = torch::rand({1}, torch::kDouble);
+  torch::manual_seed(83);
+  draw_start(x, 0.5);
+  draw_mask(x);
+  CHECK(bit_equal(after, torch::rand({1}, torch::kDouble)));
+  // The slot kept no hook of the failed step: a plain lookup follows.
+  CHECK(
+      max_abs_diff(
+          model->embedding(x),
+          torch::nn::functional::embedding(x, model->embedding->weight)) ==
+      0.0);
+}
+
+TEST_CASE(
+    "FreeLBLInf on the table: steps scaled by the max-abs gradient, clamp",
+    "[freelb]") {
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  const double alpha = 0.3, eps = 0.2;
+  const int64_t k = 3;
+  // Plain: K passes of loss/K; δ ← clamp(δ + α·g/max|g|, ±ε) between them.
+  auto delta = torch::zeros_like(p0.W);
+  Plain sum{
+      torch::zeros_like(p0.W),
+      torch::zeros_like(p0.A),
+      torch::zeros_like(p0.b)};
+  bool clamped = false;
+  for (int64_t t = 1; t <= k; ++t) {
+    const Plain g = plain_grads(p0.with_W(p0.W + delta), x, y);
+    sum = sum + g * (1.0 / k);
+    if (t < k) {
+      const auto moved = delta + alpha * g.W / g.W.abs().max();
+      delta = moved.clamp(-eps, eps);
+      clamped = clamped || !torch::equal(moved, delta);
+    }
+  }
+  REQUIRE(clamped);
+  advtrain::FreeLBLInf freelb(
+      *model,
+      "embedding",
+      advtrain::FreeLBOptions().alpha(alpha).epsilon(eps).steps(k));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, freelb);
+  trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+  CHECK(max_diff(model, sgd(p0, sum)) < kTol);
 }

@@ -149,16 +149,20 @@ inline std::vector<torch::Tensor> optimizer_parameters(
 
 /// Makes every forward pass of one step draw the same random numbers (hence
 /// the same dropout masks, for any model): the default generators' states
-/// (CPU, and each CUDA device of the targets) are saved before the first pass
-/// and put back before each later one. No number is used twice: a random
-/// start drawn inside the first pass moves the saved point past it
-/// (`restart_here`), and after each later pass the generators go back to the
-/// frontier, the furthest point the step's stream reached (past the first
-/// pass and whatever was drawn between passes, e.g. SMART's noise). So the
-/// step leaves the generators past every number it consumed, and the next
-/// step draws new ones.
+/// (CPU, and each CUDA device of the targets) are saved when the first pass
+/// begins and put back before each later one. No number is used twice:
+/// - a random start drawn at a lookup of the first pass is jumped over at the
+///   same lookup of later passes (`start_drawn`, `at_lookup`), so they draw
+///   the first pass's masks on both sides of the lookup;
+/// - after each later pass the generators go back to the frontier, the
+///   furthest point the step's stream reached (past the first pass and
+///   whatever was drawn between passes, e.g. SMART's noise).
+/// So the step leaves the generators past every number it consumed, and the
+/// next step draws new ones.
 class RngReplay {
  public:
+  using States = std::vector<torch::Tensor>;
+
   /// `tensors`: those the step works on (their devices' generators replay).
   explicit RngReplay(const std::vector<torch::Tensor>& tensors) {
     generators_.push_back(
@@ -180,7 +184,9 @@ class RngReplay {
   /// Before a pass: the first call saves the states; later ones note the
   /// frontier and put the saved states back.
   void before_pass() {
-    if (start_.empty()) {
+    ++passes_;
+    lookups_ = 0;
+    if (passes_ == 1) {
       start_ = get();
       return;
     }
@@ -190,30 +196,63 @@ class RngReplay {
 
   /// After a pass: later passes return to the frontier.
   void after_pass() {
-    if (!frontier_.empty()) {
+    if (passes_ > 1) {
       set(frontier_);
     }
   }
 
-  /// Within the first pass, after a random start was drawn: later passes
-  /// replay from here, so they draw the first pass's dropout masks and not
-  /// the start's numbers again.
-  void restart_here() {
-    if (!start_.empty() && frontier_.empty()) {
-      start_ = get();
+  /// A random start was just drawn inside the current lookup (first pass).
+  void start_drawn() {
+    drawn_ = true;
+  }
+
+  /// At the end of each lookup of a perturbed embedding: in the first pass,
+  /// notes where the stream stands after a start drawn in it; in later passes,
+  /// jumps to that point (over the start's numbers).
+  void at_lookup() {
+    const size_t i = lookups_++;
+    if (passes_ == 1) {
+      if (drawn_) {
+        skips_.resize(std::max(skips_.size(), i + 1));
+        skips_[i] = get();
+        drawn_ = false;
+      }
+    } else if (passes_ > 1 && i < skips_.size() && !skips_[i].empty()) {
+      set(skips_[i]);
     }
   }
 
+  /// The stream's state now (YOPO marks where its first layer begins in the
+  /// first pass).
+  States mark() {
+    return get();
+  }
+
+  /// Runs `f` from `mark` (taken in the first pass), then returns to the
+  /// frontier, even if `f` throws.
+  template <typename F>
+  torch::Tensor replay_from(const States& mark, const F& f) {
+    struct Back {
+      RngReplay& r;
+      States frontier;
+      ~Back() {
+        r.set(frontier);
+      }
+    } back{*this, get()};
+    set(mark);
+    return f();
+  }
+
  private:
-  std::vector<torch::Tensor> get() {
-    std::vector<torch::Tensor> states;
+  States get() {
+    States states;
     for (auto& g : generators_) {
       std::lock_guard<std::mutex> lock(g.mutex());
       states.push_back(g.get_state());
     }
     return states;
   }
-  void set(const std::vector<torch::Tensor>& states) {
+  void set(const States& states) {
     for (size_t i = 0; i < generators_.size(); ++i) {
       std::lock_guard<std::mutex> lock(generators_[i].mutex());
       generators_[i].set_state(states[i]);
@@ -221,8 +260,11 @@ class RngReplay {
   }
 
   std::vector<at::Generator> generators_;
-  std::vector<torch::Tensor> start_;
-  std::vector<torch::Tensor> frontier_;
+  States start_, frontier_;
+  std::vector<States> skips_; // per lookup index of the first pass
+  int64_t passes_ = 0;
+  size_t lookups_ = 0;
+  bool drawn_ = false;
 };
 
 /// Which attacker has each perturbed tensor backed up, so that a second
@@ -234,22 +276,32 @@ class PerturbedTensors {
     static PerturbedTensors registry;
     return registry;
   }
-  /// The kind of the attacker other than `owner` that holds `t`, or null.
-  const char* holder(const torch::Tensor& t, const void* owner) {
+  /// Claims every tensor of `ts` for `owner` unless another attacker holds
+  /// one of them; returns that one's index and kind, or (-1, null).
+  std::pair<int64_t, const char*> try_claim(
+      const std::vector<torch::Tensor>& ts,
+      const void* owner,
+      const char* kind) {
     std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = owners_.find(t.unsafeGetTensorImpl());
-    return it == owners_.end() || it->second.first == owner ? nullptr
-                                                            : it->second.second;
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const auto it = owners_.find(ts[i].unsafeGetTensorImpl());
+      if (it != owners_.end() && it->second.first != owner) {
+        return {static_cast<int64_t>(i), it->second.second};
+      }
+    }
+    for (const auto& t : ts) {
+      owners_[t.unsafeGetTensorImpl()] = {owner, kind};
+    }
+    return {-1, nullptr};
   }
-  void claim(const torch::Tensor& t, const void* owner, const char* kind) {
+  /// Releases what `owner` holds of `impls`.
+  void release(const std::vector<const void*>& impls, const void* owner) {
     std::lock_guard<std::mutex> lock(mutex_);
-    owners_[t.unsafeGetTensorImpl()] = {owner, kind};
-  }
-  void release(const void* impl, const void* owner) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const auto it = owners_.find(impl);
-    if (it != owners_.end() && it->second.first == owner) {
-      owners_.erase(it);
+    for (const void* impl : impls) {
+      const auto it = owners_.find(impl);
+      if (it != owners_.end() && it->second.first == owner) {
+        owners_.erase(it);
+      }
     }
   }
 
@@ -303,17 +355,20 @@ struct StepContext {
   }
 
   /// `f()`, run as a pass of the step: with the first pass's random state
-  /// when `replay` is set (YOPO's passes through the first layer use it).
+  /// when `replay` is set.
   template <typename F>
   torch::Tensor replayed(const F& f) {
-    if (replay) {
-      replay->before_pass();
+    if (!replay) {
+      return f();
     }
-    torch::Tensor out = f();
-    if (replay) {
-      replay->after_pass();
-    }
-    return out;
+    replay->before_pass();
+    struct After { // back to the frontier even if f throws
+      RngReplay& r;
+      ~After() {
+        r.after_pass();
+      }
+    } after{*replay};
+    return f();
   }
 
   /// The loss of `out`, checked to be a scalar that can be differentiated.
@@ -471,8 +526,11 @@ class Attacker {
     last_rows_.assign(targets_.size(), torch::Tensor());
     try {
       double sq = 0.0;
-      bool all_zero = true; // every target's gradient is exactly zero
-      std::vector<torch::Tensor> nonzero; // per example, on the device
+      // Whether every target's gradient is exactly zero: on the table, the
+      // sign of a zero_grad() between the backward and attack(). (Per
+      // example, δ is no optimizer or module parameter, so zero_grad() does
+      // not touch its gradient; no check, no extra host synchronization.)
+      bool all_zero = !per_example();
       for (size_t i = 0; i < targets_.size(); ++i) {
         torch::Tensor w = data(i);
         if (row_wise(i)) {
@@ -506,10 +564,7 @@ class Attacker {
           if (!grads[i].defined()) {
             continue;
           }
-          if (per_example()) {
-            // Zero and non-finite norms are handled in the step itself.
-            nonzero.push_back(grads[i].ne(0).any());
-          } else {
+          if (!per_example()) { // per example: handled in the step itself
             const bool usable = usable_gradient(i, grads[i], gnorm);
             all_zero = all_zero && gnorm == 0.0;
             if (!usable) {
@@ -519,9 +574,6 @@ class Attacker {
         }
         const double n = perturb(i, w, grads[i], gnorm, backup_[i]);
         sq += n * n;
-      }
-      if (!nonzero.empty()) {
-        all_zero = all_zero && !torch::stack(nonzero).any().item<bool>();
       }
       if (uses_gradient() && all_zero) {
         note_zero_gradients();
@@ -544,6 +596,7 @@ class Attacker {
   /// Puts the backed-up targets back, bit for bit; a no-op when nothing is
   /// backed up.
   void restore() {
+    release_claims(); // also after a backup() that failed half-way
     if (!is_perturbed()) {
       return;
     }
@@ -561,10 +614,6 @@ class Attacker {
     }
     backup_.clear();
     rows_.clear();
-    for (const void* impl : claimed_) {
-      detail::PerturbedTensors::instance().release(impl, this);
-    }
-    claimed_.clear();
   }
 
   /// Saves a copy of the `.grad` of every watched parameter (those whose grad
@@ -815,22 +864,19 @@ class Attacker {
       return;
     }
     sync_targets();
-    auto& registry = detail::PerturbedTensors::instance();
-    for (size_t i = 0; i < targets_.size(); ++i) {
-      const char* other = registry.holder(targets_[i], this);
-      TORCH_CHECK(
-          other == nullptr,
-          "advtrain: ",
-          kind_,
-          ": ",
-          names_[i],
-          " is already perturbed by another attacker (",
-          other == nullptr ? "" : other,
-          "); call that attacker's restore() first, since restores in "
-          "another order would leave it perturbed");
-    }
+    const auto other =
+        detail::PerturbedTensors::instance().try_claim(targets_, this, kind_);
+    TORCH_CHECK(
+        other.first < 0,
+        "advtrain: ",
+        kind_,
+        ": ",
+        other.first < 0 ? "" : names_[other.first],
+        " is already perturbed by another attacker (",
+        other.second == nullptr ? "" : other.second,
+        "); call that attacker's restore() first, since restores in another "
+        "order would leave it perturbed");
     for (const auto& t : targets_) {
-      registry.claim(t, this, kind_);
       claimed_.push_back(t.unsafeGetTensorImpl());
     }
     torch::NoGradGuard no_grad;
@@ -889,7 +935,8 @@ class Attacker {
           "advtrain: ",
           kind_,
           ": no perturbation yet; run the model's forward through the "
-          "PerturbedEmbedding (with autograd on) first");
+          "PerturbedEmbedding first, in training mode (not eval()) and with "
+          "autograd on");
       targets_[i] = slots_[i]->delta();
     }
   }
@@ -912,18 +959,28 @@ class Attacker {
   /// Per example: each new δ of the current step starts from `draw(d, mask)`
   /// (a random start, d zero, mask [B, L, 1]), masked afterwards. It is drawn
   /// at the step's first lookup, before the first pass's dropout masks (as
-  /// the official FreeLB and YOPO draw it before their first forward), and
-  /// the step's random replay starts after it.
+  /// the official FreeLB and YOPO draw it before their first forward); with
+  /// shared masks, later passes jump over its numbers at the same lookup.
   void set_random_start(Perturbation::Initializer draw) {
     for (auto& slot : slots_) {
       slot->set_initializer(
           [this, draw](torch::Tensor& d, const torch::Tensor& m) {
             draw(d, m);
             if (step_ != nullptr && step_->replay) {
-              step_->replay->restart_here();
+              step_->replay->start_drawn();
             }
           });
+      slot->set_lookup_hook([this] {
+        if (step_ != nullptr && step_->replay) {
+          step_->replay->at_lookup();
+        }
+      });
     }
+  }
+
+  /// The `Trainer` step running now, if any.
+  detail::StepContext* running_step() const noexcept {
+    return step_;
   }
 
   /// ‖δ‖ over the slots' current δ (per example); 0 when there is none.
@@ -983,9 +1040,17 @@ class Attacker {
     for (auto& slot : slots_) {
       slot->reset();
       slot->set_initializer(nullptr);
+      slot->set_lookup_hook(nullptr);
     }
     if (per_example()) {
       targets_.clear();
+    }
+  }
+
+  void release_claims() {
+    if (!claimed_.empty()) {
+      detail::PerturbedTensors::instance().release(claimed_, this);
+      claimed_.clear();
     }
   }
 

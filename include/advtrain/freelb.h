@@ -11,7 +11,7 @@ namespace advtrain {
 
 /// Options of FreeLB (Zhu et al., ICLR 2020).
 struct FreeLBOptions {
-  /// Ascent step α: `δ ← δ + α * g / ‖g‖`.
+  /// Ascent step α: `δ ← δ + α * g / ‖g‖` (L2; `FreeLBLInf`: over ‖g‖∞).
   TORCH_ARG(double, alpha) = 0.1;
   /// Passes K per batch, with an ascent step between two passes.
   TORCH_ARG(int64_t, steps) = 3;

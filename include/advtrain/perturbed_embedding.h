@@ -24,6 +24,8 @@ class Perturbation {
  public:
   /// Fills a new δ (given the mask, expanded to δ's shape) in place.
   using Initializer = std::function<void(torch::Tensor&, const torch::Tensor&)>;
+  /// Called at the end of every lookup that adds δ.
+  using LookupHook = std::function<void()>;
 
   /// E + δ when armed, training and with autograd on; E unchanged otherwise.
   torch::Tensor apply(
@@ -60,6 +62,9 @@ class Perturbation {
       delta_.requires_grad_(true);
     }
     embedded_ = e.detach();
+    if (lookup_hook_) {
+      lookup_hook_();
+    }
     return e + delta_;
   }
 
@@ -91,6 +96,12 @@ class Perturbation {
   void set_initializer(Initializer init) {
     initializer_ = std::move(init);
   }
+  /// Runs `hook` at the end of every lookup that adds δ during the current
+  /// step (the step's random replay jumps over a random start there); none:
+  /// nothing.
+  void set_lookup_hook(LookupHook hook) {
+    lookup_hook_ = std::move(hook);
+  }
   void arm() {
     ++armers_;
   }
@@ -98,6 +109,7 @@ class Perturbation {
     if (armers_ > 0 && --armers_ == 0) {
       reset();
       initializer_ = nullptr;
+      lookup_hook_ = nullptr;
     }
   }
   bool armed() const noexcept {
@@ -107,6 +119,7 @@ class Perturbation {
  private:
   torch::Tensor delta_, mask_, embedded_;
   Initializer initializer_;
+  LookupHook lookup_hook_;
   int armers_ = 0;
 };
 

@@ -78,6 +78,12 @@ class Trainer {
       ctx.replay.emplace(params);
     }
     attacker_.begin_step(ctx);
+    struct EndStep { // however the step ends: no hook outlives `ctx`
+      Attacker& attacker;
+      ~EndStep() {
+        attacker.end_step();
+      }
+    } end_step{attacker_};
     // The step starts from zero gradients; those there before are kept aside
     // to be put back if anything throws (or added back when accumulating).
     std::vector<torch::Tensor> before = ctx.take_grads();
@@ -88,11 +94,12 @@ class Trainer {
         ctx.add_grads(std::move(before));
       }
       ++attacker_.steps_done_;
-      attacker_.end_step();
       return r;
     } catch (...) {
-      attacker_.restore();
-      attacker_.end_step();
+      try {
+        attacker_.restore();
+      } catch (...) { // NOLINT: the step's own exception is the one to report
+      }
       ctx.put_grads(std::move(before));
       throw;
     }

@@ -3,6 +3,7 @@
 #include <advtrain/attacker.h>
 
 #include <functional>
+#include <optional>
 #include <utility>
 
 namespace advtrain {
@@ -87,6 +88,13 @@ class YOPO : public Attacker {
   /// The first layer, as the model's forward calls it: keeps its output z0
   /// so that the co-state ∂L/∂z0 can be read after the backward pass.
   torch::Tensor first(const torch::Tensor& x) {
+    detail::StepContext* step = running_step();
+    if (step != nullptr && step->replay && !first_mark_) {
+      // The first full pass: the inner passes replay the stream from here,
+      // so they draw the masks `first` drew then, whatever the model drew
+      // before it.
+      first_mark_ = step->replay->mark();
+    }
     torch::Tensor z0 = first_(x);
     if (z0.requires_grad()) {
       z0.retain_grad();
@@ -130,6 +138,7 @@ class YOPO : public Attacker {
     StepResult r;
     const int64_t m = options_.steps();
     inner_passes_ = 0;
+    first_mark_.reset();
     for (int64_t j = 0; j < m; ++j) {
       z0_ = torch::Tensor();
       const double loss = ctx.pass(1.0 / static_cast<double>(m)).item<double>();
@@ -152,8 +161,11 @@ class YOPO : public Attacker {
       torch::Tensor delta = targets()[0];
       const torch::Tensor e = slots()[0]->embedded();
       for (int64_t s = 0; s < options_.inner_steps(); ++s) {
-        const torch::Tensor h =
-            (ctx.replayed([&] { return first_(e + delta); }) * p).sum();
+        auto inner = [&] { return first_(e + delta); };
+        const torch::Tensor z =
+            first_mark_ ? ctx.replay->replay_from(*first_mark_, inner)
+                        : inner();
+        const torch::Tensor h = (z * p).sum();
         const torch::Tensor g = torch::autograd::grad({h}, {delta})[0];
         ++inner_passes_;
         torch::NoGradGuard no_grad;
@@ -164,6 +176,7 @@ class YOPO : public Attacker {
       r.perturbation_norm = perturbation_norm();
     }
     z0_ = torch::Tensor();
+    first_mark_.reset();
     restore();
     ctx.step_optimizer();
     return r;
@@ -173,6 +186,7 @@ class YOPO : public Attacker {
   FirstLayer first_;
   YOPOOptions options_;
   torch::Tensor z0_;
+  std::optional<detail::RngReplay::States> first_mark_; // this step's
   int64_t inner_passes_ = 0;
 };
 

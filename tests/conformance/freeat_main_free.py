@@ -26,7 +26,7 @@ Follows (public code index, commit d7077403 of main_free.py):
   configs.yml: clip_eps 4, fgsm_step 4 (i.e. 4/255), n_repeats 4, SGD lr 0.1
       momentum 0.9 weight decay 1e-4 (this replay: plain SGD, common.LR).
 
-Adaptations (see README_smart_freeat_fgm.txt):
+Adaptations (see README.md here):
   * the image input is replaced by the embedding lookup output; the noise is
     the per-example delta [B, L, H] added to it (Model.forward(ids, delta)).
   * dropped, image only: the clamp of input + noise to [0, 1] (which would

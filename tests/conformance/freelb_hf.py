@@ -54,7 +54,7 @@ mechanism to this model's dropout instead (mask drawn in pass 1 with
 bernoulli_, after the random start, and reused by passes 2..K without new
 draws); the C++ side may use it to test share_dropout_mask=True.
 
-Adaptations (see README_freelb_yopo.txt):
+Adaptations (see README.md here):
   * float64 throughout; the official l2 projection computes the norm in
     float32 (`.float()`), and the launch script runs --fp16: kept float64.
   * attention_mask = (ids != 0) (token 0 pads here).  The official adaptive

@@ -46,7 +46,7 @@ namisan/mt-dnn, the newest stored version with `stable_kl` and the K loop):
   train.py defaults: adv_p_norm inf, adv_alpha 1, adv_k 1, adv_step_size 1e-5
       (1e-3 in older versions), adv_noise_var 1e-5, adv_epsilon 1e-6.
 
-Adaptations to this model (see README_smart_freeat_fgm.txt):
+Adaptations to this model (see README.md here):
   * "embed" is the embedding lookup output; embed + noise is passed as
     Model.forward(ids, delta=noise) (same value, and the final pass's gradient
     reaches the embedding table as in mt-dnn where embed is not detached).

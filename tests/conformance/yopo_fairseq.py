@@ -63,7 +63,7 @@ the output of encoder layer 0 after embedding + dropout + padding zeroing)
 is Model.first, z0 = tanh(l1(mask1 * (E + delta))); the rest of the network
 (remaining layers, classification head) is Model.rest.
 
-Adaptations (see README_freelb_yopo.txt):
+Adaptations (see README.md here):
   * float64 throughout; the official criterion takes log_softmax in float32
     (F.log_softmax(logits, dtype=torch.float32)), regression casts .float().
   * The official criterion sums the loss over the batch and the trainer
