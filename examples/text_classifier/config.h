@@ -1,0 +1,193 @@
+#pragma once
+
+// The example's settings: the Config struct and the command line that fills
+// it (options, defaults and checks).
+
+#include <fmt/core.h>
+#include <fmt/ranges.h>
+#include <CLI/CLI.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace example {
+
+/// Everything the command line sets.
+struct Config {
+  std::string dataset = "sentiment";
+  std::vector<std::string> files; // empty: the data set's default files
+  std::string method = "all";
+  std::string target = "weights";
+  std::string norm; // pgd, freelb, freeat: "l2" or "linf"; empty: default
+  int64_t epochs = 10, batch_size = 32, dim = 64, max_len = 64;
+  int64_t attack_steps = 10, threads = 2, min_count = 1, limit = 0;
+  uint64_t seed = 1;
+  double lr = 3e-3, dropout = 0.2, test_fraction = 0.2;
+  double attack_epsilon = 1.0;
+  std::vector<double> eval_epsilons = {0, 0.5, 1, 2, 4};
+  bool validation = false;
+  std::string csv;
+  // Data-parallel training: world_size processes, this one `rank` (-1: the
+  // launcher, which starts them), meeting through a FileStore at `store`.
+  int world_size = 1, rank = -1;
+  std::string store;
+  // Strategy options; unset ones keep the library's defaults.
+  std::optional<double> epsilon, alpha, weight, noise_var, init_mag;
+  std::optional<int64_t> steps, replays, inner_steps;
+
+  /// Rank 0 (or the only process) reports; other ranks stay quiet.
+  bool reports() const {
+    return rank <= 0;
+  }
+  /// "validation" or "test": the split the accuracies are measured on.
+  const char* split_name() const {
+    return validation ? "validation" : "test";
+  }
+  /// The strategy options set on the command line, "name=value;...".
+  std::string options() const {
+    std::vector<std::string> o;
+    auto add = [&](const char* name, const auto& v) {
+      if (v) {
+        o.push_back(fmt::format("{}={}", name, *v));
+      }
+    };
+    add("epsilon", epsilon);
+    add("alpha", alpha);
+    add("steps", steps);
+    add("inner_steps", inner_steps);
+    add("init_mag", init_mag);
+    add("replays", replays);
+    add("weight", weight);
+    add("noise_var", noise_var);
+    if (!norm.empty()) {
+      o.push_back("norm=" + norm);
+    }
+    return fmt::format("{}", fmt::join(o, ";"));
+  }
+};
+
+/// Reads the command line into `c`; `methods` are the values --method takes
+/// besides "all". Returns the exit code when the program is to stop there
+/// (after --help, or a bad option), nothing otherwise.
+inline std::optional<int> parse_command_line(
+    int argc, char** argv, Config& c, const std::vector<std::string>& methods) {
+  CLI::App app{
+      "Train a text classifier with advtrain and report clean accuracy and "
+      "accuracy under a PGD attack on the embeddings."};
+  std::vector<std::string> method_values = {"all"};
+  method_values.insert(method_values.end(), methods.begin(), methods.end());
+  app.add_option(
+         "--dataset",
+         c.dataset,
+         "sentiment (UCI sentences) or spamassassin (e-mails); picks the "
+         "default --data")
+      ->check(CLI::IsMember({"sentiment", "spamassassin"}))
+      ->capture_default_str();
+  app.add_option(
+      "--data",
+      c.files,
+      "JSON files of {\"text\", \"class\"}, or directories of e-mails in "
+      "*ham*/*spam* subdirectories (default: the --dataset's files)");
+  app.add_option(
+         "--method",
+         c.method,
+         fmt::format("all, or one of: {}", fmt::join(methods, " ")))
+      ->check(CLI::IsMember(method_values))
+      ->capture_default_str();
+  app.add_option(
+         "--target",
+         c.target,
+         "weights: perturb the embedding table (any model); "
+         "activations: each example's embedded tokens (YOPO: always)")
+      ->check(CLI::IsMember({"weights", "activations"}))
+      ->capture_default_str();
+  app.add_option(
+         "--epochs", c.epochs, "epochs (FreeAT: divided by its replays)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option(
+      "--epsilon", c.epsilon, "radius: fgsm fgm pgd freeat freelb yopo");
+  app.add_option(
+      "--alpha", c.alpha, "ascent step: pgd freeat freelb smart yopo");
+  app.add_option("--steps", c.steps, "steps: pgd freelb smart yopo (m)");
+  app.add_option("--inner-steps", c.inner_steps, "YOPO's inner steps n");
+  app.add_option(
+      "--init-mag", c.init_mag, "random start: freelb yopo (activations)");
+  app.add_option("--replays", c.replays, "FreeAT's replays m");
+  app.add_option(
+         "--norm",
+         c.norm,
+         "the ball of pgd and freelb (default l2) and freeat (default linf)")
+      ->check(CLI::IsMember({"l2", "linf"}));
+  app.add_option("--weight", c.weight, "SMART's regularizer weight");
+  app.add_option("--noise-var", c.noise_var, "SMART's noise scale");
+  app.add_option("--lr", c.lr, "Adam's learning rate")->capture_default_str();
+  app.add_option("--batch-size", c.batch_size)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--dim", c.dim, "embedding size")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--max-len", c.max_len)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--dropout", c.dropout)
+      ->check(CLI::Range(0.0, 0.9))
+      ->capture_default_str();
+  app.add_option("--min-count", c.min_count, "vocabulary: min. occurrences")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--test-fraction", c.test_fraction)
+      ->check(CLI::Range(0.05, 0.95))
+      ->capture_default_str();
+  app.add_option("--seed", c.seed, "split and initialization seed")
+      ->capture_default_str();
+  app.add_option(
+         "--attack-epsilon",
+         c.attack_epsilon,
+         "evaluation PGD radius (L2 per embedded sentence)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option("--attack-steps", c.attack_steps)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option(
+         "--eval-epsilons",
+         c.eval_epsilons,
+         "PGD radii of the final evaluation (accuracy at each)")
+      ->check(CLI::NonNegativeNumber)
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_flag(
+      "--validation",
+      c.validation,
+      "evaluate on a validation split of the training data (for tuning); "
+      "the test split is not used");
+  app.add_option("--csv", c.csv, "append one row per method to this CSV");
+  app.add_option(
+         "--limit", c.limit, "train on at most this many texts (smoke runs)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option(
+         "--world-size",
+         c.world_size,
+         "data-parallel processes on loopback (c10d Gloo)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  app.add_option("--rank", c.rank, "this worker's rank (set by the launcher)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option(
+      "--store", c.store, "the workers' FileStore path (set by the launcher)");
+  app.add_option("--threads", c.threads)
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) { // what CLI11_PARSE does
+    return app.exit(e);
+  }
+  return std::nullopt;
+}
+
+} // namespace example

@@ -1,0 +1,128 @@
+#pragma once
+
+// The data the model sees: the data set read, tokenized and split (`Data`,
+// `load`), and batches of token ids (`Batch`, `encode`). Reading the files
+// is dataset.h's and email.h's work.
+
+#include "config.h"
+#include "dataset.h"
+#include "email.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace example {
+
+struct Batch {
+  torch::Tensor ids;    // [B, L], 0-padded
+  torch::Tensor labels; // [B]
+};
+
+/// Token ids of sentences `idx` of `data`, cut to `max_len` tokens.
+inline Batch encode(
+    const std::vector<std::vector<std::string>>& tokens,
+    const std::vector<Sentence>& data,
+    const std::vector<size_t>& idx,
+    const Vocabulary& vocab,
+    int64_t max_len) {
+  int64_t len = 1;
+  for (const auto i : idx) {
+    len = std::max<int64_t>(len, std::min<int64_t>(max_len, tokens[i].size()));
+  }
+  auto ids =
+      torch::zeros({static_cast<int64_t>(idx.size()), len}, torch::kLong);
+  auto labels = torch::empty({static_cast<int64_t>(idx.size())}, torch::kLong);
+  auto a = ids.accessor<int64_t, 2>();
+  for (size_t b = 0; b < idx.size(); ++b) {
+    const auto& t = tokens[idx[b]];
+    for (int64_t j = 0; j < std::min<int64_t>(len, t.size()); ++j) {
+      a[b][j] = vocab.id(t[j]);
+    }
+    labels[b] = data[idx[b]].label;
+  }
+  return {ids, labels};
+}
+
+/// The data set, tokenized, with its split and vocabulary. `test` is the
+/// validation split (taken from the training one) under `--validation`.
+struct Data {
+  std::vector<Sentence> sentences;
+  std::vector<std::vector<std::string>> tokens;
+  std::vector<size_t> train, test;
+  std::unique_ptr<Vocabulary> vocab;
+  int64_t classes = 0;
+  size_t repeats = 0; // repeated texts dropped
+
+  /// Sentences `idx` as a batch.
+  Batch batch(const std::vector<size_t>& idx, int64_t max_len) const {
+    return encode(tokens, sentences, idx, *vocab, max_len);
+  }
+};
+
+/// The files read when `--data` is not given.
+inline std::vector<std::string> default_files(const std::string& dataset) {
+  if (dataset == "spamassassin") {
+    return {"data/spamassassin"};
+  }
+  return {
+      "data/sentiment/amazon.json",
+      "data/sentiment/imdb.json",
+      "data/sentiment/yelp.json"};
+}
+
+/// Reads, splits and tokenizes the data set `c` names, and builds the
+/// vocabulary of its training split.
+inline Data load(const Config& c) {
+  Data d;
+  for (const auto& f : c.files.empty() ? default_files(c.dataset) : c.files) {
+    auto part = std::filesystem::is_directory(f) ||
+                        (c.dataset == "spamassassin" && c.files.empty())
+                    ? read_email_dir(f)
+                    : read_json_file(f);
+    d.sentences.insert(d.sentences.end(), part.begin(), part.end());
+  }
+  d.repeats = drop_repeats(d.sentences);
+  if (d.sentences.size() < 4) {
+    throw std::runtime_error(
+        "need at least 4 labelled sentences, got " +
+        std::to_string(d.sentences.size()));
+  }
+  for (const auto& s : d.sentences) {
+    d.classes = std::max(d.classes, s.label + 1);
+    d.tokens.push_back(tokenize(s.text));
+  }
+  std::tie(d.train, d.test) =
+      split(d.sentences.size(), c.test_fraction, c.seed);
+  if (c.validation) { // the test split is never looked at
+    auto [fit, held] = split(d.train.size(), c.test_fraction, c.seed);
+    std::vector<size_t> train, val;
+    for (const auto i : fit) {
+      train.push_back(d.train[i]);
+    }
+    for (const auto i : held) {
+      val.push_back(d.train[i]);
+    }
+    d.train = std::move(train);
+    d.test = std::move(val);
+  }
+  if (c.limit > 0) { // a small subset, for smoke runs
+    d.train.resize(std::min<size_t>(d.train.size(), c.limit));
+    d.test.resize(
+        std::min<size_t>(d.test.size(), std::max<size_t>(4, c.limit / 4)));
+  }
+  std::vector<std::vector<std::string>> train_tokens;
+  for (const auto i : d.train) {
+    train_tokens.push_back(d.tokens[i]);
+  }
+  d.vocab = std::make_unique<Vocabulary>(train_tokens, c.min_count);
+  return d;
+}
+
+} // namespace example
