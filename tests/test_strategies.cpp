@@ -10,6 +10,7 @@
 #include <cmath>
 #include <map>
 #include <string>
+#include <vector>
 
 using namespace fixture;
 
@@ -345,4 +346,40 @@ TEST_CASE("A TorchScript model trains like a LibTorch one", "[torchscript]") {
   CHECK(max_abs_diff(named.at("embedding.weight"), expected.W) < kTol);
   CHECK(max_abs_diff(named.at("fc.weight"), expected.A) < kTol);
   CHECK(max_abs_diff(named.at("fc.bias"), expected.b) < kTol);
+}
+
+TEST_CASE(
+    "after_optimizer_step runs after each optimizer step, with the new "
+    "parameters",
+    "[trainer]") {
+  auto model = make_model();
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  auto run = [&](advtrain::Attacker& attacker, bool accumulate) {
+    advtrain::Trainer trainer(opt, attacker);
+    std::vector<torch::Tensor> seen;
+    trainer.after_optimizer_step(
+        [&] { seen.push_back(model->fc->weight.detach().clone()); });
+    auto forward = [&] { return model->forward(batch_ids()); };
+    auto loss = [&](const torch::Tensor& out) {
+      return cross_entropy(out, batch_labels());
+    };
+    const auto before = model->fc->weight.detach().clone();
+    if (accumulate) {
+      trainer.accumulate(forward, loss);
+      opt.zero_grad();
+    } else {
+      trainer.step(forward, loss);
+    }
+    if (!seen.empty()) {
+      CHECK(bit_equal(seen.back(), model->fc->weight.detach()));
+      CHECK_FALSE(bit_equal(seen.front(), before));
+    }
+    return seen.size();
+  };
+  advtrain::FGM fgm(*model, "embedding");
+  CHECK(run(fgm, false) == 1);
+  CHECK(run(fgm, true) == 0);
+  advtrain::FreeAT freeat(
+      *model, "embedding", advtrain::FreeATOptions().replays(3));
+  CHECK(run(freeat, false) == 3);
 }

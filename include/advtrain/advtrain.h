@@ -1,17 +1,19 @@
+// The umbrella header: every strategy, the Trainer, the targets and the
+// norms of advtrain (adversarial training for NLP models on LibTorch).
 #pragma once
 
-/// advtrain: adversarial training for NLP models on LibTorch.
-/// This umbrella header brings in every strategy and the Trainer.
-
 #include <advtrain/attacker.h>
+#include <advtrain/divergence.h>
 #include <advtrain/fgm.h>
 #include <advtrain/fgsm.h>
 #include <advtrain/freeat.h>
 #include <advtrain/freelb.h>
 #include <advtrain/norm.h>
+#include <advtrain/parameters.h>
 #include <advtrain/perturbed_embedding.h>
 #include <advtrain/pgd.h>
 #include <advtrain/smart.h>
+#include <advtrain/step.h>
 #include <advtrain/trainer.h>
 #include <advtrain/version.h>
 #include <advtrain/yopo.h>

@@ -1,4 +1,12 @@
+// The base of every strategy: `Attacker` backs up its targets, moves them by
+// the strategy's rule (`attack`), puts them back bit for bit (`restore`),
+// saves and restores gradients, and runs the strategy's protocol for one
+// batch (`run_step`) when a `Trainer` drives it.
 #pragma once
+
+#include <advtrain/detail/registry.h>
+#include <advtrain/parameters.h>
+#include <advtrain/step.h>
 
 #include <advtrain/norm.h>
 #include <advtrain/perturbed_embedding.h>
@@ -19,464 +27,6 @@
 #include <vector>
 
 namespace advtrain {
-
-/// Runs the model on the current batch and returns its output (logits).
-using ForwardFunction = std::function<torch::Tensor()>;
-/// Turns the model's output into a scalar loss.
-using LossFunction = std::function<torch::Tensor(const torch::Tensor&)>;
-
-/// What one `Trainer::step` did. Each field means the same for every
-/// strategy and both targets.
-struct StepResult {
-  /// Task loss of the step's first pass, run at the step's starting point δ₀:
-  /// δ₀ = 0 (a clean pass) except for FreeLB and YOPO with a random start and
-  /// for FreeAT, whose δ persists across batches; `start_norm` is ‖δ₀‖.
-  double loss = 0.0;
-  /// ‖δ₀‖ at the first pass (0: `loss` is the clean loss).
-  double start_norm = 0.0;
-  /// Task loss of the step's last pass at a perturbation (FGSM/FGM: the
-  /// adversarial pass; PGD, FreeLB: the K-th; FreeAT: the m-th replay; YOPO:
-  /// the m-th full pass; SMART: the task loss of the final perturbed
-  /// output). With a single pass (FreeLB K = 1), that pass.
-  double adv_loss = 0.0;
-  /// ‖δ‖₂ at the pass of `adv_loss`: the L2 norm over everything perturbed
-  /// (all targets; on the per-example target, all examples together:
-  /// sqrt(Σᵢ ‖δᵢ‖²)). 0 when no perturbation was applied.
-  double perturbation_norm = 0.0;
-  /// The regularizer added to the task loss, before its weight (SMART's
-  /// symmetric divergence); 0 for strategies without one, or when SMART
-  /// skipped it (non-finite ascent gradient).
-  double regularizer = 0.0;
-  /// Forward passes through the whole model (each followed by a backward,
-  /// except SMART's ascent passes, which use autograd::grad).
-  int64_t passes = 0;
-};
-
-/// The named parameters of a LibTorch module or of a TorchScript module (a
-/// model scripted in Python and loaded with `torch::jit::load`): what the
-/// attackers' "module + name" constructors and `select_parameters` read.
-/// Converts implicitly from either.
-class NamedParameters {
- public:
-  NamedParameters(const torch::nn::Module& module) { // NOLINT: implicit
-    for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-      items_.emplace_back(item.key(), item.value());
-    }
-  }
-  NamedParameters(const torch::jit::Module& module) { // NOLINT: implicit
-    for (const auto& item : module.named_parameters(/*recurse=*/true)) {
-      items_.emplace_back(item.name, item.value);
-    }
-  }
-  const std::vector<std::pair<std::string, torch::Tensor>>& items()
-      const noexcept {
-    return items_;
-  }
-  /// Every parameter, in order.
-  std::vector<torch::Tensor> tensors() const {
-    std::vector<torch::Tensor> out;
-    for (const auto& item : items_) {
-      out.push_back(item.second);
-    }
-    return out;
-  }
-
- private:
-  std::vector<std::pair<std::string, torch::Tensor>> items_;
-};
-
-/// Picks the parameters of `module` whose names contain `name_contains`, like
-/// the `emb_name` of the Python implementations. Throws std::invalid_argument,
-/// listing the available names, when nothing matches.
-inline std::vector<torch::Tensor> select_parameters(
-    const NamedParameters& module, const std::string& name_contains);
-
-namespace detail {
-
-/// Names and tensors of the parameters of `module` that contain `pattern`.
-inline std::pair<std::vector<std::string>, std::vector<torch::Tensor>>
-select_named(const NamedParameters& module, const std::string& pattern) {
-  std::vector<std::string> names;
-  std::vector<torch::Tensor> tensors;
-  std::vector<std::string> all;
-  for (const auto& item : module.items()) {
-    all.push_back(item.first);
-    if (item.first.find(pattern) == std::string::npos) {
-      continue;
-    }
-    bool tied = false; // the same tensor under a second name: select it once
-    for (const auto& t : tensors) {
-      tied = tied || t.is_same(item.second);
-    }
-    if (!tied) {
-      names.push_back(item.first);
-      tensors.push_back(item.second);
-    }
-  }
-  if (tensors.empty()) {
-    throw std::invalid_argument(fmt::format(
-        "advtrain: no parameter name contains \"{}\"; available: [{}]",
-        pattern,
-        fmt::join(all, ", ")));
-  }
-  return {std::move(names), std::move(tensors)};
-}
-
-/// Every tensor of `a`, then those of `b` that are not already in it.
-inline std::vector<torch::Tensor> union_of(
-    std::vector<torch::Tensor> a, const std::vector<torch::Tensor>& b) {
-  std::unordered_set<const void*> seen;
-  for (const auto& t : a) {
-    seen.insert(t.unsafeGetTensorImpl());
-  }
-  for (const auto& t : b) {
-    if (seen.insert(t.unsafeGetTensorImpl()).second) {
-      a.push_back(t);
-    }
-  }
-  return a;
-}
-
-/// The parameters of every param group of `optimizer`.
-inline std::vector<torch::Tensor> optimizer_parameters(
-    const torch::optim::Optimizer& optimizer) {
-  std::vector<torch::Tensor> params;
-  for (const auto& group : optimizer.param_groups()) {
-    params = union_of(std::move(params), group.params());
-  }
-  return params;
-}
-
-/// Makes every forward pass of one step draw the same random numbers (hence
-/// the same dropout masks, for any model): the default generators' states
-/// (CPU, and each CUDA device of the targets) are saved when the first pass
-/// begins and put back before each later one. No number is used twice:
-/// - a random start drawn at a lookup of the first pass is jumped over at the
-///   same lookup of later passes (`start_drawn`, `at_lookup`), so they draw
-///   the first pass's masks on both sides of the lookup;
-/// - after each later pass the generators go back to the frontier, the
-///   furthest point the step's stream reached (past the first pass and
-///   whatever was drawn between passes, e.g. SMART's noise).
-/// So the step leaves the generators past every number it consumed, and the
-/// next step draws new ones.
-class RngReplay {
- public:
-  using States = std::vector<torch::Tensor>;
-
-  /// `tensors`: those the step works on (their devices' generators replay).
-  explicit RngReplay(const std::vector<torch::Tensor>& tensors) {
-    generators_.push_back(
-        at::globalContext().defaultGenerator(torch::Device(torch::kCPU)));
-    for (const auto& t : tensors) {
-      if (!t.device().is_cpu()) {
-        auto g = at::globalContext().defaultGenerator(t.device());
-        bool seen = false;
-        for (const auto& h : generators_) {
-          seen = seen || h == g;
-        }
-        if (!seen) {
-          generators_.push_back(g);
-        }
-      }
-    }
-  }
-
-  /// Before a pass: the first call saves the states; later ones note the
-  /// frontier and put the saved states back.
-  void before_pass() {
-    ++passes_;
-    lookups_ = 0;
-    if (passes_ == 1) {
-      start_ = get();
-      return;
-    }
-    frontier_ = get();
-    set(start_);
-  }
-
-  /// After a pass: later passes return to the frontier.
-  void after_pass() {
-    if (passes_ > 1) {
-      set(frontier_);
-    }
-  }
-
-  /// A random start was just drawn inside the current lookup (first pass).
-  void start_drawn() {
-    drawn_ = true;
-  }
-
-  /// At the end of each lookup of a perturbed embedding: in the first pass,
-  /// notes where the stream stands after a start drawn in it; in later passes,
-  /// jumps to that point (over the start's numbers).
-  void at_lookup() {
-    const size_t i = lookups_++;
-    if (passes_ == 1) {
-      if (drawn_) {
-        skips_.resize(std::max(skips_.size(), i + 1));
-        skips_[i] = get();
-        drawn_ = false;
-      }
-    } else if (passes_ > 1 && i < skips_.size() && !skips_[i].empty()) {
-      set(skips_[i]);
-    }
-  }
-
-  /// The stream's state now (YOPO marks where its first layer begins in the
-  /// first pass).
-  States mark() {
-    return get();
-  }
-
-  /// Runs `f` from `mark` (taken in the first pass), then returns to the
-  /// frontier, even if `f` throws.
-  template <typename F>
-  torch::Tensor replay_from(const States& mark, const F& f) {
-    struct Back {
-      RngReplay& r;
-      States frontier;
-      ~Back() {
-        r.set(frontier);
-      }
-    } back{*this, get()};
-    set(mark);
-    return f();
-  }
-
- private:
-  States get() {
-    States states;
-    for (auto& g : generators_) {
-      std::lock_guard<std::mutex> lock(g.mutex());
-      states.push_back(g.get_state());
-    }
-    return states;
-  }
-  void set(const States& states) {
-    for (size_t i = 0; i < generators_.size(); ++i) {
-      std::lock_guard<std::mutex> lock(generators_[i].mutex());
-      generators_[i].set_state(states[i]);
-    }
-  }
-
-  std::vector<at::Generator> generators_;
-  States start_, frontier_;
-  std::vector<States> skips_; // per lookup index of the first pass
-  int64_t passes_ = 0;
-  size_t lookups_ = 0;
-  bool drawn_ = false;
-};
-
-/// Which attacker has each perturbed tensor backed up, so that a second
-/// attacker cannot perturb it on top: restores made in the wrong order would
-/// leave it perturbed.
-class PerturbedTensors {
- public:
-  static PerturbedTensors& instance() {
-    static PerturbedTensors registry;
-    return registry;
-  }
-  /// Claims every tensor of `ts` for `owner` unless another attacker holds
-  /// one of them; returns that one's index and kind, or (-1, null).
-  std::pair<int64_t, const char*> try_claim(
-      const std::vector<torch::Tensor>& ts,
-      const void* owner,
-      const char* kind) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (size_t i = 0; i < ts.size(); ++i) {
-      const auto it = owners_.find(ts[i].unsafeGetTensorImpl());
-      if (it != owners_.end() && it->second.first != owner) {
-        return {static_cast<int64_t>(i), it->second.second};
-      }
-    }
-    for (const auto& t : ts) {
-      owners_[t.unsafeGetTensorImpl()] = {owner, kind};
-    }
-    return {-1, nullptr};
-  }
-  /// Releases what `owner` holds of `impls`.
-  void release(const std::vector<const void*>& impls, const void* owner) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (const void* impl : impls) {
-      const auto it = owners_.find(impl);
-      if (it != owners_.end() && it->second.first == owner) {
-        owners_.erase(it);
-      }
-    }
-  }
-
- private:
-  std::mutex mutex_;
-  std::unordered_map<const void*, std::pair<const void*, const char*>> owners_;
-};
-
-/// One batch's worth of work for a strategy's protocol: the closures, the
-/// optimizer and the parameters whose gradients the step owns. Gradients are
-/// cleared by dropping them (like `zero_grad(set_to_none=true)`) and moved,
-/// never copied, when a protocol sets them aside.
-struct StepContext {
-  StepContext(
-      torch::optim::Optimizer& optimizer,
-      const ForwardFunction& forward,
-      const LossFunction& loss_fn,
-      const std::vector<torch::Tensor>& params)
-      : optimizer(optimizer),
-        forward(forward),
-        loss_fn(loss_fn),
-        params(params) {}
-
-  torch::optim::Optimizer& optimizer;
-  const ForwardFunction& forward;
-  const LossFunction& loss_fn;
-  const std::vector<torch::Tensor>& params;
-  /// Set when every pass must draw the same dropout masks.
-  std::optional<RngReplay> replay;
-  /// Set by `Trainer::accumulate`: the protocol's optimizer step is skipped.
-  bool accumulating = false;
-  /// Run before every optimizer step, once the gradients are final (e.g. to
-  /// all-reduce them across workers); none when empty.
-  std::function<void()> before_optimizer_step;
-  int64_t passes = 0;
-
-  /// The protocol's optimizer step (none while accumulating micro-batches).
-  void step_optimizer() {
-    if (!accumulating) {
-      if (before_optimizer_step) {
-        before_optimizer_step();
-      }
-      optimizer.step();
-    }
-  }
-
-  /// The model's output, with the random state of the step's first pass when
-  /// `replay` is set.
-  torch::Tensor run_forward() {
-    return replayed(forward);
-  }
-
-  /// `f()`, run as a pass of the step: with the first pass's random state
-  /// when `replay` is set.
-  template <typename F>
-  torch::Tensor replayed(const F& f) {
-    if (!replay) {
-      return f();
-    }
-    replay->before_pass();
-    struct After { // back to the frontier even if f throws
-      RngReplay& r;
-      ~After() {
-        r.after_pass();
-      }
-    } after{*replay};
-    return f();
-  }
-
-  /// The loss of `out`, checked to be a scalar that can be differentiated.
-  torch::Tensor loss_of(const torch::Tensor& out) const {
-    const torch::Tensor loss = loss_fn(out);
-    TORCH_CHECK(
-        loss.defined() && loss.numel() == 1,
-        "advtrain: the loss function must return a scalar, got a tensor of "
-        "shape ",
-        loss.defined() ? loss.sizes() : torch::IntArrayRef{});
-    TORCH_CHECK(
-        loss.requires_grad(),
-        "advtrain: the loss does not require grad; is the model's forward run "
-        "under NoGradGuard?");
-    return loss;
-  }
-
-  /// Forward, loss and `backward(loss * scale)`; returns the loss, detached.
-  torch::Tensor pass(double scale = 1.0) {
-    const torch::Tensor loss = loss_of(run_forward());
-    if (scale == 1.0) {
-      loss.backward();
-    } else {
-      (loss * scale).backward();
-    }
-    ++passes;
-    return loss.detach();
-  }
-
-  /// Moves every gradient out (leaving them undefined) and returns them.
-  std::vector<torch::Tensor> take_grads() const {
-    std::vector<torch::Tensor> grads;
-    grads.reserve(params.size());
-    for (const auto& p : params) {
-      grads.push_back(std::move(p.mutable_grad()));
-      p.mutable_grad() = torch::Tensor();
-    }
-    return grads;
-  }
-
-  /// Puts gradients taken by `take_grads` back, replacing the current ones.
-  void put_grads(std::vector<torch::Tensor> grads) const {
-    for (size_t i = 0; i < params.size(); ++i) {
-      params[i].mutable_grad() = std::move(grads[i]);
-    }
-  }
-
-  /// Adds gradients taken by `take_grads` to the current ones.
-  void add_grads(std::vector<torch::Tensor> grads) const {
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (!grads[i].defined()) {
-        continue;
-      }
-      torch::Tensor& g = params[i].mutable_grad();
-      g = g.defined() ? grads[i].add_(g) : std::move(grads[i]);
-    }
-  }
-
-  /// Drops every gradient (the next backward starts from zero).
-  void clear_grads() const {
-    for (const auto& p : params) {
-      p.mutable_grad() = torch::Tensor();
-    }
-  }
-};
-
-/// `w ← w + step of size alpha along g` (‖g‖ = gnorm) under `Norm`, then the
-/// perturbation
-/// `w − origin` is projected back into the `Norm` ball of radius `eps`
-/// (skipped when `eps <= 0`). Returns ‖w − origin‖.
-template <typename Norm>
-double projected_step(
-    torch::Tensor& w,
-    const torch::Tensor& g,
-    double gnorm,
-    double alpha,
-    double eps,
-    const torch::Tensor& origin) {
-  Norm::step(w, g, alpha, gnorm);
-  torch::Tensor delta = w - origin;
-  if (eps <= 0) {
-    return l2_norm(delta);
-  }
-  const Projection p = Norm::project(delta, eps);
-  if (p.changed) {
-    at::add_out(w, origin, delta);
-  }
-  return p.norm;
-}
-
-/// Per example (activation target, δ = w): `Norm`'s masked step of size
-/// alpha along g, then, if eps > 0, each example's δ is projected back into
-/// the ball of radius eps. Returns ‖δ‖ over all examples.
-template <typename Norm>
-double projected_step_examples(
-    torch::Tensor& w,
-    const torch::Tensor& g,
-    double alpha,
-    double eps,
-    const torch::Tensor& mask) {
-  Norm::step_examples(w, g, alpha, mask);
-  if (eps > 0) {
-    Norm::project_examples(w, eps);
-  }
-  return l2_norm(w);
-}
-
-} // namespace detail
 
 class Trainer;
 
@@ -850,7 +400,7 @@ class Attacker {
 
   /// The strategy's protocol for one batch (docs/design.md, "Protocols");
   /// called by Trainer, which restores weights and gradients if it throws.
-  virtual StepResult run_step(detail::StepContext& ctx) = 0;
+  virtual StepResult run_step(StepContext& ctx) = 0;
 
   /// State beyond the base's.
   virtual void save_state(torch::serialize::OutputArchive& /*archive*/) const {}
@@ -979,7 +529,7 @@ class Attacker {
   }
 
   /// The `Trainer` step running now, if any.
-  detail::StepContext* running_step() const noexcept {
+  StepContext* running_step() const noexcept {
     return step_;
   }
 
@@ -1011,7 +561,7 @@ class Attacker {
 
   /// The protocol of FGSM and FGM: clean pass, one attack, adversarial pass,
   /// restore, optimizer step.
-  StepResult run_single_attack(detail::StepContext& ctx) {
+  StepResult run_single_attack(StepContext& ctx) {
     StepResult r;
     r.loss = ctx.pass().item<double>();
     attack();
@@ -1028,7 +578,7 @@ class Attacker {
   friend class Trainer;
 
  private:
-  void begin_step(detail::StepContext& ctx) {
+  void begin_step(StepContext& ctx) {
     step_ = &ctx;
     for (auto& slot : slots_) {
       slot->reset();
@@ -1187,8 +737,8 @@ class Attacker {
   bool warned_nonfinite_ = false;
   int64_t zero_gradients_ = 0;
   bool warned_zero_ = false;
-  std::vector<const void*> claimed_;    // registered in PerturbedTensors
-  detail::StepContext* step_ = nullptr; // the running Trainer step, if any
+  std::vector<const void*> claimed_; // registered in PerturbedTensors
+  StepContext* step_ = nullptr;      // the running Trainer step, if any
 };
 
 /// `archive << attacker`, so that `torch::save(attacker, path)` works.
@@ -1203,11 +753,6 @@ inline torch::serialize::InputArchive& operator>>(
     torch::serialize::InputArchive& archive, Attacker& attacker) {
   attacker.load(archive);
   return archive;
-}
-
-inline std::vector<torch::Tensor> select_parameters(
-    const NamedParameters& module, const std::string& name_contains) {
-  return detail::select_named(module, name_contains).second;
 }
 
 } // namespace advtrain

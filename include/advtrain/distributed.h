@@ -1,3 +1,5 @@
+// Data-parallel training on c10d: `DataParallel` averages the gradients over
+// a process group once per optimizer step (optional; needs USE_DISTRIBUTED).
 #pragma once
 
 /// Data-parallel training on LibTorch's distributed engine (c10d).

@@ -1,3 +1,5 @@
+// The fast-gradient strategies: `FGM` (ε·g/‖g‖) and `FGSM` (ε·sign(g)),
+// one step under two norm policies, on the table or per example.
 #pragma once
 
 #include <advtrain/attacker.h>

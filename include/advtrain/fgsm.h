@@ -1,4 +1,4 @@
+// FGSM: the fast-gradient step of FGM under the L∞ norm (both in fgm.h).
 #pragma once
 
-// FGSM is the fast-gradient step of FGM under the L∞ norm; both live in fgm.h.
 #include <advtrain/fgm.h>

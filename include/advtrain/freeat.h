@@ -1,3 +1,5 @@
+// FreeAT ("free" adversarial training): a δ kept across batches, each
+// batch replayed m times with an optimizer step per replay.
 #pragma once
 
 #include <advtrain/attacker.h>
@@ -140,7 +142,7 @@ class BasicFreeAT : public Attacker {
 
   /// m times: apply δ, forward+backward, update δ from that gradient,
   /// restore, optimizer step, clear the gradients (not after the last).
-  StepResult run_step(detail::StepContext& ctx) override {
+  StepResult run_step(StepContext& ctx) override {
     TORCH_CHECK(
         !ctx.accumulating,
         "advtrain: FreeAT steps the optimizer once per replay, so it cannot "

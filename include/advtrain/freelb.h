@@ -1,3 +1,5 @@
+// FreeLB: K ascent passes whose parameter gradients average into one step;
+// `FreeLB` (L2) and `FreeLBLInf` (the official L∞ rule).
 #pragma once
 
 #include <advtrain/attacker.h>
@@ -64,7 +66,7 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
   /// targets' gradient of this pass alone (the sum of the earlier passes is
   /// set aside during the pass and added back after the ascent). Restore,
   /// step.
-  StepResult run_step(detail::StepContext& ctx) override {
+  StepResult run_step(StepContext& ctx) override {
     StepResult r;
     const int64_t k = this->options_.steps();
     const double scale = 1.0 / static_cast<double>(k);

@@ -1,3 +1,6 @@
+// Norm policies (`L2`, `LInf`, `LInfScaled`): each one's step, projection
+// and random start, on a whole tensor and per example; norms in float32 for
+// half-precision tensors.
 #pragma once
 
 #include <torch/torch.h>
@@ -201,5 +204,50 @@ struct LInfScaled {
     LInf::random_start(d, mask, mag);
   }
 };
+
+namespace detail {
+
+/// `w ← w + step of size alpha along g` (‖g‖ = gnorm) under `Norm`, then the
+/// perturbation
+/// `w − origin` is projected back into the `Norm` ball of radius `eps`
+/// (skipped when `eps <= 0`). Returns ‖w − origin‖.
+template <typename Norm>
+double projected_step(
+    torch::Tensor& w,
+    const torch::Tensor& g,
+    double gnorm,
+    double alpha,
+    double eps,
+    const torch::Tensor& origin) {
+  Norm::step(w, g, alpha, gnorm);
+  torch::Tensor delta = w - origin;
+  if (eps <= 0) {
+    return l2_norm(delta);
+  }
+  const Projection p = Norm::project(delta, eps);
+  if (p.changed) {
+    at::add_out(w, origin, delta);
+  }
+  return p.norm;
+}
+
+/// Per example (activation target, δ = w): `Norm`'s masked step of size
+/// alpha along g, then, if eps > 0, each example's δ is projected back into
+/// the ball of radius eps. Returns ‖δ‖ over all examples.
+template <typename Norm>
+double projected_step_examples(
+    torch::Tensor& w,
+    const torch::Tensor& g,
+    double alpha,
+    double eps,
+    const torch::Tensor& mask) {
+  Norm::step_examples(w, g, alpha, mask);
+  if (eps > 0) {
+    Norm::project_examples(w, eps);
+  }
+  return l2_norm(w);
+}
+
+} // namespace detail
 
 } // namespace advtrain

@@ -1,3 +1,5 @@
+// The per-example target: `PerturbedEmbedding`, a drop-in `nn::Embedding`
+// whose output gets the attacker's δ, and its `Perturbation` slot.
 #pragma once
 
 #include <torch/torch.h>

@@ -1,3 +1,6 @@
+// PGD: K projected ascent steps, the clean gradient plus the last
+// adversarial one; `PGD` (L2) and `PGDLInf`; the `ProjectedAscent` base
+// that FreeLB shares.
 #pragma once
 
 #include <advtrain/attacker.h>
@@ -106,7 +109,7 @@ class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
   /// Clean pass; then K times: attack, clear the grads (the clean ones are
   /// set aside after the first attack and put back before the last pass),
   /// adversarial pass. Restore, step.
-  StepResult run_step(detail::StepContext& ctx) override {
+  StepResult run_step(StepContext& ctx) override {
     StepResult r;
     r.loss = ctx.pass().item<double>();
     const int64_t k = this->options_.steps();

@@ -1,3 +1,5 @@
+// `Trainer`: runs a strategy's whole protocol for one batch with any module
+// and any optimizer, restoring everything if a closure throws.
 #pragma once
 
 #include <advtrain/attacker.h>
@@ -52,6 +54,15 @@ class Trainer {
     return *this;
   }
 
+  /// Runs `hook` after every `optimizer.step()` the protocol makes, with the
+  /// updated parameters: once per step, m times per step for FreeAT, never
+  /// while accumulating (e.g. a moving average of the parameters). An empty
+  /// function removes it.
+  Trainer& after_optimizer_step(std::function<void()> hook) {
+    after_optimizer_step_ = std::move(hook);
+    return *this;
+  }
+
   torch::optim::Optimizer& optimizer() noexcept {
     return optimizer_;
   }
@@ -71,9 +82,10 @@ class Trainer {
                                 : detail::union_of(
                                       detail::optimizer_parameters(optimizer_),
                                       attacker_.targets());
-    detail::StepContext ctx(optimizer_, forward, loss_fn, params);
+    StepContext ctx(optimizer_, forward, loss_fn, params);
     ctx.accumulating = accumulating;
     ctx.before_optimizer_step = before_optimizer_step_;
+    ctx.after_optimizer_step = after_optimizer_step_;
     if (attacker_.share_dropout_mask()) {
       ctx.replay.emplace(params);
     }
@@ -108,6 +120,7 @@ class Trainer {
   torch::optim::Optimizer& optimizer_;
   Attacker& attacker_;
   std::function<void()> before_optimizer_step_;
+  std::function<void()> after_optimizer_step_;
 };
 
 } // namespace advtrain

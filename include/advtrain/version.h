@@ -1,3 +1,4 @@
+// advtrain's version.
 #pragma once
 
 /// advtrain's version; kept equal to `project(advtrain VERSION ...)` in

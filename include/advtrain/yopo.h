@@ -1,3 +1,5 @@
+// YOPO ("You Only Propagate Once"): m full passes and cheap inner ascent
+// steps through the model's first layer alone, per example.
 #pragma once
 
 #include <advtrain/attacker.h>
@@ -88,7 +90,7 @@ class YOPO : public Attacker {
   /// The first layer, as the model's forward calls it: keeps its output z0
   /// so that the co-state ∂L/∂z0 can be read after the backward pass.
   torch::Tensor first(const torch::Tensor& x) {
-    detail::StepContext* step = running_step();
+    StepContext* step = running_step();
     if (step != nullptr && step->replay && !first_mark_) {
       // The first full pass: the inner passes replay the stream from here,
       // so they draw the masks `first` drew then, whatever the model drew
@@ -134,7 +136,7 @@ class YOPO : public Attacker {
     });
   }
 
-  StepResult run_step(detail::StepContext& ctx) override {
+  StepResult run_step(StepContext& ctx) override {
     StepResult r;
     const int64_t m = options_.steps();
     inner_passes_ = 0;

@@ -1,0 +1,189 @@
+// One training step as a strategy's protocol sees it: the closures it runs
+// (`ForwardFunction`, `LossFunction`), what it reports (`StepResult`), and
+// `StepContext`, the passes, gradients and optimizer step of one batch.
+#pragma once
+
+#include <advtrain/detail/rng_replay.h>
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+
+/// Runs the model on the current batch and returns its output (logits).
+using ForwardFunction = std::function<torch::Tensor()>;
+/// Turns the model's output into a scalar loss.
+using LossFunction = std::function<torch::Tensor(const torch::Tensor&)>;
+
+/// What one `Trainer::step` did. Each field means the same for every
+/// strategy and both targets.
+struct StepResult {
+  /// Task loss of the step's first pass, run at the step's starting point δ₀:
+  /// δ₀ = 0 (a clean pass) except for FreeLB and YOPO with a random start and
+  /// for FreeAT, whose δ persists across batches; `start_norm` is ‖δ₀‖.
+  double loss = 0.0;
+  /// ‖δ₀‖ at the first pass (0: `loss` is the clean loss).
+  double start_norm = 0.0;
+  /// Task loss of the step's last pass at a perturbation (FGSM/FGM: the
+  /// adversarial pass; PGD, FreeLB: the K-th; FreeAT: the m-th replay; YOPO:
+  /// the m-th full pass; SMART: the task loss of the final perturbed
+  /// output). With a single pass (FreeLB K = 1), that pass.
+  double adv_loss = 0.0;
+  /// ‖δ‖₂ at the pass of `adv_loss`: the L2 norm over everything perturbed
+  /// (all targets; on the per-example target, all examples together:
+  /// sqrt(Σᵢ ‖δᵢ‖²)). 0 when no perturbation was applied.
+  double perturbation_norm = 0.0;
+  /// The regularizer added to the task loss, before its weight (SMART's
+  /// symmetric divergence); 0 for strategies without one, or when SMART
+  /// skipped it (non-finite ascent gradient).
+  double regularizer = 0.0;
+  /// Forward passes through the whole model (each followed by a backward,
+  /// except SMART's ascent passes, which use autograd::grad).
+  int64_t passes = 0;
+};
+
+/// One batch's worth of work for a strategy's protocol — the extension point
+/// of every protocol: a strategy's `run_step(StepContext&)` runs its passes
+/// through it (`pass`, `run_forward`, `loss_of`), sets gradients aside and
+/// back (`take_grads`, `put_grads`, `add_grads`, `clear_grads`), and steps
+/// the optimizer (`step_optimizer`, with the hooks around it). `Trainer`
+/// builds it for each step with the closures, the optimizer and the
+/// parameters whose gradients the step owns. Gradients are cleared by
+/// dropping them (like `zero_grad(set_to_none=true)`) and moved, never
+/// copied, when a protocol sets them aside.
+struct StepContext {
+  StepContext(
+      torch::optim::Optimizer& optimizer,
+      const ForwardFunction& forward,
+      const LossFunction& loss_fn,
+      const std::vector<torch::Tensor>& params)
+      : optimizer(optimizer),
+        forward(forward),
+        loss_fn(loss_fn),
+        params(params) {}
+
+  torch::optim::Optimizer& optimizer;
+  const ForwardFunction& forward;
+  const LossFunction& loss_fn;
+  const std::vector<torch::Tensor>& params;
+  /// Set when every pass must draw the same dropout masks.
+  std::optional<detail::RngReplay> replay;
+  /// Set by `Trainer::accumulate`: the protocol's optimizer step is skipped.
+  bool accumulating = false;
+  /// Run before every optimizer step, once the gradients are final (e.g. to
+  /// all-reduce them across workers); none when empty.
+  std::function<void()> before_optimizer_step;
+  /// Run after every optimizer step, with the new parameters (e.g. to update
+  /// a moving average of them); none when empty.
+  std::function<void()> after_optimizer_step;
+  /// Forward passes run so far (`pass` counts them; protocols that run
+  /// passes another way add theirs).
+  int64_t passes = 0;
+
+  /// The protocol's optimizer step, between the two hooks (none while
+  /// accumulating micro-batches).
+  void step_optimizer() {
+    if (!accumulating) {
+      if (before_optimizer_step) {
+        before_optimizer_step();
+      }
+      optimizer.step();
+      if (after_optimizer_step) {
+        after_optimizer_step();
+      }
+    }
+  }
+
+  /// The model's output, with the random state of the step's first pass when
+  /// `replay` is set.
+  torch::Tensor run_forward() {
+    return replayed(forward);
+  }
+
+  /// `f()`, run as a pass of the step: with the first pass's random state
+  /// when `replay` is set.
+  template <typename F>
+  torch::Tensor replayed(const F& f) {
+    if (!replay) {
+      return f();
+    }
+    replay->before_pass();
+    struct After { // back to the frontier even if f throws
+      detail::RngReplay& r;
+      ~After() {
+        r.after_pass();
+      }
+    } after{*replay};
+    return f();
+  }
+
+  /// The loss of `out`, checked to be a scalar that can be differentiated.
+  torch::Tensor loss_of(const torch::Tensor& out) const {
+    const torch::Tensor loss = loss_fn(out);
+    TORCH_CHECK(
+        loss.defined() && loss.numel() == 1,
+        "advtrain: the loss function must return a scalar, got a tensor of "
+        "shape ",
+        loss.defined() ? loss.sizes() : torch::IntArrayRef{});
+    TORCH_CHECK(
+        loss.requires_grad(),
+        "advtrain: the loss does not require grad; is the model's forward run "
+        "under NoGradGuard?");
+    return loss;
+  }
+
+  /// Forward, loss and `backward(loss * scale)`; returns the loss, detached.
+  torch::Tensor pass(double scale = 1.0) {
+    const torch::Tensor loss = loss_of(run_forward());
+    if (scale == 1.0) {
+      loss.backward();
+    } else {
+      (loss * scale).backward();
+    }
+    ++passes;
+    return loss.detach();
+  }
+
+  /// Moves every gradient out (leaving them undefined) and returns them.
+  std::vector<torch::Tensor> take_grads() const {
+    std::vector<torch::Tensor> grads;
+    grads.reserve(params.size());
+    for (const auto& p : params) {
+      grads.push_back(std::move(p.mutable_grad()));
+      p.mutable_grad() = torch::Tensor();
+    }
+    return grads;
+  }
+
+  /// Puts gradients taken by `take_grads` back, replacing the current ones.
+  void put_grads(std::vector<torch::Tensor> grads) const {
+    for (size_t i = 0; i < params.size(); ++i) {
+      params[i].mutable_grad() = std::move(grads[i]);
+    }
+  }
+
+  /// Adds gradients taken by `take_grads` to the current ones.
+  void add_grads(std::vector<torch::Tensor> grads) const {
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!grads[i].defined()) {
+        continue;
+      }
+      torch::Tensor& g = params[i].mutable_grad();
+      g = g.defined() ? grads[i].add_(g) : std::move(grads[i]);
+    }
+  }
+
+  /// Drops every gradient (the next backward starts from zero).
+  void clear_grads() const {
+    for (const auto& p : params) {
+      p.mutable_grad() = torch::Tensor();
+    }
+  }
+};
+
+} // namespace advtrain
