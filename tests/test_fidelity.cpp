@@ -5,6 +5,7 @@
 // that draws the same numbers in the same order, or against plain math.
 
 #include "common.h"
+#include "strategies.h"
 
 #include <catch2/catch.hpp>
 
@@ -636,4 +637,38 @@ TEST_CASE(
       [&] { return model->forward(x); },
       [&](const torch::Tensor& out) { return cross_entropy(out, y); });
   CHECK(max_diff(model, sgd(p0, sum)) < kTol);
+}
+
+TEST_CASE(
+    "Every strategy per example: masks shared within a step, no δ after it",
+    "[random]") {
+  const auto x = padded_ids();
+  const bool share = GENERATE(true, false);
+  for (const auto& c : strategies()) {
+    INFO(c.name << ", share_dropout_mask " << share);
+    auto model = make_drop();
+    const auto attacker = c.per_example(model->embedding, share);
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+    advtrain::Trainer trainer(opt, *attacker);
+    torch::manual_seed(84);
+    step_drop(trainer, model, x);
+    step_drop(trainer, model, x);
+    const auto per_step = static_cast<size_t>(c.passes);
+    REQUIRE(model->masks.size() == 2 * per_step);
+    for (size_t step = 0; step < 2; ++step) {
+      for (size_t j = 1; j < per_step; ++j) {
+        CHECK(
+            bit_equal(
+                model->masks[step * per_step + j],
+                model->masks[step * per_step]) == share);
+      }
+    }
+    CHECK_FALSE(bit_equal(model->masks[0], model->masks[per_step]));
+    CHECK_FALSE(attacker->is_perturbed());
+    CHECK(
+        max_abs_diff(
+            model->embedding(x),
+            torch::nn::functional::embedding(x, model->embedding->weight)) ==
+        0.0);
+  }
 }

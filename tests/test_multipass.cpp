@@ -2,6 +2,7 @@
 // tensor ops; shared dropout masks; attacker state saved and resumed.
 
 #include "common.h"
+#include "strategies.h"
 
 #include <catch2/catch.hpp>
 
@@ -359,54 +360,24 @@ std::vector<torch::Tensor> masks_of(
 TEST_CASE(
     "Shared dropout masks: equal within a step with the option", "[dropout]") {
   const bool share = GENERATE(true, false);
-  torch::manual_seed(5);
-  DropNet model;
-  std::unique_ptr<advtrain::Attacker> attacker;
-  size_t per_step = 0;
-  SECTION("FreeLB") {
-    attacker = std::make_unique<advtrain::FreeLB>(
-        *model,
-        "embedding",
-        advtrain::FreeLBOptions().steps(3).share_dropout_mask(share));
-    per_step = 3;
-  }
-  SECTION("PGD") {
-    attacker = std::make_unique<advtrain::PGD>(
-        *model,
-        "embedding",
-        advtrain::PGDOptions().steps(2).share_dropout_mask(share));
-    per_step = 3;
-  }
-  SECTION("FGM") {
-    attacker = std::make_unique<advtrain::FGM>(
-        *model, "embedding", advtrain::FGMOptions().share_dropout_mask(share));
-    per_step = 2;
-  }
-  SECTION("SMART") {
-    attacker = std::make_unique<advtrain::SMART>(
-        *model,
-        "embedding",
-        advtrain::SMARTOptions().steps(2).share_dropout_mask(share));
-    per_step = 4;
-  }
-  SECTION("FreeAT") {
-    attacker = std::make_unique<advtrain::FreeAT>(
-        *model,
-        "embedding",
-        advtrain::FreeATOptions().replays(3).share_dropout_mask(share));
-    per_step = 3;
-  }
-  const auto masks = masks_of(*attacker, model);
-  REQUIRE(masks.size() == 2 * per_step);
-  for (size_t step = 0; step < 2; ++step) {
-    for (size_t j = 1; j < per_step; ++j) {
-      CHECK(
-          torch::equal(masks[step * per_step + j], masks[step * per_step]) ==
-          share);
+  for (const auto& c : strategies()) {
+    INFO(c.name << ", share_dropout_mask " << share);
+    torch::manual_seed(5);
+    DropNet model;
+    const auto attacker = c.on_table(*model, "embedding", share);
+    const auto per_step = static_cast<size_t>(c.passes);
+    const auto masks = masks_of(*attacker, model);
+    REQUIRE(masks.size() == 2 * per_step);
+    for (size_t step = 0; step < 2; ++step) {
+      for (size_t j = 1; j < per_step; ++j) {
+        CHECK(
+            torch::equal(masks[step * per_step + j], masks[step * per_step]) ==
+            share);
+      }
     }
+    // Masks still change from one step to the next.
+    CHECK_FALSE(torch::equal(masks[0], masks[per_step]));
   }
-  // Masks still change from one step to the next.
-  CHECK_FALSE(torch::equal(masks[0], masks[per_step]));
 }
 
 TEST_CASE("FreeLB shares dropout masks by default", "[dropout]") {
@@ -486,24 +457,22 @@ TEST_CASE("FreeAT state saves and resumes bit for bit", "[state]") {
 }
 
 TEST_CASE(
-    "A throwing closure in FreeLB, SMART or FreeAT changes nothing",
+    "A throwing closure in any pass of any strategy changes nothing",
     "[trainer]") {
-  const int fail_at = GENERATE(1, 2, 3);
-  auto model = make_model();
-  auto params = model->parameters();
-  for (auto& p : params) {
-    p.mutable_grad() = torch::randn_like(p);
-  }
-  const auto weights_before = clone_all(params);
-  const auto grads_before = clone_all(grads_of(params));
-  advtrain::FreeLB freelb(*model, "embedding");
-  advtrain::SMART smart(*model, "embedding");
-  advtrain::FreeAT freeat(*model, "embedding");
-  std::vector<advtrain::Attacker*> attackers{&freelb, &smart};
-  if (fail_at == 1) {
-    attackers.push_back(&freeat); // later replays keep their completed steps
-  }
-  for (advtrain::Attacker* attacker : attackers) {
+  const int fail_at = GENERATE(1, 2, 3, 4);
+  for (const auto& c : strategies()) {
+    if (fail_at > c.passes || (c.optimizer_steps > 1 && fail_at > 1)) {
+      continue; // later replays keep their completed optimizer steps
+    }
+    INFO(c.name << ", failing pass " << fail_at);
+    auto model = make_model();
+    auto params = model->parameters();
+    for (auto& p : params) {
+      p.mutable_grad() = torch::randn_like(p);
+    }
+    const auto weights_before = clone_all(params);
+    const auto grads_before = clone_all(grads_of(params));
+    const auto attacker = c.on_table(*model, "embedding", false);
     torch::optim::SGD opt(params, torch::optim::SGDOptions(0.1));
     advtrain::Trainer trainer(opt, *attacker);
     int calls = 0;
@@ -526,33 +495,14 @@ TEST_CASE(
   }
 }
 
-TEST_CASE(
-    "before_optimizer_step runs once per optimizer step, on final gradients",
-    "[trainer]") {
+namespace {
+
+void check_before_optimizer_step(const StrategyCase& c) {
   auto model = make_model();
   const Plain p0 = Plain::of(model);
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
-  std::unique_ptr<advtrain::Attacker> attacker;
-  int64_t per_step = 1;
-  SECTION("FGM") {
-    attacker = std::make_unique<advtrain::FGM>(*model, "embedding");
-  }
-  SECTION("PGD") {
-    attacker = std::make_unique<advtrain::PGD>(
-        *model, "embedding", advtrain::PGDOptions().steps(3));
-  }
-  SECTION("FreeLB") {
-    attacker = std::make_unique<advtrain::FreeLB>(
-        *model, "embedding", advtrain::FreeLBOptions().steps(3));
-  }
-  SECTION("SMART") {
-    attacker = std::make_unique<advtrain::SMART>(*model, "embedding");
-  }
-  SECTION("FreeAT") {
-    attacker = std::make_unique<advtrain::FreeAT>(
-        *model, "embedding", advtrain::FreeATOptions().replays(3));
-    per_step = 3;
-  }
+  const auto attacker = c.on_table(*model, "embedding", false);
+  const int64_t per_step = c.optimizer_steps;
   advtrain::Trainer trainer(opt, *attacker);
   int64_t calls = 0;
   bool restored = true;
@@ -587,4 +537,114 @@ TEST_CASE(
   step_on(trainer, model, batch_ids(), batch_labels());
   CHECK(calls == per_step);
   CHECK(max_diff(model, p0) > 1e-4);
+}
+
+} // namespace
+
+TEST_CASE(
+    "before_optimizer_step runs once per optimizer step, on final gradients",
+    "[trainer]") {
+  for (const auto& c : strategies()) {
+    INFO(c.name);
+    check_before_optimizer_step(c);
+  }
+}
+
+namespace {
+
+// A throwaway strategy, to show what a new one costs: options, a check, and
+// the three hooks of the regularizer protocol. Gaussian noise of scale
+// sigma on the table, and a symmetric KL with gradients through both outputs
+// (R3F-like).
+struct NoiseRegOptions {
+  static constexpr const char* kind = "NoiseReg";
+  TORCH_ARG(double, sigma) = 0.1;
+  TORCH_ARG(double, weight) = 1.0;
+  TORCH_ARG(bool, share_dropout_mask) = false;
+};
+
+void check_options(const NoiseRegOptions& o, const advtrain::Attacker&) {
+  advtrain::detail::check_option(
+      o.sigma() > 0, NoiseRegOptions::kind, "sigma", o.sigma(), "> 0");
+}
+
+class NoiseReg : public advtrain::Regularizer<NoiseRegOptions> {
+ public:
+  using Regularizer::Regularizer;
+
+ protected:
+  void start() override {
+    for (size_t i = 0; i < targets().size(); ++i) {
+      data(i).add_(torch::randn_like(data(i)), options_.sigma());
+    }
+  }
+  int64_t search_steps() const override {
+    return 0;
+  }
+  torch::Tensor search_objective(
+      const torch::Tensor&, const torch::Tensor&) const override {
+    return {};
+  }
+  torch::Tensor penalty(
+      const torch::Tensor& adv, const torch::Tensor& clean) const override {
+    const auto la = torch::log_softmax(adv, -1);
+    const auto lc = torch::log_softmax(clean, -1);
+    return ((la.exp() * (la - lc)).sum() + (lc.exp() * (lc - la)).sum()) /
+           static_cast<double>(adv.size(0));
+  }
+  double weight() const override {
+    return options_.weight();
+  }
+  double perturb(
+      size_t,
+      torch::Tensor&,
+      const torch::Tensor&,
+      double,
+      const torch::Tensor&) override {
+    return 0.0; // no search
+  }
+};
+
+} // namespace
+
+TEST_CASE(
+    "A new strategy on the regularizer protocol: one class, one list entry",
+    "[extension]") {
+  const auto o = NoiseRegOptions().sigma(0.3).weight(2.0);
+  auto model = make_model();
+  const Plain p0 = Plain::of(model);
+  const auto x = batch_ids();
+  const auto y = batch_labels();
+  // Plain: the noise is the step's only draw.
+  torch::manual_seed(31);
+  const auto z = torch::randn_like(p0.W) * o.sigma();
+  auto W = p0.W.clone().requires_grad_(), A = p0.A.clone().requires_grad_(),
+       b = p0.b.clone().requires_grad_();
+  const Plain leaves{W, A, b};
+  const auto clean = plain_logits(leaves, x);
+  const auto noised = plain_logits(leaves.with_W(W + z), x);
+  const auto p = torch::softmax(clean, 1), q = torch::softmax(noised, 1);
+  const auto sym = (q * (q.log() - p.log())).sum() / 3.0 +
+                   (p * (p.log() - q.log())).sum() / 3.0;
+  const auto loss = plain_loss(leaves, x, y) + o.weight() * sym;
+  const auto g = torch::autograd::grad({loss}, {W, A, b});
+
+  NoiseReg reg(*model, "embedding", o);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, reg);
+  torch::manual_seed(31);
+  const auto r = step_on(trainer, model, x, y);
+  CHECK(max_diff(model, sgd(p0, {g[0], g[1], g[2]})) < kTol);
+  CHECK(r.passes == 2);
+  CHECK(r.regularizer == Approx(sym.item<double>()).epsilon(1e-12));
+  CHECK(r.perturbation_norm == Approx(z.norm().item<double>()));
+  CHECK_THROWS_WITH(
+      NoiseReg(*model, "embedding", NoiseRegOptions().sigma(0)),
+      Contains("NoiseReg: Invalid sigma: 0"));
+  // One entry makes it part of the general tests' list.
+  const auto c = fixture::detail::both<NoiseReg, NoiseRegOptions>(
+      "NoiseReg", 2, 1, [](bool s) {
+        return NoiseRegOptions().share_dropout_mask(s);
+      });
+  check_before_optimizer_step(c);
 }

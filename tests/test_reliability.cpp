@@ -5,6 +5,7 @@
 // ADVTRAIN_PROPERTY_CASES sets the number of generated cases (default 1000).
 
 #include "common.h"
+#include "strategies.h"
 
 #include <catch2/catch.hpp>
 
@@ -491,33 +492,12 @@ TEST_CASE(
 TEST_CASE("Every strategy trains a bfloat16 model on CPU", "[bf16]") {
   const auto x = batch_ids();
   const auto y = batch_labels();
-  for (int which = 0; which < 6; ++which) {
+  for (const auto& c : strategies()) {
     auto model = make_model();
     model->to(torch::kBFloat16);
-    std::unique_ptr<advtrain::Attacker> a;
-    switch (which) {
-      case 0:
-        a = std::make_unique<advtrain::FGSM>(*model, "embedding");
-        break;
-      case 1:
-        a = std::make_unique<advtrain::FGM>(*model, "embedding");
-        break;
-      case 2:
-        a = std::make_unique<advtrain::PGD>(*model, "embedding");
-        break;
-      case 3:
-        a = std::make_unique<advtrain::FreeAT>(*model, "embedding");
-        break;
-      case 4:
-        a = std::make_unique<advtrain::FreeLB>(*model, "embedding");
-        break;
-      default:
-        // The default noise (1e-5) is below bfloat16's resolution for
-        // weights near 1: W + δ would round back to W (see the README).
-        a = std::make_unique<advtrain::SMART>(
-            *model, "embedding", advtrain::SMARTOptions().noise_var(1e-2));
-        break;
-    }
+    // (The list's SMART noise, 1e-2, is above bfloat16's resolution for
+    // weights near 1; the default 1e-5 would round away: see the README.)
+    const auto a = c.on_table(*model, "embedding", false);
     INFO(a->kind());
     const auto before = clone_all(model->parameters());
     torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.5));

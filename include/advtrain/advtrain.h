@@ -12,6 +12,7 @@
 #include <advtrain/parameters.h>
 #include <advtrain/perturbed_embedding.h>
 #include <advtrain/pgd.h>
+#include <advtrain/regularizer.h>
 #include <advtrain/smart.h>
 #include <advtrain/step.h>
 #include <advtrain/trainer.h>

@@ -398,6 +398,12 @@ class Attacker {
     return false;
   }
 
+  /// Whether `data(i)` writes the targets without bumping their autograd
+  /// version (SMART: its clean graph stays usable while they are perturbed).
+  virtual bool untracked_writes() const {
+    return false;
+  }
+
   /// The strategy's protocol for one batch (docs/design.md, "Protocols");
   /// called by Trainer, which restores weights and gradients if it throws.
   virtual StepResult run_step(StepContext& ctx) = 0;
@@ -550,13 +556,13 @@ class Attacker {
     return backup_[i];
   }
 
-  /// Target `i` as a tensor to write into. When `untracked_writes_` is set,
+  /// Target `i` as a tensor to write into. When `untracked_writes()` holds,
   /// the writes do not bump the autograd version counter, so a graph built
   /// before the perturbation (SMART's clean pass) stays usable; such a graph
   /// must only be run backward after `restore()`.
   torch::Tensor data(size_t i) const {
-    return untracked_writes_ ? targets_[i].variable_data()
-                             : targets_[i].detach();
+    return untracked_writes() ? targets_[i].variable_data()
+                              : targets_[i].detach();
   }
 
   /// The protocol of FGSM and FGM: clean pass, one attack, adversarial pass,
@@ -572,7 +578,6 @@ class Attacker {
     return r;
   }
 
-  bool untracked_writes_ = false;
   double perturbation_norm_ = 0.0;
 
   friend class Trainer;
@@ -739,6 +744,68 @@ class Attacker {
   bool warned_zero_ = false;
   std::vector<const void*> claimed_; // registered in PerturbedTensors
   StepContext* step_ = nullptr;      // the running Trainer step, if any
+};
+
+namespace detail {
+
+/// Refuses an option: `Kind: Invalid field: value (must be rule)`.
+template <typename T>
+void check_option(
+    bool ok,
+    const char* kind,
+    const char* field,
+    const T& value,
+    const char* rule) {
+  TORCH_CHECK(
+      ok, kind, ": Invalid ", field, ": ", value, " (must be ", rule, ")");
+}
+
+} // namespace detail
+
+/// The base of a strategy with options `Options`: the three ways to name its
+/// target — tensors, a module and a substring of parameter names, or a
+/// `PerturbedEmbedding` (each example's embedded tokens) — which strategies
+/// inherit (`using Strategy::Strategy`), and the options, validated once by
+/// `check_options(options, attacker)` (an overload next to each options
+/// struct, which names the strategy in `Options::kind`).
+template <typename Options>
+class Strategy : public Attacker {
+ public:
+  /// Perturbs `params` (e.g. embedding tables).
+  explicit Strategy(std::vector<torch::Tensor> params, Options options = {})
+      : Attacker(std::move(params), Options::kind),
+        options_(std::move(options)) {
+    check_options(options_, *this);
+  }
+  /// Perturbs the parameters of `module` whose names contain
+  /// `name_contains`; the module's parameters are the ones whose gradients
+  /// `backup_grad()`/`restore_grad()` handle.
+  Strategy(
+      const NamedParameters& module,
+      const std::string& name_contains,
+      Options options = {})
+      : Attacker(module, name_contains, Options::kind),
+        options_(std::move(options)) {
+    check_options(options_, *this);
+  }
+  /// Perturbs each example's output of `embedding` (docs/design.md,
+  /// "Targets").
+  explicit Strategy(const PerturbedEmbedding& embedding, Options options = {})
+      : Attacker({embedding->perturbation()}, Options::kind),
+        options_(std::move(options)) {
+    check_options(options_, *this);
+  }
+
+  const Options& options() const noexcept {
+    return options_;
+  }
+
+ protected:
+  bool share_dropout_mask() const override {
+    return options_.share_dropout_mask();
+  }
+
+  Options options_;
 };
 
 /// `archive << attacker`, so that `torch::save(attacker, path)` works.

@@ -14,6 +14,7 @@ namespace advtrain {
 /// Options of FreeAT ("free" adversarial training, Shafahi et al., NeurIPS
 /// 2019).
 struct FreeATOptions {
+  static constexpr const char* kind = "FreeAT";
   /// Bound ε of the perturbation (per element for `FreeAT`, L2 for
   /// `FreeATL2`).
   TORCH_ARG(double, epsilon) = 0.01;
@@ -25,6 +26,13 @@ struct FreeATOptions {
   /// Whether the m replays of a batch draw the same dropout masks.
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
+
+inline void check_options(const FreeATOptions& o, const Attacker& /*target*/) {
+  const char* kind = FreeATOptions::kind;
+  detail::check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
+  detail::check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  detail::check_option(o.replays() >= 1, kind, "replays", o.replays(), ">= 1");
+}
 
 /// FreeAT under the norm policy `Norm`: one perturbation δ per target, created
 /// zero and kept across batches. Each replay applies δ, runs forward and
@@ -38,34 +46,11 @@ struct FreeATOptions {
 ///   freeat.restore();         // W = W0
 ///   optimizer.step(); optimizer.zero_grad();
 template <typename Norm>
-class BasicFreeAT : public Attacker {
+class BasicFreeAT : public Strategy<FreeATOptions> {
  public:
-  explicit BasicFreeAT(
-      std::vector<torch::Tensor> params, FreeATOptions options = {})
-      : Attacker(std::move(params), "FreeAT"), options_(std::move(options)) {
-    check();
-  }
-  BasicFreeAT(
-      const NamedParameters& module,
-      const std::string& name_contains,
-      FreeATOptions options = {})
-      : Attacker(module, name_contains, "FreeAT"),
-        options_(std::move(options)) {
-    check();
-  }
-  /// Per-example perturbation of `embedding`'s output (docs/design.md,
-  /// "Targets"): δ [B, L, H] persists across batches; a batch of another shape
-  /// keeps the overlap.
-  explicit BasicFreeAT(
-      const PerturbedEmbedding& embedding, FreeATOptions options = {})
-      : Attacker({embedding->perturbation()}, "FreeAT"),
-        options_(std::move(options)) {
-    check();
-  }
-
-  const FreeATOptions& options() const noexcept {
-    return options_;
-  }
+  /// On a `PerturbedEmbedding`, δ [B, L, H] persists across batches; a
+  /// batch of another shape keeps the overlap.
+  using Strategy::Strategy;
 
   /// `δ ← proj(δ + α * direction(g))` for each target, `g` its current
   /// gradient; targets without a gradient, or with a zero or non-finite one,
@@ -100,10 +85,6 @@ class BasicFreeAT : public Attacker {
  protected:
   bool uses_gradient() const override {
     return false;
-  }
-
-  bool share_dropout_mask() const override {
-    return options_.share_dropout_mask();
   }
 
   int64_t extra_bytes() const override {
@@ -232,25 +213,6 @@ class BasicFreeAT : public Attacker {
     return d;
   }
 
-  void check() const {
-    TORCH_CHECK(
-        options_.epsilon() > 0,
-        "FreeAT: Invalid epsilon: ",
-        options_.epsilon(),
-        " (must be > 0)");
-    TORCH_CHECK(
-        options_.alpha() >= 0,
-        "FreeAT: Invalid alpha: ",
-        options_.alpha(),
-        " (must be >= 0)");
-    TORCH_CHECK(
-        options_.replays() >= 1,
-        "FreeAT: Invalid replays: ",
-        options_.replays(),
-        " (must be >= 1)");
-  }
-
-  FreeATOptions options_;
   std::vector<torch::Tensor> deltas_;
 };
 

@@ -13,6 +13,7 @@ namespace advtrain {
 
 /// Options of FreeLB (Zhu et al., ICLR 2020).
 struct FreeLBOptions {
+  static constexpr const char* kind = "FreeLB";
   /// Ascent step α: `δ ← δ + α * g / ‖g‖` (L2; `FreeLBLInf`: over ‖g‖∞).
   TORCH_ARG(double, alpha) = 0.1;
   /// Passes K per batch, with an ascent step between two passes.
@@ -29,6 +30,28 @@ struct FreeLBOptions {
   TORCH_ARG(bool, share_dropout_mask) = true;
 };
 
+/// Refuses invalid options; a weight table starts from δ = 0, so `init_mag`
+/// must be 0 there.
+inline void check_options(const FreeLBOptions& o, const Attacker& target) {
+  const char* kind = FreeLBOptions::kind;
+  detail::check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  detail::check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
+  detail::check_option(
+      o.epsilon() >= 0,
+      kind,
+      "epsilon",
+      o.epsilon(),
+      ">= 0; 0 means unbounded");
+  detail::check_option(
+      o.init_mag() >= 0 && (target.per_example() || o.init_mag() == 0),
+      kind,
+      "init_mag",
+      o.init_mag(),
+      target.per_example() ? ">= 0"
+                           : "0 on a weight table, which starts from delta = "
+                             "0; init_mag applies to per-example targets");
+}
+
 /// FreeLB under the norm policy `Norm`: K passes at `W + δ_t`, each backward
 /// of `loss / K`, so the parameters get the mean of the K gradients (a K
 /// times larger virtual batch). Between passes, δ ascends along the gradient
@@ -41,25 +64,7 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
   using Base = detail::ProjectedAscent<Norm, FreeLBOptions>;
 
  public:
-  explicit BasicFreeLB(
-      std::vector<torch::Tensor> params, FreeLBOptions options = {})
-      : Base(std::move(params), std::move(options), "FreeLB") {
-    check();
-  }
-  BasicFreeLB(
-      const NamedParameters& module,
-      const std::string& name_contains,
-      FreeLBOptions options = {})
-      : Base(module, name_contains, std::move(options), "FreeLB") {
-    check();
-  }
-  /// Per-example perturbation of `embedding`'s output (docs/design.md,
-  /// "Targets").
-  explicit BasicFreeLB(
-      const PerturbedEmbedding& embedding, FreeLBOptions options = {})
-      : Base(embedding, std::move(options), "FreeLB") {
-    check();
-  }
+  using Base::Base;
 
  protected:
   /// For t = 1..K: pass at W + δ with `loss / K`; if t < K, ascend along the
@@ -117,34 +122,6 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
     this->set_random_start([mag](torch::Tensor& d, const torch::Tensor& m) {
       Norm::random_start(d, m, mag);
     });
-  }
-
- private:
-  void check() const {
-    TORCH_CHECK(
-        this->options_.alpha() >= 0,
-        "FreeLB: Invalid alpha: ",
-        this->options_.alpha(),
-        " (must be >= 0)");
-    TORCH_CHECK(
-        this->options_.steps() >= 1,
-        "FreeLB: Invalid steps: ",
-        this->options_.steps(),
-        " (must be >= 1)");
-    TORCH_CHECK(
-        this->options_.epsilon() >= 0,
-        "FreeLB: Invalid epsilon: ",
-        this->options_.epsilon(),
-        " (must be >= 0; 0 means unbounded)");
-    TORCH_CHECK(
-        this->options_.init_mag() >= 0 &&
-            (this->per_example() || this->options_.init_mag() == 0),
-        "FreeLB: Invalid init_mag: ",
-        this->options_.init_mag(),
-        this->per_example()
-            ? " (must be >= 0)"
-            : " (the weight table starts from delta = 0; init_mag "
-              "applies to per-example targets)");
   }
 };
 

@@ -13,6 +13,7 @@ namespace advtrain {
 
 /// Options of PGD (Madry et al., ICLR 2018).
 struct PGDOptions {
+  static constexpr const char* kind = "PGD";
   /// Radius ε of the ball the perturbation is projected back into.
   TORCH_ARG(double, epsilon) = 1.0;
   /// Size α of each ascent step.
@@ -30,52 +31,42 @@ namespace detail {
 /// `epsilon` (unbounded when epsilon <= 0); row by row on tables, per
 /// example on embedding outputs.
 template <typename Norm, typename Options>
-class ProjectedAscent : public Attacker {
+class ProjectedAscent : public Strategy<Options> {
  public:
-  const Options& options() const noexcept {
-    return options_;
-  }
+  using Strategy<Options>::Strategy;
 
  protected:
-  ProjectedAscent(
-      std::vector<torch::Tensor> params, Options o, const char* kind)
-      : Attacker(std::move(params), kind), options_(std::move(o)) {}
-  ProjectedAscent(
-      const NamedParameters& module,
-      const std::string& name_contains,
-      Options o,
-      const char* kind)
-      : Attacker(module, name_contains, kind), options_(std::move(o)) {}
-  ProjectedAscent(
-      const PerturbedEmbedding& embedding, Options o, const char* kind)
-      : Attacker({embedding->perturbation()}, kind), options_(std::move(o)) {}
-
   double perturb(
       size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
       double gnorm,
       const torch::Tensor& origin) override {
-    if (per_example()) {
+    if (this->per_example()) {
       return projected_step_examples<Norm>(
-          w, g, options_.alpha(), options_.epsilon(), mask(i));
+          w,
+          g,
+          this->options_.alpha(),
+          this->options_.epsilon(),
+          this->mask(i));
     }
     return projected_step<Norm>(
-        w, g, gnorm, options_.alpha(), options_.epsilon(), origin);
-  }
-
-  bool share_dropout_mask() const override {
-    return options_.share_dropout_mask();
+        w, g, gnorm, this->options_.alpha(), this->options_.epsilon(), origin);
   }
 
   bool moves_gradient_rows_only() const override {
     return true;
   }
-
-  Options options_;
 };
 
 } // namespace detail
+
+inline void check_options(const PGDOptions& o, const Attacker& /*target*/) {
+  const char* kind = PGDOptions::kind;
+  detail::check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
+  detail::check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  detail::check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
+}
 
 /// Projected Gradient Descent under the norm policy `Norm`: K steps
 /// `δ ← δ + α * (steepest-ascent direction of g)`, each projected back into
@@ -86,24 +77,7 @@ class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
   using Base = detail::ProjectedAscent<Norm, PGDOptions>;
 
  public:
-  explicit BasicPGD(std::vector<torch::Tensor> params, PGDOptions options = {})
-      : Base(std::move(params), std::move(options), "PGD") {
-    check();
-  }
-  BasicPGD(
-      const NamedParameters& module,
-      const std::string& name_contains,
-      PGDOptions options = {})
-      : Base(module, name_contains, std::move(options), "PGD") {
-    check();
-  }
-  /// Per-example perturbation of `embedding`'s output (docs/design.md,
-  /// "Targets").
-  explicit BasicPGD(
-      const PerturbedEmbedding& embedding, PGDOptions options = {})
-      : Base(embedding, std::move(options), "PGD") {
-    check();
-  }
+  using Base::Base;
 
  protected:
   /// Clean pass; then K times: attack, clear the grads (the clean ones are
@@ -130,25 +104,6 @@ class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
     this->restore();
     ctx.step_optimizer();
     return r;
-  }
-
- private:
-  void check() const {
-    TORCH_CHECK(
-        this->options_.epsilon() > 0,
-        "PGD: Invalid epsilon: ",
-        this->options_.epsilon(),
-        " (must be > 0)");
-    TORCH_CHECK(
-        this->options_.alpha() >= 0,
-        "PGD: Invalid alpha: ",
-        this->options_.alpha(),
-        " (must be >= 0)");
-    TORCH_CHECK(
-        this->options_.steps() >= 1,
-        "PGD: Invalid steps: ",
-        this->options_.steps(),
-        " (must be >= 1)");
   }
 };
 

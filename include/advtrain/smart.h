@@ -2,9 +2,10 @@
 // outputs at x and x + δ, δ found by a normalized ascent from noise.
 #pragma once
 
-#include <advtrain/attacker.h>
 #include <advtrain/divergence.h>
+#include <advtrain/regularizer.h>
 
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -13,6 +14,7 @@ namespace advtrain {
 
 /// Options of SMART (Jiang et al., ACL 2020).
 struct SMARTOptions {
+  static constexpr const char* kind = "SMART";
   /// Ascent steps K on the perturbation.
   TORCH_ARG(int64_t, steps) = 1;
   /// Ascent step α: `δ ← N(δ + α * g)`.
@@ -32,6 +34,16 @@ struct SMARTOptions {
   TORCH_ARG(bool, regression) = false;
 };
 
+inline void check_options(const SMARTOptions& o, const Attacker& /*target*/) {
+  const char* kind = SMARTOptions::kind;
+  detail::check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
+  detail::check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  detail::check_option(
+      o.noise_var() >= 0, kind, "noise_var", o.noise_var(), ">= 0");
+  detail::check_option(o.norm_eps() > 0, kind, "norm_eps", o.norm_eps(), "> 0");
+  detail::check_option(o.weight() >= 0, kind, "weight", o.weight(), ">= 0");
+}
+
 /// SMART's smoothness-inducing adversarial regularizer: the task loss plus
 /// `weight * sym_kl(f(W + δ), f(W))`, δ found by K ascent steps on
 /// `stable_kl(f(W + δ), f(W))` summed over the batch (not its mean, as
@@ -49,33 +61,11 @@ struct SMARTOptions {
 /// before the final backward. With a table tied to an output layer, that
 /// layer's part of the regularizer's gradient is therefore taken at W, not at
 /// W + δ.
-class SMART : public Attacker {
+class SMART : public Regularizer<SMARTOptions> {
  public:
-  explicit SMART(std::vector<torch::Tensor> params, SMARTOptions options = {})
-      : Attacker(std::move(params), "SMART"), options_(std::move(options)) {
-    untracked_writes_ = true;
-    check();
-  }
-  SMART(
-      const NamedParameters& module,
-      const std::string& name_contains,
-      SMARTOptions options = {})
-      : Attacker(module, name_contains, "SMART"), options_(std::move(options)) {
-    untracked_writes_ = true;
-    check();
-  }
-  /// Per-example perturbation of `embedding`'s output (docs/design.md,
-  /// "Targets"), as in the official code: N normalizes each token's vector.
-  explicit SMART(const PerturbedEmbedding& embedding, SMARTOptions options = {})
-      : Attacker({embedding->perturbation()}, "SMART"),
-        options_(std::move(options)) {
-    untracked_writes_ = true;
-    check();
-  }
-
-  const SMARTOptions& options() const noexcept {
-    return options_;
-  }
+  /// On a `PerturbedEmbedding`, as in the official code: N normalizes each
+  /// token's vector.
+  using Regularizer::Regularizer;
 
  protected:
   /// `δ ← N(δ + α * g)` with δ = w − origin.
@@ -96,13 +86,29 @@ class SMART : public Attacker {
     return detail::l2_norm(delta);
   }
 
-  bool share_dropout_mask() const override {
-    return options_.share_dropout_mask();
+  /// The start: Gaussian noise `N(0, 1) * noise_var` (masked per example).
+  void start() override {
+    for (size_t i = 0; i < targets().size(); ++i) {
+      torch::Tensor w = data(i);
+      torch::Tensor noise = torch::randn_like(w);
+      if (per_example()) {
+        noise.mul_(mask(i));
+      }
+      w.add_(noise, options_.noise_var());
+    }
+  }
+
+  int64_t search_steps() const override {
+    return options_.steps();
+  }
+
+  double weight() const override {
+    return options_.weight();
   }
 
   /// The divergence the ascent climbs: summed over the batch.
-  torch::Tensor ascent_divergence(
-      const torch::Tensor& adv, const torch::Tensor& clean) const {
+  torch::Tensor search_objective(
+      const torch::Tensor& adv, const torch::Tensor& clean) const override {
     if (options_.regression() || detail::is_regression(adv)) {
       const auto dtype = detail::norm_dtype(adv);
       return torch::mse_loss(
@@ -112,80 +118,13 @@ class SMART : public Attacker {
   }
 
   /// The regularizer: a batch mean, with gradients through both outputs.
-  torch::Tensor regularizer(
-      const torch::Tensor& adv, const torch::Tensor& clean) const {
+  torch::Tensor penalty(
+      const torch::Tensor& adv, const torch::Tensor& clean) const override {
     if (options_.regression() || detail::is_regression(adv)) {
       const auto dtype = detail::norm_dtype(adv);
       return torch::mse_loss(adv.to(dtype), clean.to(dtype));
     }
     return sym_kl(adv, clean);
-  }
-
-  StepResult run_step(StepContext& ctx) override {
-    StepResult r;
-    const torch::Tensor logits = ctx.run_forward();
-    torch::Tensor loss = ctx.loss_of(logits);
-    r.loss = loss.item<double>();
-    ++ctx.passes;
-    backup(); // per example: takes the δ the clean forward made
-    const size_t n = targets().size();
-    {
-      torch::NoGradGuard no_grad;
-      for (size_t i = 0; i < n; ++i) {
-        torch::Tensor w = data(i);
-        torch::Tensor noise = torch::randn_like(w);
-        if (per_example()) {
-          noise.mul_(mask(i));
-        }
-        w.add_(noise, options_.noise_var());
-      }
-    }
-    bool finite = true;
-    for (int64_t k = 0; k < options_.steps() && finite; ++k) {
-      const torch::Tensor adv = ascent_divergence(ctx.run_forward(), logits);
-      const auto grads = torch::autograd::grad(
-          {adv},
-          targets(),
-          /*grad_outputs=*/{},
-          /*retain_graph=*/false,
-          /*create_graph=*/false,
-          /*allow_unused=*/true);
-      ++ctx.passes;
-      torch::NoGradGuard no_grad;
-      for (size_t i = 0; i < n && finite; ++i) {
-        double gnorm = 0.0;
-        finite = !grads[i].defined() || usable_gradient(i, grads[i], gnorm) ||
-                 gnorm == 0.0;
-      }
-      if (!finite) {
-        break;
-      }
-      double sq = 0.0;
-      for (size_t i = 0; i < n; ++i) {
-        torch::Tensor w = data(i);
-        const torch::Tensor g =
-            grads[i].defined() ? grads[i] : torch::zeros_like(w);
-        const double norm = perturb(i, w, g, 0.0, origin(i));
-        sq += norm * norm;
-      }
-      perturbation_norm_ = std::sqrt(sq);
-    }
-    if (finite) {
-      const torch::Tensor adv_logits = ctx.run_forward();
-      const torch::Tensor reg = regularizer(adv_logits, logits);
-      ++ctx.passes;
-      r.regularizer = reg.item<double>();
-      r.perturbation_norm = perturbation_norm_;
-      {
-        torch::NoGradGuard no_grad;
-        r.adv_loss = ctx.loss_fn(adv_logits).item<double>();
-      }
-      loss = loss + options_.weight() * reg;
-    }
-    restore();
-    loss.backward();
-    ctx.step_optimizer();
-    return r;
   }
 
  private:
@@ -195,36 +134,6 @@ class SMART : public Attacker {
         delta.dim() == 0 ? delta.abs() : delta.abs().amax(-1, true);
     delta.div_(rows + options_.norm_eps());
   }
-
-  void check() const {
-    TORCH_CHECK(
-        options_.steps() >= 1,
-        "SMART: Invalid steps: ",
-        options_.steps(),
-        " (must be >= 1)");
-    TORCH_CHECK(
-        options_.alpha() >= 0,
-        "SMART: Invalid alpha: ",
-        options_.alpha(),
-        " (must be >= 0)");
-    TORCH_CHECK(
-        options_.noise_var() >= 0,
-        "SMART: Invalid noise_var: ",
-        options_.noise_var(),
-        " (must be >= 0)");
-    TORCH_CHECK(
-        options_.norm_eps() > 0,
-        "SMART: Invalid norm_eps: ",
-        options_.norm_eps(),
-        " (must be > 0)");
-    TORCH_CHECK(
-        options_.weight() >= 0,
-        "SMART: Invalid weight: ",
-        options_.weight(),
-        " (must be >= 0)");
-  }
-
-  SMARTOptions options_;
 };
 
 } // namespace advtrain

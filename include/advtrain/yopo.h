@@ -12,6 +12,7 @@ namespace advtrain {
 
 /// Options of YOPO ("You Only Propagate Once", Zhang et al., NeurIPS 2019).
 struct YOPOOptions {
+  static constexpr const char* kind = "YOPO";
   /// Full forward+backward passes m per batch.
   TORCH_ARG(int64_t, steps) = 3;
   /// Cheap ascent steps n after each full pass, through the first layer only.
@@ -29,6 +30,17 @@ struct YOPOOptions {
   TORCH_ARG(bool, share_dropout_mask) = true;
 };
 
+inline void check_options(const YOPOOptions& o, const Attacker& /*target*/) {
+  const char* kind = YOPOOptions::kind;
+  detail::check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
+  detail::check_option(
+      o.inner_steps() >= 1, kind, "inner_steps", o.inner_steps(), ">= 1");
+  detail::check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  detail::check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
+  detail::check_option(
+      o.init_mag() >= 0, kind, "init_mag", o.init_mag(), ">= 0");
+}
+
 /// YOPO on the per-example target. The model is split at its first layer
 /// after the embedding lookup: its forward must compute
 /// `rest(yopo.first(embedding(ids)))`, where `first` is the callable given
@@ -44,7 +56,7 @@ struct YOPOOptions {
 /// fairseq-RoBERTa/fairseq/tasks/sentence_prediction.py, `yopo_train_step`
 /// and `yopo_inner_steps`). `∇δH` comes from `torch::autograd::grad`, so the
 /// first layer's parameters get no gradient from the inner steps.
-class YOPO : public Attacker {
+class YOPO : public Strategy<YOPOOptions> {
  public:
   using FirstLayer = std::function<torch::Tensor(const torch::Tensor&)>;
 
@@ -52,39 +64,8 @@ class YOPO : public Attacker {
       const PerturbedEmbedding& embedding,
       FirstLayer first,
       YOPOOptions options = {})
-      : Attacker({embedding->perturbation()}, "YOPO"),
-        first_(std::move(first)),
-        options_(std::move(options)) {
+      : Strategy(embedding, std::move(options)), first_(std::move(first)) {
     TORCH_CHECK(first_, "YOPO: the first layer callable is empty");
-    TORCH_CHECK(
-        options_.steps() >= 1,
-        "YOPO: Invalid steps: ",
-        options_.steps(),
-        " (must be >= 1)");
-    TORCH_CHECK(
-        options_.inner_steps() >= 1,
-        "YOPO: Invalid inner_steps: ",
-        options_.inner_steps(),
-        " (must be >= 1)");
-    TORCH_CHECK(
-        options_.alpha() >= 0,
-        "YOPO: Invalid alpha: ",
-        options_.alpha(),
-        " (must be >= 0)");
-    TORCH_CHECK(
-        options_.epsilon() > 0,
-        "YOPO: Invalid epsilon: ",
-        options_.epsilon(),
-        " (must be > 0)");
-    TORCH_CHECK(
-        options_.init_mag() >= 0,
-        "YOPO: Invalid init_mag: ",
-        options_.init_mag(),
-        " (must be >= 0)");
-  }
-
-  const YOPOOptions& options() const noexcept {
-    return options_;
   }
 
   /// The first layer, as the model's forward calls it: keeps its output z0
@@ -120,10 +101,6 @@ class YOPO : public Attacker {
     L2::step_examples(w, g, options_.alpha(), mask(i), /*floor=*/1e-10);
     L2::project_examples(w, options_.epsilon());
     return detail::l2_norm(w);
-  }
-
-  bool share_dropout_mask() const override {
-    return options_.share_dropout_mask();
   }
 
   void on_new_step() override {
@@ -186,7 +163,6 @@ class YOPO : public Attacker {
 
  private:
   FirstLayer first_;
-  YOPOOptions options_;
   torch::Tensor z0_;
   std::optional<detail::RngReplay::States> first_mark_; // this step's
   int64_t inner_passes_ = 0;

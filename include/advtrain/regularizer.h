@@ -1,0 +1,127 @@
+// The protocol of the strategies that add a penalty on the model's output at
+// a perturbation to the task loss, written once: SMART, and the label-free
+// regularizers that follow it, supply the start, the search and the penalty.
+#pragma once
+
+#include <advtrain/attacker.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace advtrain {
+
+/// The base of a regularizer with options `Options`. One `Trainer::step`:
+///  1. a clean pass gives the output `clean` and the task loss;
+///  2. `start()` puts the search's first δ on the (backed-up) targets;
+///  3. `search_steps()` times: a pass at the perturbation, the gradient `g`
+///     of `search_objective(adv, clean)` with respect to δ by
+///     `torch::autograd::grad` (nothing accumulates into `.grad`), and
+///     `perturb(i, w, g, 0, origin(i))` moves each target along it. A
+///     non-finite gradient ends the search, warned once and counted, and the
+///     batch is trained on the task loss alone;
+///  4. a pass at the final δ: `loss = task + weight() * penalty(adv, clean)`;
+///  5. `restore()`, one backward, the optimizer step.
+/// The clean pass's graph stays alive while the targets are perturbed, so
+/// they are written without bumping their autograd version and are restored
+/// before the backward. `StepResult`: `regularizer` is the penalty, `adv_loss`
+/// the task loss at the final perturbed output.
+template <typename Options>
+class Regularizer : public Strategy<Options> {
+ public:
+  using Strategy<Options>::Strategy;
+
+ protected:
+  /// Puts the search's first δ on the targets (each through `data(i)`, from
+  /// `origin(i)`; per example δ = 0 before). Runs under NoGradGuard.
+  virtual void start() = 0;
+  /// Steps of the search.
+  virtual int64_t search_steps() const = 0;
+  /// What the search climbs, at the perturbed output `adv` (`clean`
+  /// detached).
+  virtual torch::Tensor search_objective(
+      const torch::Tensor& adv, const torch::Tensor& clean) const = 0;
+  /// The penalty added to the task loss, with gradients through both
+  /// outputs.
+  virtual torch::Tensor penalty(
+      const torch::Tensor& adv, const torch::Tensor& clean) const = 0;
+  /// Its weight.
+  virtual double weight() const = 0;
+
+  bool untracked_writes() const override {
+    return true;
+  }
+
+  StepResult run_step(StepContext& ctx) override {
+    StepResult r;
+    const torch::Tensor clean = ctx.run_forward();
+    torch::Tensor loss = ctx.loss_of(clean);
+    r.loss = loss.item<double>();
+    ++ctx.passes;
+    this->backup(); // per example: takes the δ the clean forward made
+    const size_t n = this->targets().size();
+    double norm = 0.0;
+    {
+      torch::NoGradGuard no_grad;
+      start();
+      if (search_steps() == 0) { // the start is the perturbation
+        double sq = 0.0;
+        for (size_t i = 0; i < n; ++i) {
+          const double d = detail::l2_norm(this->data(i) - this->origin(i));
+          sq += d * d;
+        }
+        norm = std::sqrt(sq);
+      }
+    }
+    bool finite = true;
+    for (int64_t k = 0; k < search_steps() && finite; ++k) {
+      const torch::Tensor objective =
+          search_objective(ctx.run_forward(), clean.detach());
+      const auto grads = torch::autograd::grad(
+          {objective},
+          this->targets(),
+          /*grad_outputs=*/{},
+          /*retain_graph=*/false,
+          /*create_graph=*/false,
+          /*allow_unused=*/true);
+      ++ctx.passes;
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < n && finite; ++i) {
+        double gnorm = 0.0;
+        finite = !grads[i].defined() ||
+                 this->usable_gradient(i, grads[i], gnorm) || gnorm == 0.0;
+      }
+      if (!finite) {
+        break;
+      }
+      double sq = 0.0;
+      for (size_t i = 0; i < n; ++i) {
+        torch::Tensor w = this->data(i);
+        const torch::Tensor g =
+            grads[i].defined() ? grads[i] : torch::zeros_like(w);
+        const double moved = this->perturb(i, w, g, 0.0, this->origin(i));
+        sq += moved * moved;
+      }
+      norm = std::sqrt(sq);
+    }
+    this->perturbation_norm_ = norm;
+    if (finite) {
+      const torch::Tensor adv = ctx.run_forward();
+      const torch::Tensor reg = penalty(adv, clean);
+      ++ctx.passes;
+      r.regularizer = reg.item<double>();
+      r.perturbation_norm = norm;
+      {
+        torch::NoGradGuard no_grad;
+        r.adv_loss = ctx.loss_fn(adv).item<double>();
+      }
+      loss = loss + weight() * reg;
+    }
+    this->restore();
+    loss.backward();
+    ctx.step_optimizer();
+    return r;
+  }
+};
+
+} // namespace advtrain

@@ -1,0 +1,122 @@
+#pragma once
+
+// The list of strategies the general tests loop over (as LibTorch's
+// optimizer tests loop over optimizers): one entry per strategy, with a
+// factory per target it supports. A new strategy is one entry here; the
+// restore, exception, dropout, dtype, hook and state tests then cover it.
+
+#include <advtrain/advtrain.h>
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace fixture {
+
+/// One strategy, with small options the general tests can run quickly.
+struct StrategyCase {
+  using OnTable = std::function<std::unique_ptr<advtrain::Attacker>(
+      const advtrain::NamedParameters& module,
+      const std::string& name,
+      bool share_dropout_mask)>;
+  using PerExample = std::function<std::unique_ptr<advtrain::Attacker>(
+      const advtrain::PerturbedEmbedding& embedding, bool share_dropout_mask)>;
+
+  std::string name;
+  /// Forward passes through the whole model per `Trainer::step`.
+  int64_t passes = 2;
+  /// Optimizer steps per `Trainer::step` (FreeAT: one per replay).
+  int64_t optimizer_steps = 1;
+  /// On a weight table (module + parameter name); null: not supported.
+  OnTable on_table;
+  /// On each example's embedded tokens; null: not supported (YOPO, which
+  /// needs the model split at its first layer, has its own tests).
+  PerExample per_example;
+};
+
+namespace detail {
+
+/// Both factories of a strategy `A` whose options are built by `options`.
+template <typename A, typename Options>
+StrategyCase both(
+    std::string name,
+    int64_t passes,
+    int64_t optimizer_steps,
+    std::function<Options(bool)> options) {
+  StrategyCase c;
+  c.name = std::move(name);
+  c.passes = passes;
+  c.optimizer_steps = optimizer_steps;
+  c.on_table = [options](
+                   const advtrain::NamedParameters& module,
+                   const std::string& target,
+                   bool share) {
+    return std::make_unique<A>(module, target, options(share));
+  };
+  c.per_example = [options](const advtrain::PerturbedEmbedding& e, bool share) {
+    return std::make_unique<A>(e, options(share));
+  };
+  return c;
+}
+
+} // namespace detail
+
+/// Every strategy that runs on both targets, with the options the general
+/// tests use. SMART's noise is 1e-2 so that it is not rounded away in a
+/// bfloat16 table (see the README).
+inline const std::vector<StrategyCase>& strategies() {
+  using namespace advtrain;
+  static const std::vector<StrategyCase> list = {
+      detail::both<FGSM, FGSMOptions>(
+          "FGSM",
+          2,
+          1,
+          [](bool s) { return FGSMOptions().share_dropout_mask(s); }),
+      detail::both<FGM, FGMOptions>(
+          "FGM",
+          2,
+          1,
+          [](bool s) { return FGMOptions().share_dropout_mask(s); }),
+      detail::both<PGD, PGDOptions>(
+          "PGD",
+          3,
+          1,
+          [](bool s) { return PGDOptions().steps(2).share_dropout_mask(s); }),
+      detail::both<FreeAT, FreeATOptions>(
+          "FreeAT",
+          3,
+          3,
+          [](bool s) {
+            return FreeATOptions().replays(3).share_dropout_mask(s);
+          }),
+      detail::both<FreeLB, FreeLBOptions>(
+          "FreeLB",
+          3,
+          1,
+          [](bool s) {
+            return FreeLBOptions().steps(3).share_dropout_mask(s);
+          }),
+      detail::both<FreeLBLInf, FreeLBOptions>(
+          "FreeLBLInf",
+          3,
+          1,
+          [](bool s) {
+            return FreeLBOptions().steps(3).epsilon(0.5).share_dropout_mask(s);
+          }),
+      detail::both<SMART, SMARTOptions>(
+          "SMART",
+          4,
+          1,
+          [](bool s) {
+            return SMARTOptions().steps(2).noise_var(1e-2).share_dropout_mask(
+                s);
+          }),
+  };
+  return list;
+}
+
+} // namespace fixture
