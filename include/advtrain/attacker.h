@@ -502,6 +502,30 @@ class Attacker {
     return slots_[i]->expanded_mask();
   }
 
+  /// How target `i`'s norms are taken (its mask per example); `gnorm`: its
+  /// gradient's norm, measured on a whole tensor.
+  Geometry geometry(size_t i, double gnorm = 0.0) const {
+    return Geometry{per_example() ? mask(i) : torch::Tensor(), gnorm};
+  }
+
+  /// The geometry of a step of target `i` along its gradient `g`, or none
+  /// when `g` cannot give one: on a whole tensor, a zero or non-finite
+  /// ‖g‖ (the latter warned once and counted); per example, those examples
+  /// are left in place by the step itself, on the device.
+  std::optional<Geometry> step_geometry(size_t i, const torch::Tensor& g) {
+    if (!g.defined()) {
+      return std::nullopt;
+    }
+    if (per_example()) {
+      return geometry(i);
+    }
+    double gnorm = 0.0;
+    if (!usable_gradient(i, g, gnorm)) {
+      return std::nullopt;
+    }
+    return geometry(i, gnorm);
+  }
+
   /// The slots of the activation target (empty for weight tables).
   const std::vector<std::shared_ptr<Perturbation>>& slots() const noexcept {
     return slots_;

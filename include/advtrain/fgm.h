@@ -25,11 +25,8 @@ class FastGradient : public Strategy<Options> {
       const torch::Tensor& g,
       double gnorm,
       const torch::Tensor& /*origin*/) override {
-    if (this->per_example()) {
-      return detail::projected_step_examples<Norm>(
-          w, g, this->options_.epsilon(), /*eps=*/0.0, this->mask(i));
-    }
-    return Norm::step(w, g, this->options_.epsilon(), gnorm);
+    return detail::first_step<Norm>(
+        w, g, this->options_.epsilon(), this->geometry(i, gnorm));
   }
 
   StepResult run_step(StepContext& ctx) override {

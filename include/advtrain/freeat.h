@@ -59,15 +59,9 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < targets().size(); ++i) {
       const torch::Tensor& g = targets()[i].grad();
-      double gnorm = 0.0;
-      if (g.defined() && per_example()) {
-        torch::Tensor& d = delta(i, g);
-        Norm::step_examples(d, g, options_.alpha(), mask(i));
-        Norm::project_examples(d, options_.epsilon());
-      } else if (g.defined() && usable_gradient(i, g, gnorm)) {
-        torch::Tensor& d = delta(i, g);
-        Norm::step(d, g, options_.alpha(), gnorm);
-        Norm::project(d, options_.epsilon());
+      if (const auto geo = step_geometry(i, g)) {
+        detail::step_and_project<Norm>(
+            delta(i, g), g, options_.alpha(), options_.epsilon(), *geo);
       }
     }
   }
@@ -101,13 +95,7 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
       const torch::Tensor& /*g*/,
       double /*gnorm*/,
       const torch::Tensor& origin) override {
-    const torch::Tensor& d = delta(i, w);
-    if (per_example()) {
-      w.copy_(d * mask(i));
-      return detail::l2_norm(w);
-    }
-    at::add_out(w, origin, d);
-    return detail::l2_norm(d);
+    return detail::place(w, origin, delta(i, w), geometry(i));
   }
 
   /// Per example, δ exists only once the forward runs: each replay's forward

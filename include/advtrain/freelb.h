@@ -115,8 +115,8 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
 
   /// Per example, `Norm`'s random start of magnitude init_mag.
   void on_new_step() override {
-    if (!this->per_example() || this->options_.init_mag() <= 0) {
-      return;
+    if (this->options_.init_mag() <= 0) {
+      return; // (a weight table has no random start: check_options)
     }
     const double mag = this->options_.init_mag();
     this->set_random_start([mag](torch::Tensor& d, const torch::Tensor& m) {

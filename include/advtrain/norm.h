@@ -205,21 +205,56 @@ struct LInfScaled {
   }
 };
 
+/// Where a perturbation's norms are taken, as its target lays it out: per
+/// example over all dimensions but the first, masked positions left out
+/// (`mask`, broadcast against δ: the activation target; zero and non-finite
+/// norms are handled on the device), or over the whole tensor (no mask: a
+/// parameter target, whose gradient norm `gnorm` the attacker has measured,
+/// positive and finite).
+struct Geometry {
+  torch::Tensor mask;
+  double gnorm = 0.0;
+  bool per_example() const noexcept {
+    return mask.defined();
+  }
+};
+
 namespace detail {
 
-/// `w ← w + step of size alpha along g` (‖g‖ = gnorm) under `Norm`, then the
-/// perturbation
-/// `w − origin` is projected back into the `Norm` ball of radius `eps`
-/// (skipped when `eps <= 0`). Returns ‖w − origin‖.
+/// One step of `Norm` of size alpha along g from the origin (δ = 0 before:
+/// FGSM, FGM). Returns ‖δ‖.
+template <typename Norm>
+double first_step(
+    torch::Tensor& w,
+    const torch::Tensor& g,
+    double alpha,
+    const Geometry& geo) {
+  if (geo.per_example()) {
+    Norm::step_examples(w, g, alpha, geo.mask);
+    return l2_norm(w);
+  }
+  return Norm::step(w, g, alpha, geo.gnorm);
+}
+
+/// A step of `Norm` of size alpha along g, then δ = w − origin back into
+/// the ball of radius eps (skipped when eps <= 0). Per example the origin is
+/// δ = 0, so w is δ. Returns ‖δ‖.
 template <typename Norm>
 double projected_step(
     torch::Tensor& w,
     const torch::Tensor& g,
-    double gnorm,
     double alpha,
     double eps,
-    const torch::Tensor& origin) {
-  Norm::step(w, g, alpha, gnorm);
+    const torch::Tensor& origin,
+    const Geometry& geo) {
+  if (geo.per_example()) {
+    Norm::step_examples(w, g, alpha, geo.mask);
+    if (eps > 0) {
+      Norm::project_examples(w, eps);
+    }
+    return l2_norm(w);
+  }
+  Norm::step(w, g, alpha, geo.gnorm);
   torch::Tensor delta = w - origin;
   if (eps <= 0) {
     return l2_norm(delta);
@@ -231,21 +266,42 @@ double projected_step(
   return p.norm;
 }
 
-/// Per example (activation target, δ = w): `Norm`'s masked step of size
-/// alpha along g, then, if eps > 0, each example's δ is projected back into
-/// the ball of radius eps. Returns ‖δ‖ over all examples.
+/// A step of `Norm` of size alpha along g on a perturbation `d` kept apart
+/// from its target (FreeAT's), then back into the ball of radius eps.
 template <typename Norm>
-double projected_step_examples(
-    torch::Tensor& w,
+void step_and_project(
+    torch::Tensor& d,
     const torch::Tensor& g,
     double alpha,
     double eps,
-    const torch::Tensor& mask) {
-  Norm::step_examples(w, g, alpha, mask);
-  if (eps > 0) {
-    Norm::project_examples(w, eps);
+    const Geometry& geo) {
+  if (geo.per_example()) {
+    Norm::step_examples(d, g, alpha, geo.mask);
+    Norm::project_examples(d, eps);
+    return;
   }
-  return l2_norm(w);
+  Norm::step(d, g, alpha, geo.gnorm);
+  Norm::project(d, eps);
+}
+
+/// Writes the perturbation `d` onto its target `w`: `origin + d` on a whole
+/// tensor, `d * mask` per example (whose origin is 0). Returns ‖δ‖.
+inline double place(
+    torch::Tensor& w,
+    const torch::Tensor& origin,
+    const torch::Tensor& d,
+    const Geometry& geo) {
+  if (geo.per_example()) {
+    w.copy_(d * geo.mask);
+    return l2_norm(w);
+  }
+  at::add_out(w, origin, d);
+  return l2_norm(d);
+}
+
+/// `t * mask` per example; `t` on a whole tensor.
+inline torch::Tensor masked(const torch::Tensor& t, const Geometry& geo) {
+  return geo.per_example() ? t * geo.mask : t;
 }
 
 } // namespace detail

@@ -42,16 +42,13 @@ class ProjectedAscent : public Strategy<Options> {
       const torch::Tensor& g,
       double gnorm,
       const torch::Tensor& origin) override {
-    if (this->per_example()) {
-      return projected_step_examples<Norm>(
-          w,
-          g,
-          this->options_.alpha(),
-          this->options_.epsilon(),
-          this->mask(i));
-    }
     return projected_step<Norm>(
-        w, g, gnorm, this->options_.alpha(), this->options_.epsilon(), origin);
+        w,
+        g,
+        this->options_.alpha(),
+        this->options_.epsilon(),
+        origin,
+        this->geometry(i, gnorm));
   }
 
   bool moves_gradient_rows_only() const override {

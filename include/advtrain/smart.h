@@ -78,23 +78,16 @@ class SMART : public Regularizer<SMARTOptions> {
     torch::Tensor delta = w - origin;
     delta.add_(g, options_.alpha());
     normalize(delta);
-    if (per_example()) {
-      w.copy_(delta * mask(i));
-      return detail::l2_norm(w);
-    }
-    at::add_out(w, origin, delta);
-    return detail::l2_norm(delta);
+    return detail::place(w, origin, delta, geometry(i));
   }
 
   /// The start: Gaussian noise `N(0, 1) * noise_var` (masked per example).
   void start() override {
     for (size_t i = 0; i < targets().size(); ++i) {
       torch::Tensor w = data(i);
-      torch::Tensor noise = torch::randn_like(w);
-      if (per_example()) {
-        noise.mul_(mask(i));
-      }
-      w.add_(noise, options_.noise_var());
+      w.add_(
+          detail::masked(torch::randn_like(w), geometry(i)),
+          options_.noise_var());
     }
   }
 

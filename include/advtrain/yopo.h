@@ -98,7 +98,8 @@ class YOPO : public Strategy<YOPOOptions> {
       const torch::Tensor& g,
       double /*gnorm*/,
       const torch::Tensor& /*origin*/) override {
-    L2::step_examples(w, g, options_.alpha(), mask(i), /*floor=*/1e-10);
+    L2::step_examples(
+        w, g, options_.alpha(), geometry(i).mask, /*floor=*/1e-10);
     L2::project_examples(w, options_.epsilon());
     return detail::l2_norm(w);
   }
