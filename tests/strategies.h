@@ -31,6 +31,8 @@ struct StrategyCase {
   int64_t passes = 2;
   /// Optimizer steps per `Trainer::step` (FreeAT: one per replay).
   int64_t optimizer_steps = 1;
+  /// Whether a step draws random numbers (then CPU and CUDA runs differ).
+  bool draws_random = false;
   /// On a weight table (module + parameter name); null: not supported.
   OnTable on_table;
   /// On each example's embedded tokens; null: not supported (YOPO, which
@@ -70,52 +72,57 @@ StrategyCase both(
 /// bfloat16 table (see the README).
 inline const std::vector<StrategyCase>& strategies() {
   using namespace advtrain;
-  static const std::vector<StrategyCase> list = {
-      detail::both<FGSM, FGSMOptions>(
-          "FGSM",
-          2,
-          1,
-          [](bool s) { return FGSMOptions().share_dropout_mask(s); }),
-      detail::both<FGM, FGMOptions>(
-          "FGM",
-          2,
-          1,
-          [](bool s) { return FGMOptions().share_dropout_mask(s); }),
-      detail::both<PGD, PGDOptions>(
-          "PGD",
-          3,
-          1,
-          [](bool s) { return PGDOptions().steps(2).share_dropout_mask(s); }),
-      detail::both<FreeAT, FreeATOptions>(
-          "FreeAT",
-          3,
-          3,
-          [](bool s) {
-            return FreeATOptions().replays(3).share_dropout_mask(s);
-          }),
-      detail::both<FreeLB, FreeLBOptions>(
-          "FreeLB",
-          3,
-          1,
-          [](bool s) {
-            return FreeLBOptions().steps(3).share_dropout_mask(s);
-          }),
-      detail::both<FreeLBLInf, FreeLBOptions>(
-          "FreeLBLInf",
-          3,
-          1,
-          [](bool s) {
-            return FreeLBOptions().steps(3).epsilon(0.5).share_dropout_mask(s);
-          }),
-      detail::both<SMART, SMARTOptions>(
-          "SMART",
-          4,
-          1,
-          [](bool s) {
-            return SMARTOptions().steps(2).noise_var(1e-2).share_dropout_mask(
-                s);
-          }),
-  };
+  static const std::vector<StrategyCase> list = [] {
+    std::vector<StrategyCase> l = {
+        detail::both<FGSM, FGSMOptions>(
+            "FGSM",
+            2,
+            1,
+            [](bool s) { return FGSMOptions().share_dropout_mask(s); }),
+        detail::both<FGM, FGMOptions>(
+            "FGM",
+            2,
+            1,
+            [](bool s) { return FGMOptions().share_dropout_mask(s); }),
+        detail::both<PGD, PGDOptions>(
+            "PGD",
+            3,
+            1,
+            [](bool s) { return PGDOptions().steps(2).share_dropout_mask(s); }),
+        detail::both<FreeAT, FreeATOptions>(
+            "FreeAT",
+            3,
+            3,
+            [](bool s) {
+              return FreeATOptions().replays(3).share_dropout_mask(s);
+            }),
+        detail::both<FreeLB, FreeLBOptions>(
+            "FreeLB",
+            3,
+            1,
+            [](bool s) {
+              return FreeLBOptions().steps(3).share_dropout_mask(s);
+            }),
+        detail::both<FreeLBLInf, FreeLBOptions>(
+            "FreeLBLInf",
+            3,
+            1,
+            [](bool s) {
+              return FreeLBOptions().steps(3).epsilon(0.5).share_dropout_mask(
+                  s);
+            }),
+        detail::both<SMART, SMARTOptions>(
+            "SMART",
+            4,
+            1,
+            [](bool s) {
+              return SMARTOptions().steps(2).noise_var(1e-2).share_dropout_mask(
+                  s);
+            }),
+    };
+    l.back().draws_random = true; // SMART's noise
+    return l;
+  }();
   return list;
 }
 

@@ -3,6 +3,7 @@
 
 #include "common.h"
 #include "distributed_case.h"
+#include "strategies.h"
 
 #define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
@@ -41,30 +42,12 @@ std::vector<torch::Tensor> step_on(const torch::Device& device, Make make) {
 } // namespace
 
 TEST_CASE("Each strategy on the weight table: CUDA equals CPU", "[cuda]") {
-  using Make = std::function<std::unique_ptr<advtrain::Attacker>(TinyNet&)>;
-  const std::vector<std::pair<std::string, Make>> makers = {
-      {"FGSM",
-       [](TinyNet& m) {
-         return std::make_unique<advtrain::FGSM>(*m, "embedding");
-       }},
-      {"FGM",
-       [](TinyNet& m) {
-         return std::make_unique<advtrain::FGM>(*m, "embedding");
-       }},
-      {"PGD",
-       [](TinyNet& m) {
-         return std::make_unique<advtrain::PGD>(
-             *m, "embedding", advtrain::PGDOptions().epsilon(0.2));
-       }},
-      {"FreeAT",
-       [](TinyNet& m) {
-         return std::make_unique<advtrain::FreeAT>(*m, "embedding");
-       }},
-      {"FreeLB", [](TinyNet& m) {
-         return std::make_unique<advtrain::FreeLB>(*m, "embedding");
-       }}};
-  for (const auto& [name, make] : makers) {
-    CAPTURE(name);
+  for (const auto& c : strategies()) {
+    if (c.draws_random) {
+      continue; // the CUDA generator draws other numbers than the CPU's
+    }
+    CAPTURE(c.name);
+    auto make = [&](TinyNet& m) { return c.on_table(*m, "embedding", false); };
     const auto cpu = step_on(torch::kCPU, make);
     const auto gpu = step_on(torch::kCUDA, make);
     CHECK(max_diff_all(cpu, gpu) < 1e-9);
