@@ -10,8 +10,13 @@ string(REPLACE "[" "@LB@" text "${text}")
 string(REPLACE "]" "@RB@" text "${text}")
 string(REGEX MATCHALL "```cpp\n[^`]*```" blocks "${text}")
 list(LENGTH blocks count)
-if(count LESS 8)
-  message(FATAL_ERROR "readme_snippets: found ${count} C++ blocks in ${README}")
+# Every opening fence must give a block: one with a backtick inside would be
+# skipped silently by the pattern above.
+string(REGEX MATCHALL "```cpp\n" fences "${text}")
+list(LENGTH fences opened)
+if(count LESS 8 OR NOT count EQUAL opened)
+  message(FATAL_ERROR "readme_snippets: ${opened} C++ blocks open in "
+    "${README}, ${count} extracted (no backtick may stand inside a block)")
 endif()
 
 set(includes "")

@@ -94,6 +94,9 @@ TEST_CASE("Invalid options are rejected, naming the field", "[options]") {
       YOPO(emb, first, YOPOOptions().init_mag(-1)),
       Contains("Invalid init_mag: -1"));
   CHECK_THROWS_WITH(YOPO(emb, nullptr), Contains("first layer"));
+  // The arguments are checked in their order: the callable first.
+  CHECK_THROWS_WITH(
+      YOPO(emb, nullptr, YOPOOptions().steps(0)), Contains("first layer"));
   // Valid options construct.
   CHECK_NOTHROW(FreeLB(table(), FreeLBOptions().epsilon(0).steps(1)));
   CHECK_NOTHROW(SMART(table(), SMARTOptions().noise_var(0).weight(0)));

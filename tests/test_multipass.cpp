@@ -564,7 +564,7 @@ struct NoiseRegOptions {
 };
 
 void check_options(const NoiseRegOptions& o, const advtrain::Attacker&) {
-  advtrain::detail::check_option(
+  advtrain::check_option(
       o.sigma() > 0, NoiseRegOptions::kind, "sigma", o.sigma(), "> 0");
 }
 
@@ -647,4 +647,25 @@ TEST_CASE(
         return NoiseRegOptions().share_dropout_mask(s);
       });
   check_before_optimizer_step(c);
+}
+
+TEST_CASE(
+    "A SMART destroyed while perturbing restores without bumping the version",
+    "[smart]") {
+  // A table tied to the output layer: the clean graph saves W.
+  torch::manual_seed(3);
+  torch::nn::Embedding emb(kVocab, kHidden);
+  const auto w0 = emb->weight.detach().clone();
+  const auto logits = emb(batch_ids()).mean(1).matmul(emb->weight.t());
+  const auto loss = cross_entropy(logits, batch_labels());
+  loss.backward({}, /*retain_graph=*/true);
+  {
+    advtrain::SMART smart(
+        std::vector<torch::Tensor>{emb->weight},
+        advtrain::SMARTOptions().alpha(1.0));
+    smart.attack();
+    REQUIRE_FALSE(bit_equal(emb->weight.detach(), w0));
+  } // destroyed while perturbing
+  CHECK(bit_equal(emb->weight.detach(), w0));
+  CHECK_NOTHROW(loss.backward()); // the clean graph is still usable
 }

@@ -15,14 +15,10 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
-#include <functional>
-#include <mutex>
 #include <optional>
-#include <stdexcept>
 #include <string>
-#include <unordered_map>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -770,9 +766,9 @@ class Attacker {
   StepContext* step_ = nullptr;      // the running Trainer step, if any
 };
 
-namespace detail {
-
-/// Refuses an option: `Kind: Invalid field: value (must be rule)`.
+/// Refuses an option of a strategy in its constructor, naming the field:
+/// `Kind: Invalid field: value (must be rule)` (what `check_options`
+/// overloads call).
 template <typename T>
 void check_option(
     bool ok,
@@ -783,8 +779,6 @@ void check_option(
   TORCH_CHECK(
       ok, kind, ": Invalid ", field, ": ", value, " (must be ", rule, ")");
 }
-
-} // namespace detail
 
 /// The base of a strategy with options `Options`: the three ways to name its
 /// target — tensors, a module and a substring of parameter names, or a

@@ -21,6 +21,17 @@ inline bool is_regression(const torch::Tensor& logits) {
   return logits.dim() <= 1 || logits.size(-1) == 1;
 }
 
+/// Squared error between two regression outputs, in float32 (float64 stays
+/// float64), their mean (`reduce`) or sum; `b` is taken as it is given.
+inline torch::Tensor squared_error(
+    const torch::Tensor& a, const torch::Tensor& b, bool reduce) {
+  const auto dtype = norm_dtype(a);
+  return torch::mse_loss(
+      a.to(dtype),
+      b.to(dtype),
+      reduce ? at::Reduction::Mean : at::Reduction::Sum);
+}
+
 } // namespace detail
 
 /// mt-dnn's numerically stable KL (namisan/mt-dnn, mt_dnn/loss.py,
@@ -34,12 +45,8 @@ inline torch::Tensor stable_kl(
     const torch::Tensor& p_logits,
     const torch::Tensor& q_logits,
     bool reduce = true) {
-  const auto dtype = detail::norm_dtype(p_logits);
   if (detail::is_regression(p_logits)) {
-    return torch::mse_loss(
-        p_logits.to(dtype),
-        q_logits.detach().to(dtype),
-        reduce ? at::Reduction::Mean : at::Reduction::Sum);
+    return detail::squared_error(p_logits, q_logits.detach(), reduce);
   }
   const auto p_rows = detail::class_rows(p_logits);
   const auto p = torch::log_softmax(p_rows, -1).exp();
@@ -60,9 +67,7 @@ inline torch::Tensor stable_kl(
 inline torch::Tensor sym_kl(
     const torch::Tensor& p_logits, const torch::Tensor& q_logits) {
   if (detail::is_regression(p_logits)) {
-    return torch::mse_loss(
-        p_logits.to(detail::norm_dtype(p_logits)),
-        q_logits.to(detail::norm_dtype(p_logits)));
+    return detail::squared_error(p_logits, q_logits, /*reduce=*/true);
   }
   const auto lp = torch::log_softmax(detail::class_rows(p_logits), -1);
   const auto lq = torch::log_softmax(detail::class_rows(q_logits), -1);

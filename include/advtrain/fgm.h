@@ -50,7 +50,7 @@ struct FGMOptions {
 };
 
 inline void check_options(const FGMOptions& o, const Attacker& /*target*/) {
-  detail::check_option(
+  check_option(
       o.epsilon() > 0, FGMOptions::kind, "epsilon", o.epsilon(), "> 0");
 }
 
@@ -70,7 +70,7 @@ struct FGSMOptions {
 };
 
 inline void check_options(const FGSMOptions& o, const Attacker& /*target*/) {
-  detail::check_option(
+  check_option(
       o.epsilon() > 0, FGSMOptions::kind, "epsilon", o.epsilon(), "> 0");
 }
 

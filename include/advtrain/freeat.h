@@ -29,9 +29,9 @@ struct FreeATOptions {
 
 inline void check_options(const FreeATOptions& o, const Attacker& /*target*/) {
   const char* kind = FreeATOptions::kind;
-  detail::check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
-  detail::check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
-  detail::check_option(o.replays() >= 1, kind, "replays", o.replays(), ">= 1");
+  check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
+  check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  check_option(o.replays() >= 1, kind, "replays", o.replays(), ">= 1");
 }
 
 /// FreeAT under the norm policy `Norm`: one perturbation δ per target, created

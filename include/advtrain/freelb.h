@@ -34,15 +34,15 @@ struct FreeLBOptions {
 /// must be 0 there.
 inline void check_options(const FreeLBOptions& o, const Attacker& target) {
   const char* kind = FreeLBOptions::kind;
-  detail::check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
-  detail::check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
-  detail::check_option(
+  check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
+  check_option(
       o.epsilon() >= 0,
       kind,
       "epsilon",
       o.epsilon(),
       ">= 0; 0 means unbounded");
-  detail::check_option(
+  check_option(
       o.init_mag() >= 0 && (target.per_example() || o.init_mag() == 0),
       kind,
       "init_mag",

@@ -60,9 +60,9 @@ class ProjectedAscent : public Strategy<Options> {
 
 inline void check_options(const PGDOptions& o, const Attacker& /*target*/) {
   const char* kind = PGDOptions::kind;
-  detail::check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
-  detail::check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
-  detail::check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
+  check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
+  check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
 }
 
 /// Projected Gradient Descent under the norm policy `Norm`: K steps

@@ -31,6 +31,15 @@ class Regularizer : public Strategy<Options> {
  public:
   using Strategy<Options>::Strategy;
 
+  /// Restores the targets if they are still perturbed, without bumping their
+  /// autograd version (here, where `untracked_writes()` still holds).
+  ~Regularizer() override {
+    try {
+      this->restore();
+    } catch (...) { // NOLINT: a destructor does not throw
+    }
+  }
+
  protected:
   /// Puts the search's first δ on the targets (each through `data(i)`, from
   /// `origin(i)`; per example δ = 0 before). Runs under NoGradGuard.

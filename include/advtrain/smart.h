@@ -36,12 +36,11 @@ struct SMARTOptions {
 
 inline void check_options(const SMARTOptions& o, const Attacker& /*target*/) {
   const char* kind = SMARTOptions::kind;
-  detail::check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
-  detail::check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
-  detail::check_option(
-      o.noise_var() >= 0, kind, "noise_var", o.noise_var(), ">= 0");
-  detail::check_option(o.norm_eps() > 0, kind, "norm_eps", o.norm_eps(), "> 0");
-  detail::check_option(o.weight() >= 0, kind, "weight", o.weight(), ">= 0");
+  check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
+  check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  check_option(o.noise_var() >= 0, kind, "noise_var", o.noise_var(), ">= 0");
+  check_option(o.norm_eps() > 0, kind, "norm_eps", o.norm_eps(), "> 0");
+  check_option(o.weight() >= 0, kind, "weight", o.weight(), ">= 0");
 }
 
 /// SMART's smoothness-inducing adversarial regularizer: the task loss plus
@@ -102,22 +101,17 @@ class SMART : public Regularizer<SMARTOptions> {
   /// The divergence the ascent climbs: summed over the batch.
   torch::Tensor search_objective(
       const torch::Tensor& adv, const torch::Tensor& clean) const override {
-    if (options_.regression() || detail::is_regression(adv)) {
-      const auto dtype = detail::norm_dtype(adv);
-      return torch::mse_loss(
-          adv.to(dtype), clean.detach().to(dtype), at::Reduction::Sum);
-    }
-    return stable_kl(adv, clean.detach(), /*reduce=*/false);
+    return options_.regression()
+               ? detail::squared_error(adv, clean.detach(), /*reduce=*/false)
+               : stable_kl(adv, clean.detach(), /*reduce=*/false);
   }
 
   /// The regularizer: a batch mean, with gradients through both outputs.
   torch::Tensor penalty(
       const torch::Tensor& adv, const torch::Tensor& clean) const override {
-    if (options_.regression() || detail::is_regression(adv)) {
-      const auto dtype = detail::norm_dtype(adv);
-      return torch::mse_loss(adv.to(dtype), clean.to(dtype));
-    }
-    return sym_kl(adv, clean);
+    return options_.regression()
+               ? detail::squared_error(adv, clean, /*reduce=*/true)
+               : sym_kl(adv, clean);
   }
 
  private:

@@ -32,13 +32,12 @@ struct YOPOOptions {
 
 inline void check_options(const YOPOOptions& o, const Attacker& /*target*/) {
   const char* kind = YOPOOptions::kind;
-  detail::check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
-  detail::check_option(
+  check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
+  check_option(
       o.inner_steps() >= 1, kind, "inner_steps", o.inner_steps(), ">= 1");
-  detail::check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
-  detail::check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
-  detail::check_option(
-      o.init_mag() >= 0, kind, "init_mag", o.init_mag(), ">= 0");
+  check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
+  check_option(o.init_mag() >= 0, kind, "init_mag", o.init_mag(), ">= 0");
 }
 
 /// YOPO on the per-example target. The model is split at its first layer
@@ -64,9 +63,8 @@ class YOPO : public Strategy<YOPOOptions> {
       const PerturbedEmbedding& embedding,
       FirstLayer first,
       YOPOOptions options = {})
-      : Strategy(embedding, std::move(options)), first_(std::move(first)) {
-    TORCH_CHECK(first_, "YOPO: the first layer callable is empty");
-  }
+      : Strategy(with_first(embedding, first), std::move(options)),
+        first_(std::move(first)) {}
 
   /// The first layer, as the model's forward calls it: keeps its output z0
   /// so that the co-state ∂L/∂z0 can be read after the backward pass.
@@ -164,6 +162,14 @@ class YOPO : public Strategy<YOPOOptions> {
 
  private:
   FirstLayer first_;
+  /// `embedding`, once `first` is checked (before the options, as the
+  /// arguments come).
+  static const PerturbedEmbedding& with_first(
+      const PerturbedEmbedding& embedding, const FirstLayer& first) {
+    TORCH_CHECK(first, "YOPO: the first layer callable is empty");
+    return embedding;
+  }
+
   torch::Tensor z0_;
   std::optional<detail::RngReplay::States> first_mark_; // this step's
   int64_t inner_passes_ = 0;
