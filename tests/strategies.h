@@ -4,7 +4,7 @@
 // optimizer tests loop over optimizers): one entry per strategy, with a
 // factory per target it supports. A new strategy is one entry here; the
 // restore, exception, shared-mask (table and per example), bfloat16,
-// before-optimizer-step hook and CUDA tests then cover it.
+// before-optimizer-step hook, save/load and CUDA tests then cover it.
 
 #include <advtrain/advtrain.h>
 

@@ -669,3 +669,54 @@ TEST_CASE(
   CHECK(bit_equal(emb->weight.detach(), w0));
   CHECK_NOTHROW(loss.backward()); // the clean graph is still usable
 }
+
+TEST_CASE(
+    "Every strategy's state saves and loads; another's archive is refused",
+    "[state]") {
+  const auto& list = strategies();
+  for (size_t k = 0; k < list.size(); ++k) {
+    const auto& c = list[k];
+    INFO(c.name);
+    auto model = make_model();
+    auto attacker = c.on_table(*model, "embedding", false);
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+    advtrain::Trainer trainer(opt, *attacker);
+    step_on(trainer, model, batch_ids(), batch_labels());
+    step_on(trainer, model, batch_ids(), other_labels());
+    const std::string file = temp_path("state_" + c.name + ".pt");
+    torch::save(*attacker, file);
+
+    // A fresh attacker on a copy of the model, loaded, takes the same next
+    // step as the one that saved (FreeAT: its persistent δ comes back).
+    auto copy = make_model(11);
+    {
+      torch::NoGradGuard no_grad;
+      const auto from = model->parameters();
+      auto to = copy->parameters();
+      for (size_t i = 0; i < to.size(); ++i) {
+        to[i].copy_(from[i]);
+      }
+    }
+    auto loaded = c.on_table(*copy, "embedding", false);
+    torch::load(*loaded, file);
+    CHECK(loaded->steps_done() == 2);
+    CHECK_FALSE(loaded->is_perturbed());
+    torch::optim::SGD opt_copy(
+        copy->parameters(), torch::optim::SGDOptions(kLr));
+    advtrain::Trainer trainer_copy(opt_copy, *loaded);
+    torch::manual_seed(41);
+    step_on(trainer, model, other_ids(), batch_labels());
+    torch::manual_seed(41);
+    step_on(trainer_copy, copy, other_ids(), batch_labels());
+    CHECK(equal_all(copy->parameters(), model->parameters()));
+
+    const auto& other = list[(k + 1) % list.size()];
+    auto stranger = other.on_table(*model, "embedding", false);
+    if (std::string(stranger->kind()) != attacker->kind()) {
+      CHECK_THROWS_WITH(
+          torch::load(*stranger, file),
+          Contains(std::string("state of ") + attacker->kind()));
+    }
+    std::remove(file.c_str());
+  }
+}
