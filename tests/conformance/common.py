@@ -94,6 +94,24 @@ def task_loss(out, y):
     return F.mse_loss(out, y)
 
 
+def train(step, seed, classes=C, batches=3):
+    """The replays' frame: the model and its initial snapshot, plain SGD,
+    torch.manual_seed(seed), then `step(model, opt, ids, mask, y)` once per
+    batch (one official training step), a snapshot after each.  Returns
+    (init, after)."""
+    model = make_model(classes=classes)
+    init = snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    model.train()
+    after = []
+    torch.manual_seed(seed)
+    for i in range(batches):
+        ids, mask, y = batch(i, classes=classes)
+        step(model, opt, ids, mask, y)
+        after.append(snapshot(model))
+    return init, after
+
+
 def snapshot(model):
     return {n: p.detach().tolist() for n, p in model.named_parameters()}
 

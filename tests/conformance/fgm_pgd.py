@@ -97,21 +97,13 @@ def pgd_step(model, opt, ids, y, eps, alpha, k, stats):
 
 
 def run(method, opts, seed, stats):
-    model = common.make_model()
-    init = common.snapshot(model)
-    opt = torch.optim.SGD(model.parameters(), lr=common.LR)
-    model.train()
-    after = []
-    torch.manual_seed(seed)
-    for i in range(3):
-        ids, _, y = common.batch(i)
+    def step(model, opt, ids, _mask, y):
         if method == "FGM":
             fgm_step(model, opt, ids, y, opts["epsilon"])
         else:
             pgd_step(model, opt, ids, y, opts["epsilon"], opts["alpha"],
                      opts["steps"], stats)
-        after.append(common.snapshot(model))
-    return init, after
+    return common.train(step, seed)
 
 
 def main():

@@ -142,17 +142,9 @@ def freelb_step(model, opt, ids, mask, y, norm, o, shared, stats):
 
 
 def run(norm, o, seed, shared, stats):
-    model = common.make_model()
-    init = common.snapshot(model)
-    opt = torch.optim.SGD(model.parameters(), lr=common.LR)
-    model.train()
-    after = []
-    torch.manual_seed(seed)
-    for i in range(3):
-        ids, mask, y = common.batch(i)
+    def step(model, opt, ids, mask, y):
         freelb_step(model, opt, ids, mask, y, norm, o, shared, stats)
-        after.append(common.snapshot(model))
-    return init, after
+    return common.train(step, seed)
 
 
 def check_dropout_equivalence():

@@ -127,14 +127,8 @@ def smart_adv_loss(model, logits, ids, opts, ascent_reduce=False):
 
 def run(opts, seed, ascent_reduce=False):
     classes = 1 if opts["regression"] else common.C
-    model = common.make_model(classes=classes)
-    init = common.snapshot(model)
-    opt = torch.optim.SGD(model.parameters(), lr=common.LR)
-    model.train()
-    after = []
-    torch.manual_seed(seed)
-    for i in range(3):
-        ids, _, y = common.batch(i, classes=classes)
+
+    def step(model, opt, ids, _mask, y):
         logits = model(ids)
         loss = common.task_loss(logits, y)  # CeCriterion / MseCriterion
         adv = smart_adv_loss(model, logits, ids, opts, ascent_reduce)
@@ -142,7 +136,7 @@ def run(opts, seed, ascent_reduce=False):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        after.append(common.snapshot(model))
+    init, after = common.train(step, seed, classes=classes)
     return init, after, classes
 
 

@@ -146,16 +146,9 @@ def yopo_step(model, opt, ids, mask, y, o, stats):
 
 
 def run(o, seed, stats):
-    model = common.make_model()
-    init = common.snapshot(model)
-    opt = torch.optim.SGD(model.parameters(), lr=common.LR)
-    model.train()
-    after = []
-    torch.manual_seed(seed)
-    for i in range(3):
-        ids, mask, y = common.batch(i)
+    def step(model, opt, ids, mask, y):
         yopo_step(model, opt, ids, mask, y, o, stats)
-        after.append(common.snapshot(model))
+    init, after = common.train(step, seed)
     stats["rng_after"] = torch.rand(1, dtype=torch.float64).item()
     return init, after
 
