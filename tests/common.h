@@ -87,6 +87,31 @@ inline torch::Tensor mask_of(const torch::Tensor& x) {
   return x.ne(0).unsqueeze(-1).to(torch::kDouble);
 }
 
+/// A model split for YOPO at its first layer: PerturbedEmbedding (token 0
+/// pads) -> first = tanh(linear) per token -> rest = masked mean -> linear,
+/// float64.
+struct SplitNetImpl : torch::nn::Module {
+  SplitNetImpl()
+      : embedding(register_module(
+            "embedding",
+            advtrain::PerturbedEmbedding(
+                torch::nn::EmbeddingOptions(kVocab, kHidden).padding_idx(0)))),
+        layer(register_module("layer", torch::nn::Linear(kHidden, kHidden))),
+        fc(register_module("fc", torch::nn::Linear(kHidden, kClasses))) {
+    to(torch::kDouble);
+  }
+  torch::Tensor first(const torch::Tensor& e) {
+    return torch::tanh(layer(e));
+  }
+  torch::Tensor rest(const torch::Tensor& z, const torch::Tensor& x) {
+    const auto m = mask_of(x);
+    return fc((z * m).sum(1) / m.sum(1).clamp_min(1));
+  }
+  advtrain::PerturbedEmbedding embedding;
+  torch::nn::Linear layer, fc;
+};
+TORCH_MODULE(SplitNet);
+
 inline ActNet make_act(uint64_t seed = 7, int64_t vocab = kVocab) {
   torch::manual_seed(seed);
   return ActNet(vocab);

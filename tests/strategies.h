@@ -6,9 +6,12 @@
 // restore, exception, shared-mask (table and per example), bfloat16,
 // before-optimizer-step hook, save/load and CUDA tests then cover it.
 
+#include "common.h"
+
 #include <advtrain/advtrain.h>
 
 #include <torch/torch.h>
+#include <catch2/catch.hpp>
 
 #include <cstdint>
 #include <functional>
@@ -130,6 +133,22 @@ inline const std::vector<StrategyCase>& strategies() {
     return l;
   }();
   return list;
+}
+
+/// The masks of two steps of `per_step` passes each: with `share`, every
+/// pass of a step drew its first pass's mask; without, each drew its own;
+/// and the two steps' masks differ.
+inline void check_masks_per_step(
+    const std::vector<torch::Tensor>& masks, size_t per_step, bool share) {
+  REQUIRE(masks.size() == 2 * per_step);
+  for (size_t step = 0; step < 2; ++step) {
+    for (size_t j = 1; j < per_step; ++j) {
+      CHECK(
+          bit_equal(masks[step * per_step + j], masks[step * per_step]) ==
+          share);
+    }
+  }
+  CHECK_FALSE(bit_equal(masks[0], masks[per_step]));
 }
 
 } // namespace fixture

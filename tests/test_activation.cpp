@@ -332,34 +332,6 @@ TEST_CASE("SMART per example equals the plain computation", "[activation]") {
   CHECK(r.passes == o.steps() + 2);
 }
 
-namespace {
-
-/// A model split for YOPO: first = tanh(linear) per token, rest = masked
-/// mean -> linear.
-struct SplitNetImpl : torch::nn::Module {
-  SplitNetImpl()
-      : embedding(register_module(
-            "embedding",
-            advtrain::PerturbedEmbedding(
-                torch::nn::EmbeddingOptions(kVocab, kHidden).padding_idx(0)))),
-        layer(register_module("layer", torch::nn::Linear(kHidden, kHidden))),
-        fc(register_module("fc", torch::nn::Linear(kHidden, kClasses))) {
-    to(torch::kDouble);
-  }
-  torch::Tensor first(const torch::Tensor& e) {
-    return torch::tanh(layer(e));
-  }
-  torch::Tensor rest(const torch::Tensor& z, const torch::Tensor& x) {
-    const auto m = x.ne(0).unsqueeze(-1).to(torch::kDouble);
-    return fc((z * m).sum(1) / m.sum(1).clamp_min(1));
-  }
-  advtrain::PerturbedEmbedding embedding;
-  torch::nn::Linear layer, fc;
-};
-TORCH_MODULE(SplitNet);
-
-} // namespace
-
 TEST_CASE(
     "YOPO equals the plain computation; n = 1 is PGD-like",
     "[activation][yopo]") {

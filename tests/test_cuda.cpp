@@ -1,12 +1,14 @@
 // The strategies on CUDA tensors against the same steps on the CPU. Exits
 // with 77 (ctest: skipped) where no CUDA device is present.
 
+// Catch's runner is compiled where catch.hpp is first included
+// (strategies.h includes it too).
+#define CATCH_CONFIG_RUNNER
+#include <catch2/catch.hpp>
+
 #include "common.h"
 #include "distributed_case.h"
 #include "strategies.h"
-
-#define CATCH_CONFIG_RUNNER
-#include <catch2/catch.hpp>
 
 #include <iostream>
 #include <memory>

@@ -28,24 +28,11 @@ constexpr double kDrop = 0.3;
 /// dropout comes after the lookup, as in real models. Records each pass's
 /// dropout mask (drawn as `dropout(ones)`, the same numbers as dropout of
 /// the input) and the δ each forward sees.
-struct DropNetImpl : torch::nn::Module {
-  DropNetImpl()
-      : embedding(register_module(
-            "embedding",
-            advtrain::PerturbedEmbedding(
-                torch::nn::EmbeddingOptions(kVocab, kHidden).padding_idx(0)))),
-        layer(register_module("layer", torch::nn::Linear(kHidden, kHidden))),
-        fc(register_module("fc", torch::nn::Linear(kHidden, kClasses))) {
-    to(torch::kDouble);
-  }
+struct DropNetImpl : SplitNetImpl {
   torch::Tensor first(const torch::Tensor& e) {
     const auto keep = torch::dropout(torch::ones_like(e), kDrop, is_training());
     masks.push_back(keep.detach().clone());
-    return torch::tanh(layer(e * keep));
-  }
-  torch::Tensor rest(const torch::Tensor& z, const torch::Tensor& x) {
-    const auto m = mask_of(x);
-    return fc((z * m).sum(1) / m.sum(1).clamp_min(1));
+    return SplitNetImpl::first(e * keep);
   }
   torch::Tensor lookup(const torch::Tensor& x) {
     torch::Tensor e;
@@ -66,8 +53,6 @@ struct DropNetImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x) {
     return rest(first(lookup(x)), x);
   }
-  advtrain::PerturbedEmbedding embedding;
-  torch::nn::Linear layer, fc;
   std::vector<torch::Tensor> masks, deltas, word_masks;
   bool word_drop = false;
 };
@@ -653,17 +638,7 @@ TEST_CASE(
     torch::manual_seed(84);
     step_drop(trainer, model, x);
     step_drop(trainer, model, x);
-    const auto per_step = static_cast<size_t>(c.passes);
-    REQUIRE(model->masks.size() == 2 * per_step);
-    for (size_t step = 0; step < 2; ++step) {
-      for (size_t j = 1; j < per_step; ++j) {
-        CHECK(
-            bit_equal(
-                model->masks[step * per_step + j],
-                model->masks[step * per_step]) == share);
-      }
-    }
-    CHECK_FALSE(bit_equal(model->masks[0], model->masks[per_step]));
+    check_masks_per_step(model->masks, static_cast<size_t>(c.passes), share);
     CHECK_FALSE(attacker->is_perturbed());
     CHECK(
         max_abs_diff(

@@ -365,18 +365,8 @@ TEST_CASE(
     torch::manual_seed(5);
     DropNet model;
     const auto attacker = c.on_table(*model, "embedding", share);
-    const auto per_step = static_cast<size_t>(c.passes);
-    const auto masks = masks_of(*attacker, model);
-    REQUIRE(masks.size() == 2 * per_step);
-    for (size_t step = 0; step < 2; ++step) {
-      for (size_t j = 1; j < per_step; ++j) {
-        CHECK(
-            torch::equal(masks[step * per_step + j], masks[step * per_step]) ==
-            share);
-      }
-    }
-    // Masks still change from one step to the next.
-    CHECK_FALSE(torch::equal(masks[0], masks[per_step]));
+    check_masks_per_step(
+        masks_of(*attacker, model), static_cast<size_t>(c.passes), share);
   }
 }
 

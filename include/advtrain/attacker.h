@@ -107,15 +107,10 @@ class Attacker {
         }
         double gnorm = 0.0;
         if (uses_gradient()) {
-          if (!grads[i].defined()) {
-            continue;
-          }
-          if (!per_example()) { // per example: handled in the step itself
-            const bool usable = usable_gradient(i, grads[i], gnorm);
-            all_zero = all_zero && gnorm == 0.0;
-            if (!usable) {
-              continue; // no move along a zero or non-finite gradient
-            }
+          const bool usable = step_geometry(i, grads[i], &gnorm).has_value();
+          all_zero = all_zero && gnorm == 0.0;
+          if (!usable) {
+            continue; // no move along a missing, zero or non-finite gradient
           }
         }
         const double n = perturb(i, w, grads[i], gnorm, backup_[i]);
@@ -505,10 +500,12 @@ class Attacker {
   }
 
   /// The geometry of a step of target `i` along its gradient `g`, or none
-  /// when `g` cannot give one: on a whole tensor, a zero or non-finite
-  /// ‖g‖ (the latter warned once and counted); per example, those examples
-  /// are left in place by the step itself, on the device.
-  std::optional<Geometry> step_geometry(size_t i, const torch::Tensor& g) {
+  /// when `g` cannot give one: undefined, or on a whole tensor a zero or
+  /// non-finite ‖g‖ (the latter warned once and counted); per example, those
+  /// examples are left in place by the step itself, on the device. On a whole
+  /// tensor, `measured` receives ‖g‖.
+  std::optional<Geometry> step_geometry(
+      size_t i, const torch::Tensor& g, double* measured = nullptr) {
     if (!g.defined()) {
       return std::nullopt;
     }
@@ -516,7 +513,11 @@ class Attacker {
       return geometry(i);
     }
     double gnorm = 0.0;
-    if (!usable_gradient(i, g, gnorm)) {
+    const bool usable = usable_gradient(i, g, gnorm);
+    if (measured != nullptr) {
+      *measured = gnorm;
+    }
+    if (!usable) {
       return std::nullopt;
     }
     return geometry(i, gnorm);
