@@ -589,7 +589,7 @@ class NoiseReg : public advtrain::Regularizer<NoiseRegOptions> {
       size_t,
       torch::Tensor&,
       const torch::Tensor&,
-      double,
+      const advtrain::Geometry&,
       const torch::Tensor&) override {
     return 0.0; // no search
   }

@@ -1,15 +1,15 @@
-// The base of every strategy: `Attacker` backs up its targets, moves them by
-// the strategy's rule (`attack`), puts them back bit for bit (`restore`),
-// saves and restores gradients, and runs the strategy's protocol for one
-// batch (`run_step`) when a `Trainer` drives it.
+// The base of every strategy: `Attacker` holds a `Target`, moves it by the
+// strategy's rule (`attack`), puts it back bit for bit (`restore`), saves and
+// restores gradients, and runs the strategy's protocol for one batch
+// (`run`). `Strategy<Options>` adds the options and the three ways to name a
+// target.
 #pragma once
 
-#include <advtrain/detail/registry.h>
+#include <advtrain/activation_target.h>
+#include <advtrain/parameter_target.h>
 #include <advtrain/parameters.h>
 #include <advtrain/step.h>
-
-#include <advtrain/norm.h>
-#include <advtrain/perturbed_embedding.h>
+#include <advtrain/target.h>
 
 #include <fmt/format.h>
 #include <torch/torch.h>
@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -24,43 +25,40 @@
 
 namespace advtrain {
 
-class Trainer;
-
-/// Base of every strategy: it backs up the target tensors (embedding tables)
-/// before the first perturbation, moves them by the strategy's rule, and puts
-/// them back bit for bit. It also saves and restores the gradients of the
-/// parameters it watches, for PGD-style loops, and saves the state that
-/// outlives a batch (`save`/`load`, or `torch::save(attacker, path)`).
+/// Base of every strategy: it backs up its target before the first
+/// perturbation, moves it by the strategy's rule, and puts it back bit for
+/// bit. It also saves and restores the gradients of the parameters it
+/// watches, for PGD-style loops, and saves the state that outlives a batch
+/// (`save`/`load`, or `torch::save(attacker, path)`).
 ///
-/// No call leaves the targets perturbed when it throws.
+/// A strategy supplies two hooks: its rule (`perturb`) and its protocol for
+/// one batch (`run_step`), plus `save_state`/`load_state` when it keeps state
+/// across batches. No call leaves the target perturbed when it throws.
 class Attacker {
  public:
-  /// Restores the targets if they are still perturbed.
+  /// Restores the target if it is still perturbed.
   virtual ~Attacker() {
     try {
       restore();
     } catch (...) { // NOLINT: a destructor does not throw
     }
-    for (auto& slot : slots_) {
-      slot->disarm();
-    }
   }
   Attacker(const Attacker&) = delete;
   Attacker& operator=(const Attacker&) = delete;
 
-  /// Backs the targets up if they are not perturbed yet, then moves them by
-  /// the strategy's rule (along their current gradient, for all but FreeAT).
+  /// Backs the target up if it is not perturbed yet, then moves it by the
+  /// strategy's rule (along its current gradient, for all but FreeAT).
   void attack() {
     attack(/*is_first_attack=*/!is_perturbed());
   }
 
-  /// PGD-style: the first attack of a sequence backs the targets up. The backup
-  /// is taken whenever the targets are not perturbed and never overwritten
-  /// while they are (that case warns: a `restore()` is missing), so `restore()`
-  /// always returns to the weights of before the first attack.
+  /// PGD-style: the first attack of a sequence backs the target up. The
+  /// backup is taken whenever the target is not perturbed and never
+  /// overwritten while it is (that case warns: a `restore()` is missing), so
+  /// `restore()` always returns to the values of before the first attack.
   void attack(bool is_first_attack) {
-    sync_targets();
-    std::vector<torch::Tensor> grads = target_grads();
+    target_->sync(kind_);
+    const std::vector<torch::Tensor> grads = target_grads();
     torch::NoGradGuard no_grad;
     if (is_perturbed() && is_first_attack) {
       TORCH_WARN(
@@ -69,92 +67,54 @@ class Attacker {
           "original backup is kept");
     }
     backup();
-    last_rows_.assign(targets_.size(), torch::Tensor());
     try {
+      const auto usable = [this](size_t i, double gnorm) {
+        return usable_norm(i, gnorm);
+      };
+      const auto rule = [this](
+                            size_t i,
+                            torch::Tensor& w,
+                            const torch::Tensor& g,
+                            const Geometry& geo,
+                            const torch::Tensor& origin) {
+        return perturb(i, w, g, geo, origin);
+      };
       double sq = 0.0;
-      // Whether every target's gradient is exactly zero: on the table, the
-      // sign of a zero_grad() between the backward and attack(). (Per
-      // example, δ is no optimizer or module parameter, so zero_grad() does
-      // not touch its gradient; no check, no extra host synchronization.)
-      bool all_zero = !per_example();
-      for (size_t i = 0; i < targets_.size(); ++i) {
-        torch::Tensor w = data(i);
-        if (row_wise(i)) {
-          // Only the rows with a nonzero gradient move: back up, perturb and
-          // restore those alone (a batch touches few rows of a vocabulary).
-          if (!grads[i].defined()) {
-            continue;
-          }
-          const auto row_norms = at::linalg_vector_norm(
-              grads[i].reshape({grads[i].size(0), -1}),
-              2,
-              {1},
-              false,
-              detail::norm_dtype(grads[i]));
-          const double gnorm = row_norms.norm().item<double>();
-          all_zero = all_zero && gnorm == 0.0;
-          if (!usable_norm(i, gnorm)) {
-            continue;
-          }
-          const torch::Tensor& rows = add_rows(i, row_norms.nonzero().view(-1));
-          torch::Tensor w_rows = w.index_select(0, rows);
-          const double n = perturb(
-              i, w_rows, grads[i].index_select(0, rows), gnorm, backup_[i]);
-          w.index_copy_(0, rows, w_rows);
-          last_rows_[i] = rows;
-          sq += n * n;
-          continue;
-        }
-        double gnorm = 0.0;
-        if (uses_gradient()) {
-          const bool usable = step_geometry(i, grads[i], &gnorm).has_value();
-          all_zero = all_zero && gnorm == 0.0;
-          if (!usable) {
-            continue; // no move along a missing, zero or non-finite gradient
-          }
-        }
-        const double n = perturb(i, w, grads[i], gnorm, backup_[i]);
-        sq += n * n;
+      // Whether every gradient is exactly zero: the sign of a zero_grad()
+      // between the backward and attack(). (Per example, δ is no optimizer
+      // or module parameter, so zero_grad() does not touch its gradient.)
+      bool all_zero = target_->measures_gradient_norm();
+      for (size_t i = 0; i < grads.size(); ++i) {
+        const Move m = target_->move(
+            i,
+            grads[i],
+            uses_gradient(),
+            moves_gradient_rows_only(),
+            untracked_writes(),
+            usable,
+            rule);
+        all_zero = all_zero && m.zero_gradient;
+        sq += m.norm * m.norm;
       }
       if (uses_gradient() && all_zero) {
         note_zero_gradients();
       }
       perturbation_norm_ = std::sqrt(sq);
       peak_bytes_ = std::max(peak_bytes_, held_bytes());
-      if (per_example()) {
-        // δ's gradient is the attacker's own: used up by this step, so that
-        // the next attack sees only the passes run after it.
-        for (auto& t : targets_) {
-          t.mutable_grad() = torch::Tensor();
-        }
-      }
+      target_->consume_gradients();
     } catch (...) {
       restore();
       throw;
     }
   }
 
-  /// Puts the backed-up targets back, bit for bit; a no-op when nothing is
+  /// Puts the backed-up target back, bit for bit; a no-op when nothing is
   /// backed up.
   void restore() {
-    release_claims(); // also after a backup() that failed half-way
-    if (!is_perturbed()) {
-      return;
+    if (is_perturbed()) {
+      peak_bytes_ = std::max(peak_bytes_, held_bytes());
     }
-    peak_bytes_ = std::max(peak_bytes_, held_bytes());
-    torch::NoGradGuard no_grad;
-    for (size_t i = 0; i < targets_.size(); ++i) {
-      if (rows_[i].defined()) {
-        data(i).index_copy_(0, rows_[i], backup_[i]);
-      } else {
-        data(i).copy_(backup_[i]);
-      }
-      if (per_example()) {
-        targets_[i].mutable_grad() = torch::Tensor();
-      }
-    }
-    backup_.clear();
-    rows_.clear();
+    target_->restore(this, untracked_writes());
   }
 
   /// Saves a copy of the `.grad` of every watched parameter (those whose grad
@@ -188,6 +148,32 @@ class Attacker {
   void watch_grads(std::vector<torch::Tensor> params) {
     grad_backup_.clear();
     watched_ = std::move(params);
+  }
+
+  /// Runs the strategy's protocol for one batch in `ctx` (what
+  /// `Trainer::step` calls): the target's step begins, `run_step` runs, the
+  /// step ends however it leaves, and a completed step is counted.
+  StepResult run(StepContext& ctx) {
+    target_->begin_step(ctx);
+    struct EndStep { // however the step ends: no hook outlives `ctx`
+      Target& target;
+      ~EndStep() {
+        target.end_step();
+      }
+    } end_step{*target_};
+    on_new_step();
+    StepResult r;
+    try {
+      r = run_step(ctx);
+    } catch (...) {
+      try {
+        restore(); // while the step's δ is still known
+      } catch (...) { // NOLINT: the step's own exception is the one to report
+      }
+      throw;
+    }
+    ++steps_done_;
+    return r;
   }
 
   /// Writes the state that outlives a batch (FreeAT's δ, the step counter)
@@ -228,23 +214,28 @@ class Attacker {
     steps_done_ = steps.toInt();
   }
 
-  /// The tensors this attacker perturbs.
-  const std::vector<torch::Tensor>& targets() const noexcept {
-    return targets_;
+  /// What this attacker perturbs.
+  const Target& target() const noexcept {
+    return *target_;
   }
-  /// Their names (parameter names, or "target[i]" when built from tensors).
+  /// The tensors this attacker perturbs (per example: the step's δ).
+  const std::vector<torch::Tensor>& targets() const noexcept {
+    return target_->tensors();
+  }
+  /// Their names (parameter names, "target[i]" when built from tensors, or
+  /// "perturbation[i]").
   const std::vector<std::string>& target_names() const noexcept {
-    return names_;
+    return target_->names();
   }
   /// The parameters whose gradients are watched.
   const std::vector<torch::Tensor>& watched() const noexcept {
     return watched_;
   }
-  /// Whether the targets are perturbed (backed up and not yet restored).
+  /// Whether the target is perturbed (backed up and not yet restored).
   bool is_perturbed() const noexcept {
-    return !backup_.empty();
+    return target_->is_perturbed();
   }
-  /// ‖δ‖ of the last `attack()` (all targets together).
+  /// ‖δ‖ of the last `attack()` (all tensors together).
   double perturbation_norm() const noexcept {
     return perturbation_norm_;
   }
@@ -259,10 +250,7 @@ class Attacker {
   /// Bytes the attacker holds now beyond the model: backups (whole tables,
   /// or only the rows a batch moved), saved gradients, persistent δ.
   int64_t held_bytes() const {
-    int64_t n = extra_bytes();
-    for (const auto& t : backup_) {
-      n += static_cast<int64_t>(t.nbytes());
-    }
+    int64_t n = extra_bytes() + target_->backup_bytes();
     for (const auto& t : grad_backup_) {
       n += t.defined() ? static_cast<int64_t>(t.nbytes()) : 0;
     }
@@ -273,11 +261,14 @@ class Attacker {
   int64_t peak_held_bytes() const noexcept {
     return peak_bytes_;
   }
-
   /// Whether this attacker perturbs embedding outputs per example
-  /// (`PerturbedEmbedding`) rather than weight tables.
+  /// (`PerturbedEmbedding`) rather than parameters.
   bool per_example() const noexcept {
-    return !slots_.empty();
+    return target_->per_example();
+  }
+  /// Whether the passes of one `Trainer::step` share their dropout masks.
+  virtual bool share_dropout_mask() const {
+    return false;
   }
   /// How many times a gradient with a non-finite norm was met (and skipped).
   int64_t nonfinite_gradients() const noexcept {
@@ -292,61 +283,82 @@ class Attacker {
 
  protected:
   /// `kind` names the strategy in error messages and archives.
-  Attacker(std::vector<torch::Tensor> targets, const char* kind)
-      : targets_(std::move(targets)), kind_(kind) {
-    for (size_t i = 0; i < targets_.size(); ++i) {
-      names_.push_back(fmt::format("target[{}]", i));
-    }
-    check_targets();
-  }
-
-  /// Activation target: the δ of each slot, per example (docs/design.md,
-  /// "Targets").
-  Attacker(std::vector<std::shared_ptr<Perturbation>> slots, const char* kind)
-      : kind_(kind), slots_(std::move(slots)) {
-    TORCH_CHECK(
-        !slots_.empty(), "advtrain: ", kind_, " needs at least one target");
-    for (size_t i = 0; i < slots_.size(); ++i) {
-      TORCH_CHECK(
-          slots_[i] != nullptr, "advtrain: ", kind_, ": slot ", i, " is null");
-      names_.push_back(fmt::format("perturbation[{}]", i));
-      slots_[i]->arm();
-    }
-  }
-
+  Attacker(std::unique_ptr<Target> target, const char* kind)
+      : target_(std::move(target)), kind_(kind) {}
+  /// Parameters of `module` (the module's parameters are watched).
   Attacker(
+      std::unique_ptr<Target> target,
       const NamedParameters& module,
-      const std::string& name_contains,
       const char* kind)
-      : kind_(kind) {
-    auto selected = detail::select_named(module, name_contains);
-    names_ = std::move(selected.first);
-    targets_ = std::move(selected.second);
-    watched_ = module.tensors();
-    check_targets();
-    warn_tied(module);
-  }
+      : target_(std::move(target)),
+        kind_(kind),
+        watched_(module.tensors()) {}
 
-  /// Moves target `i` (`w`, its data) along its gradient `g`, whose norm
-  /// `gnorm` is positive and finite; `origin` is its backed-up value. Returns
-  /// ‖δᵢ‖ after the move. Runs under NoGradGuard. For strategies whose
-  /// `uses_gradient()` is false, `g` may be undefined and `gnorm` is 0.
+  /// The rule: moves tensor `i` (`w`, its data, or the rows of it that
+  /// moved) along its gradient `g`; `geo` says where norms are taken (on a
+  /// parameter, `geo.gnorm` = ‖g‖, positive and finite); `origin` is its
+  /// backed-up value (per example δ = 0). Returns ‖δᵢ‖ after the move. Runs
+  /// under NoGradGuard. Where `uses_gradient()` is false, `g` is undefined.
   virtual double perturb(
       size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
-      double gnorm,
+      const Geometry& geo,
       const torch::Tensor& origin) = 0;
 
-  /// Whether target `i`'s gradient `g` can give a step: sets `gnorm` = ‖g‖
-  /// and returns false when it is zero or not finite (the latter warns, once
-  /// per attacker, and is counted).
-  bool usable_gradient(size_t i, const torch::Tensor& g, double& gnorm) {
-    gnorm = detail::l2_norm(g);
-    return usable_norm(i, gnorm);
+  /// The protocol for one batch (docs/design.md, "Protocols"); called by
+  /// `run`, whose caller (`Trainer`) restores weights and gradients if it
+  /// throws.
+  virtual StepResult run_step(StepContext& ctx) = 0;
+
+  /// State beyond the base's.
+  virtual void save_state(torch::serialize::OutputArchive& /*archive*/) const {}
+  virtual void load_state(torch::serialize::InputArchive& /*archive*/) {}
+
+  /// Whether the rule moves only the rows where the gradient is nonzero
+  /// (FGSM, FGM, PGD, FreeLB); then a table backs up and moves those rows
+  /// alone.
+  virtual bool moves_gradient_rows_only() const {
+    return false;
+  }
+  /// Whether `attack()` moves along the gradient (and so needs one).
+  virtual bool uses_gradient() const {
+    return true;
+  }
+  /// Whether writes to the target leave its autograd version alone (a
+  /// regularizer: its clean graph stays usable while the target is
+  /// perturbed; see `Target::data`).
+  virtual bool untracked_writes() const {
+    return false;
+  }
+  /// State held beyond backups and saved gradients (FreeAT's δ).
+  virtual int64_t extra_bytes() const {
+    return 0;
+  }
+  /// Called when a `Trainer` step begins, before its first forward: set the
+  /// step's start here (`target().set_start`).
+  virtual void on_new_step() {}
+
+  /// The target, to write into.
+  Target& target() noexcept {
+    return *target_;
+  }
+  /// Backs the target up unless it already is.
+  void backup() {
+    target_->backup(this, kind_, moves_gradient_rows_only());
+  }
+  /// Tensor `i` to write into (see `untracked_writes`).
+  torch::Tensor data(size_t i) const {
+    return target_->data(i, untracked_writes());
+  }
+  /// Tensor `i`'s backed-up value; only while perturbed.
+  const torch::Tensor& origin(size_t i) const {
+    return target_->origin(i);
   }
 
-  /// `usable_gradient` for a norm already taken.
+  /// Whether a gradient norm measured on a whole tensor gives a step: false
+  /// when it is zero or not finite (the latter warns, once per attacker, and
+  /// is counted).
   bool usable_norm(size_t i, double gnorm) {
     if (std::isfinite(gnorm)) {
       return gnorm > 0.0;
@@ -358,7 +370,7 @@ class Attacker {
           "advtrain: ",
           kind_,
           ": the gradient of ",
-          names_[i],
+          target_names()[i],
           " has a non-finite norm (",
           gnorm,
           "); no perturbation from it, training goes on (warned once per "
@@ -367,223 +379,37 @@ class Attacker {
     return false;
   }
 
-  /// Whether the rule moves only the rows where the gradient is nonzero
-  /// (FGSM, FGM, PGD, FreeLB); then, on tables, `attack()` backs up and
-  /// perturbs those rows alone and `perturb` sees only them.
-  virtual bool moves_gradient_rows_only() const {
-    return false;
-  }
-
-  /// State held beyond backups and saved gradients (FreeAT's δ).
-  virtual int64_t extra_bytes() const {
-    return 0;
-  }
-
-  /// Whether `attack()` moves along the gradient (and so needs one).
-  virtual bool uses_gradient() const {
-    return true;
-  }
-
-  /// Whether the passes of one `Trainer::step` share their dropout masks.
-  virtual bool share_dropout_mask() const {
-    return false;
-  }
-
-  /// Whether `data(i)` writes the targets without bumping their autograd
-  /// version (SMART: its clean graph stays usable while they are perturbed).
-  virtual bool untracked_writes() const {
-    return false;
-  }
-
-  /// The strategy's protocol for one batch (docs/design.md, "Protocols");
-  /// called by Trainer, which restores weights and gradients if it throws.
-  virtual StepResult run_step(StepContext& ctx) = 0;
-
-  /// State beyond the base's.
-  virtual void save_state(torch::serialize::OutputArchive& /*archive*/) const {}
-  virtual void load_state(torch::serialize::InputArchive& /*archive*/) {}
-
-  /// Backs the targets up unless they already are. Per example, the origin
-  /// is δ = 0, whatever δ started from. Refuses a target that another
-  /// attacker has perturbed and not restored yet.
-  void backup() {
-    if (is_perturbed()) {
-      return;
-    }
-    sync_targets();
-    const auto other =
-        detail::PerturbedTensors::instance().try_claim(targets_, this, kind_);
-    TORCH_CHECK(
-        other.first < 0,
-        "advtrain: ",
-        kind_,
-        ": ",
-        other.first < 0 ? "" : names_[other.first],
-        " is already perturbed by another attacker (",
-        other.second == nullptr ? "" : other.second,
-        "); call that attacker's restore() first, since restores in another "
-        "order would leave it perturbed");
-    for (const auto& t : targets_) {
-      claimed_.push_back(t.unsafeGetTensorImpl());
-    }
-    torch::NoGradGuard no_grad;
-    backup_.reserve(targets_.size());
-    rows_.assign(targets_.size(), torch::Tensor());
-    for (size_t i = 0; i < targets_.size(); ++i) {
-      if (row_wise(i)) { // rows are backed up as they first move
-        rows_[i] = torch::empty(
-            {0}, torch::dtype(torch::kLong).device(targets_[i].device()));
-        backup_.push_back(data(i).index_select(0, rows_[i]));
-      } else {
-        backup_.push_back(
-            per_example() ? torch::zeros_like(targets_[i]) : data(i).clone());
-      }
-    }
-  }
-
-  /// The rows of target i that hold every nonzero of the gradient the last
-  /// `attack()` moved along (all rows it has moved since the backup);
-  /// undefined when that attack did not go row by row.
-  const torch::Tensor& last_rows(size_t i) const {
-    static const torch::Tensor none;
-    return i < last_rows_.size() ? last_rows_[i] : none;
-  }
-
-  /// Whether target i is perturbed row by row (see
-  /// `moves_gradient_rows_only`).
-  bool row_wise(size_t i) const {
-    return !per_example() && moves_gradient_rows_only() &&
-           targets_[i].dim() >= 2;
-  }
-
-  /// Backs up the rows of `rows` not backed up yet; returns all backed-up
-  /// rows of target i (the rows `backup_[i]` holds, in its order).
-  const torch::Tensor& add_rows(size_t i, const torch::Tensor& rows) {
-    torch::Tensor extra =
-        rows_[i].numel() == 0
-            ? rows
-            : rows.masked_select(torch::isin(rows, rows_[i]).logical_not());
-    if (extra.numel() > 0) {
-      backup_[i] = torch::cat({backup_[i], data(i).index_select(0, extra)});
-      rows_[i] = torch::cat({rows_[i], extra});
-    }
-    return rows_[i];
-  }
-
-  /// Per example: takes the slots' current δ as the targets.
-  void sync_targets() {
-    if (!per_example()) {
-      return;
-    }
-    targets_.resize(slots_.size());
-    for (size_t i = 0; i < slots_.size(); ++i) {
-      TORCH_CHECK(
-          slots_[i]->delta().defined(),
-          "advtrain: ",
-          kind_,
-          ": no perturbation yet; run the model's forward through the "
-          "PerturbedEmbedding first, in training mode (not eval()) and with "
-          "autograd on");
-      targets_[i] = slots_[i]->delta();
-    }
-  }
-
-  /// Target `i`'s mask broadcast against it ([B, L, 1]); per example only.
-  torch::Tensor mask(size_t i) const {
-    return slots_[i]->expanded_mask();
-  }
-
-  /// How target `i`'s norms are taken (its mask per example); `gnorm`: its
-  /// gradient's norm, measured on a whole tensor.
-  Geometry geometry(size_t i, double gnorm = 0.0) const {
-    return Geometry{per_example() ? mask(i) : torch::Tensor(), gnorm};
-  }
-
-  /// The geometry of a step of target `i` along its gradient `g`, or none
-  /// when `g` cannot give one: undefined, or on a whole tensor a zero or
-  /// non-finite ‖g‖ (the latter warned once and counted); per example, those
-  /// examples are left in place by the step itself, on the device. On a whole
-  /// tensor, `measured` receives ‖g‖.
+  /// The geometry of a step of tensor `i` along its gradient `g`, or none
+  /// when `g` cannot give one: undefined, or (where the target measures
+  /// norms on the host) a zero or non-finite ‖g‖, the latter warned once and
+  /// counted; per example, such examples are left in place by the step
+  /// itself, on the device. `measured` receives the norm measured, if any.
   std::optional<Geometry> step_geometry(
       size_t i, const torch::Tensor& g, double* measured = nullptr) {
     if (!g.defined()) {
       return std::nullopt;
     }
-    if (per_example()) {
-      return geometry(i);
-    }
     double gnorm = 0.0;
-    const bool usable = usable_gradient(i, g, gnorm);
-    if (measured != nullptr) {
-      *measured = gnorm;
+    if (target_->measures_gradient_norm()) {
+      gnorm = detail::l2_norm(g);
+      if (measured != nullptr) {
+        *measured = gnorm;
+      }
+      if (!usable_norm(i, gnorm)) {
+        return std::nullopt;
+      }
     }
-    if (!usable) {
-      return std::nullopt;
-    }
-    return geometry(i, gnorm);
-  }
-
-  /// The slots of the activation target (empty for weight tables).
-  const std::vector<std::shared_ptr<Perturbation>>& slots() const noexcept {
-    return slots_;
-  }
-
-  /// Called by Trainer before a step; per example, the slots forget δ so the
-  /// step's first forward makes a new one (through the initializer
-  /// `on_new_step` sets, if any; it is removed when the step ends).
-  virtual void on_new_step() {}
-
-  /// Per example: each new δ of the current step starts from `draw(d, mask)`
-  /// (a random start, d zero, mask [B, L, 1]), masked afterwards. It is drawn
-  /// at the step's first lookup, before the first pass's dropout masks (as
-  /// the official FreeLB and YOPO draw it before their first forward); with
-  /// shared masks, later passes jump over its numbers at the same lookup.
-  void set_random_start(Perturbation::Initializer draw) {
-    for (auto& slot : slots_) {
-      slot->set_initializer(
-          [this, draw](torch::Tensor& d, const torch::Tensor& m) {
-            draw(d, m);
-            if (step_ != nullptr && step_->replay) {
-              step_->replay->start_drawn();
-            }
-          });
-      slot->set_lookup_hook([this] {
-        if (step_ != nullptr && step_->replay) {
-          step_->replay->at_lookup();
-        }
-      });
-    }
+    return target_->geometry(i, gnorm);
   }
 
   /// The `Trainer` step running now, if any.
   StepContext* running_step() const noexcept {
-    return step_;
+    return target_->step_context();
   }
 
-  /// ‖δ‖ over the slots' current δ (per example); 0 when there is none.
-  double slots_norm() const {
-    double sq = 0.0;
-    for (const auto& slot : slots_) {
-      if (slot->delta().defined()) {
-        const double n = detail::l2_norm(slot->delta().detach());
-        sq += n * n;
-      }
-    }
-    return std::sqrt(sq);
-  }
-
-  /// Target `i`'s backed-up value; only while perturbed.
-  const torch::Tensor& origin(size_t i) const {
-    return backup_[i];
-  }
-
-  /// Target `i` as a tensor to write into. When `untracked_writes()` holds,
-  /// the writes do not bump the autograd version counter, so a graph built
-  /// before the perturbation (SMART's clean pass) stays usable; such a graph
-  /// must only be run backward after `restore()`.
-  torch::Tensor data(size_t i) const {
-    return untracked_writes() ? targets_[i].variable_data()
-                              : targets_[i].detach();
+  /// Records ‖δ‖ of a move made outside `attack()`.
+  void set_perturbation_norm(double norm) noexcept {
+    perturbation_norm_ = norm;
   }
 
   /// The protocol of FGSM and FGM: clean pass, one attack, adversarial pass,
@@ -599,37 +425,7 @@ class Attacker {
     return r;
   }
 
-  double perturbation_norm_ = 0.0;
-
-  friend class Trainer;
-
  private:
-  void begin_step(StepContext& ctx) {
-    step_ = &ctx;
-    for (auto& slot : slots_) {
-      slot->reset();
-    }
-    on_new_step();
-  }
-  void end_step() {
-    step_ = nullptr;
-    for (auto& slot : slots_) {
-      slot->reset();
-      slot->set_initializer(nullptr);
-      slot->set_lookup_hook(nullptr);
-    }
-    if (per_example()) {
-      targets_.clear();
-    }
-  }
-
-  void release_claims() {
-    if (!claimed_.empty()) {
-      detail::PerturbedTensors::instance().release(claimed_, this);
-      claimed_.clear();
-    }
-  }
-
   void note_zero_gradients() {
     ++zero_gradients_;
     if (!warned_zero_) {
@@ -644,97 +440,37 @@ class Attacker {
     }
   }
 
-  void check_targets() {
-    TORCH_CHECK(
-        !targets_.empty(), "advtrain: ", kind_, " needs at least one target");
-    for (size_t i = 0; i < targets_.size(); ++i) {
-      const auto& t = targets_[i];
-      TORCH_CHECK(
-          t.defined(), "advtrain: ", kind_, ": ", names_[i], " is undefined");
-      TORCH_CHECK(
-          t.is_floating_point(),
-          "advtrain: ",
-          kind_,
-          ": ",
-          names_[i],
-          " must be a floating-point tensor, got ",
-          t.scalar_type());
-      TORCH_CHECK(
-          t.requires_grad(),
-          "advtrain: ",
-          kind_,
-          ": ",
-          names_[i],
-          " does not require grad, so it never gets a gradient to attack "
-          "along");
-      for (size_t j = 0; j < i; ++j) {
-        TORCH_CHECK(
-            !targets_[j].is_same(t),
-            "advtrain: ",
-            kind_,
-            ": ",
-            names_[i],
-            " is the same tensor as ",
-            names_[j]);
-      }
-    }
-  }
-
-  /// Warns when a target is also registered under another name, or shares
-  /// its storage with another parameter (tied input/output embeddings):
-  /// perturbing it perturbs that layer too.
-  void warn_tied(const NamedParameters& module) {
-    for (const auto& item : module.items()) {
-      const auto& p = item.second;
-      for (size_t i = 0; i < targets_.size(); ++i) {
-        const auto& t = targets_[i];
-        const bool shared =
-            p.is_same(t) || (p.has_storage() && t.has_storage() &&
-                             p.storage().is_alias_of(t.storage()));
-        if (shared && item.first != names_[i]) {
-          TORCH_WARN(
-              "advtrain: ",
-              kind_,
-              ": ",
-              names_[i],
-              " is tied to ",
-              item.first,
-              " (they share storage): perturbing it also perturbs that "
-              "parameter's layer");
-        }
-      }
-    }
-  }
-
-  /// The targets' gradients, checked; undefined where a target got none.
+  /// The target's gradients, checked; undefined where a tensor got none.
   std::vector<torch::Tensor> target_grads() const {
     std::vector<torch::Tensor> grads;
     bool any = false;
-    for (size_t i = 0; i < targets_.size(); ++i) {
-      const torch::Tensor& g = targets_[i].grad();
+    const auto& ts = targets();
+    const auto& names = target_names();
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const torch::Tensor& g = ts[i].grad();
       if (g.defined()) {
         TORCH_CHECK(
             !g.is_sparse(),
             "advtrain: the gradient of ",
-            names_[i],
+            names[i],
             " is sparse (nn::EmbeddingOptions().sparse(true)); sparse "
             "gradients are not supported: use a dense embedding");
         TORCH_CHECK(
-            g.sizes() == targets_[i].sizes() &&
-                g.scalar_type() == targets_[i].scalar_type() &&
-                g.device() == targets_[i].device(),
+            g.sizes() == ts[i].sizes() &&
+                g.scalar_type() == ts[i].scalar_type() &&
+                g.device() == ts[i].device(),
             "advtrain: the gradient of ",
-            names_[i],
+            names[i],
             " (",
             g.scalar_type(),
             g.sizes(),
             " on ",
             g.device(),
             ") does not match the tensor (",
-            targets_[i].scalar_type(),
-            targets_[i].sizes(),
+            ts[i].scalar_type(),
+            ts[i].sizes(),
             " on ",
-            targets_[i].device(),
+            ts[i].device(),
             ")");
         any = true;
       }
@@ -743,28 +479,22 @@ class Attacker {
     TORCH_CHECK(
         any || !uses_gradient(),
         "advtrain: attack() found no gradient on [",
-        fmt::format("{}", fmt::join(names_, ", ")),
+        fmt::format("{}", fmt::join(names, ", ")),
         "]; run the loss's backward() first");
     return grads;
   }
 
-  std::vector<torch::Tensor> targets_;
-  std::vector<std::string> names_;
+  std::unique_ptr<Target> target_;
   const char* kind_;
-  std::vector<torch::Tensor> backup_;
-  std::vector<torch::Tensor> rows_;      // per target: backed-up rows, or none
-  std::vector<torch::Tensor> last_rows_; // see last_rows()
   std::vector<torch::Tensor> watched_;
   std::vector<torch::Tensor> grad_backup_;
-  std::vector<std::shared_ptr<Perturbation>> slots_;
+  double perturbation_norm_ = 0.0;
   int64_t steps_done_ = 0;
   int64_t peak_bytes_ = 0;
   int64_t nonfinite_gradients_ = 0;
   bool warned_nonfinite_ = false;
   int64_t zero_gradients_ = 0;
   bool warned_zero_ = false;
-  std::vector<const void*> claimed_; // registered in PerturbedTensors
-  StepContext* step_ = nullptr;      // the running Trainer step, if any
 };
 
 /// Refuses an option of a strategy in its constructor, naming the field:
@@ -792,7 +522,9 @@ class Strategy : public Attacker {
  public:
   /// Perturbs `params` (e.g. embedding tables).
   explicit Strategy(std::vector<torch::Tensor> params, Options options = {})
-      : Attacker(std::move(params), Options::kind),
+      : Attacker(
+            std::make_unique<ParameterTarget>(std::move(params), Options::kind),
+            Options::kind),
         options_(std::move(options)) {
     check_options(options_, *this);
   }
@@ -803,14 +535,23 @@ class Strategy : public Attacker {
       const NamedParameters& module,
       const std::string& name_contains,
       Options options = {})
-      : Attacker(module, name_contains, Options::kind),
+      : Attacker(
+            std::make_unique<ParameterTarget>(
+                module, name_contains, Options::kind),
+            module,
+            Options::kind),
         options_(std::move(options)) {
     check_options(options_, *this);
   }
   /// Perturbs each example's output of `embedding` (docs/design.md,
   /// "Targets").
   explicit Strategy(const PerturbedEmbedding& embedding, Options options = {})
-      : Attacker({embedding->perturbation()}, Options::kind),
+      : Attacker(
+            std::make_unique<ActivationTarget>(
+                std::vector<std::shared_ptr<Perturbation>>{
+                    embedding->perturbation()},
+                Options::kind),
+            Options::kind),
         options_(std::move(options)) {
     check_options(options_, *this);
   }
@@ -818,12 +559,11 @@ class Strategy : public Attacker {
   const Options& options() const noexcept {
     return options_;
   }
-
- protected:
   bool share_dropout_mask() const override {
     return options_.share_dropout_mask();
   }
 
+ protected:
   Options options_;
 };
 

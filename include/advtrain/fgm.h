@@ -20,13 +20,12 @@ class FastGradient : public Strategy<Options> {
 
  protected:
   double perturb(
-      size_t i,
+      size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
-      double gnorm,
+      const Geometry& geo,
       const torch::Tensor& /*origin*/) override {
-    return detail::first_step<Norm>(
-        w, g, this->options_.epsilon(), this->geometry(i, gnorm));
+    return detail::first_step<Norm>(w, g, this->options_.epsilon(), geo);
   }
 
   StepResult run_step(StepContext& ctx) override {

@@ -56,6 +56,7 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   /// gradient; targets without a gradient, or with a zero or non-finite one,
   /// keep their δ.
   void update_delta() {
+    target().sync(kind());
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < targets().size(); ++i) {
       const torch::Tensor& g = targets()[i].grad();
@@ -93,20 +94,18 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
       size_t i,
       torch::Tensor& w,
       const torch::Tensor& /*g*/,
-      double /*gnorm*/,
+      const Geometry& geo,
       const torch::Tensor& origin) override {
-    return detail::place(w, origin, delta(i, w), geometry(i));
+    return detail::place(w, origin, delta(i, w), geo);
   }
 
-  /// Per example, δ exists only once the forward runs: each replay's forward
-  /// makes it from the persistent δ, through the slot's initializer.
+  /// Each replay starts from the persistent δ (masked per example).
   void on_new_step() override {
-    for (size_t i = 0; i < slots().size(); ++i) {
-      slots()[i]->set_initializer(
-          [this, i](torch::Tensor& d, const torch::Tensor& m) {
-            d.copy_(delta(i, d) * m);
-          });
-    }
+    target().set_start(
+        [this](size_t i, torch::Tensor& d, const torch::Tensor& m) {
+          d.copy_(m.defined() ? delta(i, d) * m : delta(i, d));
+        },
+        /*random=*/false);
   }
 
   /// m times: apply δ, forward+backward, update δ from that gradient,
@@ -119,16 +118,9 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
     StepResult r;
     const int64_t m = options_.replays();
     for (int64_t j = 0; j < m; ++j) {
-      if (per_example()) {
-        for (const auto& slot : slots()) {
-          slot->reset(); // the forward makes δ from the persistent one
-        }
-      } else {
-        attack();
-      }
+      target().restart(this, kind()); // δ from the persistent one
       const double loss = ctx.pass().item<double>();
-      r.perturbation_norm = per_example() ? slots_norm() : perturbation_norm_;
-      sync_targets();
+      r.perturbation_norm = target().norm();
       if (j == 0) {
         r.loss = loss;
         r.start_norm = r.perturbation_norm;
@@ -153,23 +145,12 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   }
 
   void load_state(torch::serialize::InputArchive& archive) override {
-    const size_t n = per_example() ? slots().size() : targets().size();
+    const size_t n = target().size();
     std::vector<torch::Tensor> loaded(n);
     for (size_t i = 0; i < n; ++i) {
       torch::Tensor d;
       if (archive.try_read("freeat.delta." + std::to_string(i), d)) {
-        TORCH_CHECK(
-            per_example() || d.sizes() == targets()[i].sizes(),
-            "advtrain: FreeAT: the saved delta of ",
-            target_names()[i],
-            " has shape ",
-            d.sizes(),
-            ", the tensor ",
-            targets()[i].sizes());
-        loaded[i] =
-            per_example()
-                ? d
-                : d.to(targets()[i].device(), targets()[i].scalar_type());
+        loaded[i] = target().fit_saved(i, d, kind());
       }
     }
     deltas_ = std::move(loaded);
@@ -179,7 +160,7 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   /// δ of target i, created zero with the shape, dtype and device of `t`;
   /// per example, refitted to each batch's shape (the overlap is kept).
   torch::Tensor& delta(size_t i, const torch::Tensor& t) {
-    const size_t n = per_example() ? slots().size() : targets().size();
+    const size_t n = target().size();
     if (deltas_.size() != n) {
       deltas_.resize(n);
     }

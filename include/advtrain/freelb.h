@@ -87,24 +87,17 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
       const double loss = ctx.pass(scale).item<double>();
       if (t == 1) {
         r.loss = loss;
-        r.start_norm = this->slots_norm();
+        r.start_norm = this->target().norm();
         r.perturbation_norm = r.start_norm;
       }
       r.adv_loss = loss;
       if (t < k) {
         this->attack();
-        r.perturbation_norm = this->perturbation_norm_;
+        r.perturbation_norm = this->perturbation_norm();
         for (size_t i = 0; i < n; ++i) {
           torch::Tensor& grad = this->targets()[i].mutable_grad();
-          const torch::Tensor& rows = this->last_rows(i);
-          if (earlier[i].defined() && grad.defined() && rows.defined()) {
-            // This pass's gradient is zero outside the rows just moved.
-            grad = earlier[i].index_add_(0, rows, grad.index_select(0, rows));
-          } else if (earlier[i].defined() && grad.defined()) {
-            grad = earlier[i].add_(grad);
-          } else if (earlier[i].defined()) {
-            grad = std::move(earlier[i]);
-          }
+          grad = this->target().merge_gradient(
+              i, std::move(earlier[i]), std::move(grad));
         }
       }
     }
@@ -119,9 +112,11 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
       return; // (a weight table has no random start: check_options)
     }
     const double mag = this->options_.init_mag();
-    this->set_random_start([mag](torch::Tensor& d, const torch::Tensor& m) {
-      Norm::random_start(d, m, mag);
-    });
+    this->target().set_start(
+        [mag](size_t /*i*/, torch::Tensor& d, const torch::Tensor& m) {
+          Norm::random_start(d, m, mag);
+        },
+        /*random=*/true);
   }
 };
 

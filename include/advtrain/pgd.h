@@ -37,18 +37,13 @@ class ProjectedAscent : public Strategy<Options> {
 
  protected:
   double perturb(
-      size_t i,
+      size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
-      double gnorm,
+      const Geometry& geo,
       const torch::Tensor& origin) override {
     return projected_step<Norm>(
-        w,
-        g,
-        this->options_.alpha(),
-        this->options_.epsilon(),
-        origin,
-        this->geometry(i, gnorm));
+        w, g, this->options_.alpha(), this->options_.epsilon(), origin, geo);
   }
 
   bool moves_gradient_rows_only() const override {

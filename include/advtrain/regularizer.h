@@ -17,7 +17,7 @@ namespace advtrain {
 ///  3. `search_steps()` times: a pass at the perturbation, the gradient `g`
 ///     of `search_objective(adv, clean)` with respect to δ by
 ///     `torch::autograd::grad` (nothing accumulates into `.grad`), and
-///     `perturb(i, w, g, 0, origin(i))` moves each target along it. A
+///     `perturb(i, w, g, geometry, origin(i))` moves each tensor along it. A
 ///     non-finite gradient ends the search, warned once and counted, and the
 ///     batch is trained on the task loss alone;
 ///  4. a pass at the final δ: `loss = task + weight() * penalty(adv, clean)`;
@@ -96,9 +96,9 @@ class Regularizer : public Strategy<Options> {
       ++ctx.passes;
       torch::NoGradGuard no_grad;
       for (size_t i = 0; i < n && finite; ++i) {
-        double gnorm = 0.0;
-        finite = !grads[i].defined() ||
-                 this->usable_gradient(i, grads[i], gnorm) || gnorm == 0.0;
+        const double gnorm =
+            grads[i].defined() ? detail::l2_norm(grads[i]) : 0.0;
+        finite = this->usable_norm(i, gnorm) || gnorm == 0.0;
       }
       if (!finite) {
         break;
@@ -108,12 +108,13 @@ class Regularizer : public Strategy<Options> {
         torch::Tensor w = this->data(i);
         const torch::Tensor g =
             grads[i].defined() ? grads[i] : torch::zeros_like(w);
-        const double moved = this->perturb(i, w, g, 0.0, this->origin(i));
+        const double moved = this->perturb(
+            i, w, g, this->target().geometry(i), this->origin(i));
         sq += moved * moved;
       }
       norm = std::sqrt(sq);
     }
-    this->perturbation_norm_ = norm;
+    this->set_perturbation_norm(norm);
     if (finite) {
       const torch::Tensor adv = ctx.run_forward();
       const torch::Tensor reg = penalty(adv, clean);

@@ -69,15 +69,15 @@ class SMART : public Regularizer<SMARTOptions> {
  protected:
   /// `δ ← N(δ + α * g)` with δ = w − origin.
   double perturb(
-      size_t i,
+      size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
-      double /*gnorm*/,
+      const Geometry& geo,
       const torch::Tensor& origin) override {
     torch::Tensor delta = w - origin;
     delta.add_(g, options_.alpha());
     normalize(delta);
-    return detail::place(w, origin, delta, geometry(i));
+    return detail::place(w, origin, delta, geo);
   }
 
   /// The start: Gaussian noise `N(0, 1) * noise_var` (masked per example).
@@ -85,7 +85,7 @@ class SMART : public Regularizer<SMARTOptions> {
     for (size_t i = 0; i < targets().size(); ++i) {
       torch::Tensor w = data(i);
       w.add_(
-          detail::masked(torch::randn_like(w), geometry(i)),
+          detail::masked(torch::randn_like(w), target().geometry(i)),
           options_.noise_var());
     }
   }

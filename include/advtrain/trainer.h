@@ -89,23 +89,15 @@ class Trainer {
     if (attacker_.share_dropout_mask()) {
       ctx.replay.emplace(params);
     }
-    attacker_.begin_step(ctx);
-    struct EndStep { // however the step ends: no hook outlives `ctx`
-      Attacker& attacker;
-      ~EndStep() {
-        attacker.end_step();
-      }
-    } end_step{attacker_};
     // The step starts from zero gradients; those there before are kept aside
     // to be put back if anything throws (or added back when accumulating).
     std::vector<torch::Tensor> before = ctx.take_grads();
     try {
-      StepResult r = attacker_.run_step(ctx);
+      StepResult r = attacker_.run(ctx);
       r.passes = ctx.passes;
       if (accumulating) {
         ctx.add_grads(std::move(before));
       }
-      ++attacker_.steps_done_;
       return r;
     } catch (...) {
       try {

@@ -91,13 +91,12 @@ class YOPO : public Strategy<YOPOOptions> {
 
  protected:
   double perturb(
-      size_t i,
+      size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
-      double /*gnorm*/,
+      const Geometry& geo,
       const torch::Tensor& /*origin*/) override {
-    L2::step_examples(
-        w, g, options_.alpha(), geometry(i).mask, /*floor=*/1e-10);
+    L2::step_examples(w, g, options_.alpha(), geo.mask, /*floor=*/1e-10);
     L2::project_examples(w, options_.epsilon());
     return detail::l2_norm(w);
   }
@@ -107,9 +106,11 @@ class YOPO : public Strategy<YOPOOptions> {
     if (mag <= 0) {
       return;
     }
-    set_random_start([mag](torch::Tensor& d, const torch::Tensor& m) {
-      L2::random_start(d, m, mag);
-    });
+    target().set_start(
+        [mag](size_t /*i*/, torch::Tensor& d, const torch::Tensor& m) {
+          L2::random_start(d, m, mag);
+        },
+        /*random=*/true);
   }
 
   StepResult run_step(StepContext& ctx) override {
@@ -122,7 +123,7 @@ class YOPO : public Strategy<YOPOOptions> {
       const double loss = ctx.pass(1.0 / static_cast<double>(m)).item<double>();
       if (j == 0) {
         r.loss = loss;
-        r.start_norm = slots_norm();
+        r.start_norm = target().norm();
         r.perturbation_norm = r.start_norm;
       }
       r.adv_loss = loss;
@@ -137,7 +138,7 @@ class YOPO : public Strategy<YOPOOptions> {
       z0_ = torch::Tensor();
       backup(); // δ = 0 is the origin; takes this step's δ as the target
       torch::Tensor delta = targets()[0];
-      const torch::Tensor e = slots()[0]->embedded();
+      const torch::Tensor e = target().embedded(0);
       for (int64_t s = 0; s < options_.inner_steps(); ++s) {
         auto inner = [&] { return first_(e + delta); };
         const torch::Tensor z =
@@ -148,7 +149,8 @@ class YOPO : public Strategy<YOPOOptions> {
         ++inner_passes_;
         torch::NoGradGuard no_grad;
         torch::Tensor w = data(0);
-        perturbation_norm_ = perturb(0, w, g, 0.0, torch::Tensor());
+        set_perturbation_norm(
+            perturb(0, w, g, target().geometry(0), torch::Tensor()));
       }
       delta.mutable_grad() = torch::Tensor();
       r.perturbation_norm = perturbation_norm();

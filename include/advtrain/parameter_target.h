@@ -1,0 +1,271 @@
+// The parameter target: tensors of the model perturbed in place (embedding
+// tables). A rule that moves only rows with a gradient (FGSM, FGM, PGD,
+// FreeLB) backs up and moves those rows alone, so a step costs the rows a
+// batch touches, not the vocabulary; norms are taken over whole tensors.
+#pragma once
+
+#include <advtrain/parameters.h>
+#include <advtrain/target.h>
+
+#include <fmt/format.h>
+#include <torch/torch.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+
+/// Parameters perturbed in place, with whole-tensor or row-wise backups.
+class ParameterTarget : public Target {
+ public:
+  /// `params`, named "target[i]".
+  ParameterTarget(std::vector<torch::Tensor> params, const char* kind) {
+    tensors_ = std::move(params);
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      names_.push_back(fmt::format("target[{}]", i));
+    }
+    check(kind);
+  }
+  /// The parameters of `module` whose names contain `name_contains`.
+  ParameterTarget(
+      const NamedParameters& module,
+      const std::string& name_contains,
+      const char* kind) {
+    auto selected = detail::select_named(module, name_contains);
+    names_ = std::move(selected.first);
+    tensors_ = std::move(selected.second);
+    check(kind);
+    warn_tied(module, kind);
+  }
+
+  bool per_example() const noexcept override {
+    return false;
+  }
+  bool measures_gradient_norm() const noexcept override {
+    return true;
+  }
+  Geometry geometry(size_t /*i*/, double gnorm) const override {
+    return Geometry{torch::Tensor(), gnorm};
+  }
+
+  Move move(
+      size_t i,
+      const torch::Tensor& g,
+      bool uses_gradient,
+      bool rows_only,
+      bool untracked,
+      const NormCheck& usable,
+      const Rule& rule) override {
+    torch::Tensor w = data(i, untracked);
+    if (!uses_gradient) {
+      return Move{false, rule(i, w, g, geometry(i, 0.0), backup_[i])};
+    }
+    if (!g.defined()) {
+      return Move{true, 0.0};
+    }
+    if (!row_wise(i, rows_only)) {
+      const double gnorm = detail::l2_norm(g);
+      if (!usable(i, gnorm)) {
+        return Move{gnorm == 0.0, 0.0};
+      }
+      return Move{false, rule(i, w, g, geometry(i, gnorm), backup_[i])};
+    }
+    // Only the rows with a nonzero gradient move: back up, perturb and
+    // restore those alone (a batch touches few rows of a vocabulary).
+    const auto row_norms = at::linalg_vector_norm(
+        g.reshape({g.size(0), -1}), 2, {1}, false, detail::norm_dtype(g));
+    const double gnorm = row_norms.norm().item<double>();
+    if (!usable(i, gnorm)) {
+      return Move{gnorm == 0.0, 0.0};
+    }
+    const torch::Tensor& rows = add_rows(i, row_norms.nonzero().view(-1));
+    torch::Tensor w_rows = w.index_select(0, rows);
+    const double n = rule(
+        i, w_rows, g.index_select(0, rows), geometry(i, gnorm), backup_[i]);
+    w.index_copy_(0, rows, w_rows);
+    last_rows_[i] = rows;
+    return Move{false, n};
+  }
+
+  /// The rows of the last move hold every nonzero of `current`: only they
+  /// are added.
+  torch::Tensor merge_gradient(
+      size_t i, torch::Tensor earlier, torch::Tensor current) const override {
+    const bool rows = i < last_rows_.size() && last_rows_[i].defined();
+    if (rows && earlier.defined() && current.defined()) {
+      return earlier.index_add_(
+          0, last_rows_[i], current.index_select(0, last_rows_[i]));
+    }
+    return Target::merge_gradient(i, std::move(earlier), std::move(current));
+  }
+
+  double norm() const override {
+    if (!is_perturbed()) {
+      return 0.0;
+    }
+    torch::NoGradGuard no_grad;
+    double sq = 0.0;
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const torch::Tensor now = rows_[i].defined()
+          ? tensors_[i].detach().index_select(0, rows_[i])
+          : tensors_[i].detach();
+      const double n = detail::l2_norm(now - backup_[i]);
+      sq += n * n;
+    }
+    return std::sqrt(sq);
+  }
+
+  void set_start(Start start, bool random) override {
+    TORCH_CHECK(
+        !random, "advtrain: a parameter target has no random start");
+    start_ = std::move(start);
+  }
+  void end_step() override {
+    Target::end_step();
+    start_ = nullptr;
+  }
+  /// Backs the tensors up and writes origin + start on each.
+  void restart(const void* owner, const char* kind) override {
+    backup(owner, kind, /*rows_only=*/false);
+    if (!start_) {
+      return;
+    }
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      torch::Tensor w = data(i, /*untracked=*/false);
+      torch::Tensor d = torch::zeros_like(w);
+      start_(i, d, torch::Tensor());
+      at::add_out(w, backup_[i], d);
+    }
+  }
+
+  torch::Tensor fit_saved(
+      size_t i, torch::Tensor saved, const char* kind) const override {
+    TORCH_CHECK(
+        saved.sizes() == tensors_[i].sizes(),
+        "advtrain: ",
+        kind,
+        ": the saved delta of ",
+        names_[i],
+        " has shape ",
+        saved.sizes(),
+        ", the tensor ",
+        tensors_[i].sizes());
+    return saved.to(tensors_[i].device(), tensors_[i].scalar_type());
+  }
+
+ protected:
+  void take_backup(bool rows_only) override {
+    rows_.assign(tensors_.size(), torch::Tensor());
+    last_rows_.assign(tensors_.size(), torch::Tensor());
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      if (row_wise(i, rows_only)) { // rows are backed up as they first move
+        rows_[i] = torch::empty(
+            {0}, torch::dtype(torch::kLong).device(tensors_[i].device()));
+        backup_.push_back(tensors_[i].detach().index_select(0, rows_[i]));
+      } else {
+        backup_.push_back(tensors_[i].detach().clone());
+      }
+    }
+  }
+
+  void put_back(bool untracked) override {
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      if (rows_[i].defined()) {
+        data(i, untracked).index_copy_(0, rows_[i], backup_[i]);
+      } else {
+        data(i, untracked).copy_(backup_[i]);
+      }
+    }
+    rows_.clear();
+    last_rows_.clear();
+  }
+
+ private:
+  bool row_wise(size_t i, bool rows_only) const {
+    return rows_only && tensors_[i].dim() >= 2;
+  }
+
+  /// Backs up the rows of `rows` not backed up yet; returns all backed-up
+  /// rows of tensor i (the rows `backup_[i]` holds, in its order).
+  const torch::Tensor& add_rows(size_t i, const torch::Tensor& rows) {
+    torch::Tensor extra = rows_[i].numel() == 0
+        ? rows
+        : rows.masked_select(torch::isin(rows, rows_[i]).logical_not());
+    if (extra.numel() > 0) {
+      backup_[i] = torch::cat(
+          {backup_[i], tensors_[i].detach().index_select(0, extra)});
+      rows_[i] = torch::cat({rows_[i], extra});
+    }
+    return rows_[i];
+  }
+
+  void check(const char* kind) const {
+    TORCH_CHECK(
+        !tensors_.empty(), "advtrain: ", kind, " needs at least one target");
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const auto& t = tensors_[i];
+      TORCH_CHECK(
+          t.defined(), "advtrain: ", kind, ": ", names_[i], " is undefined");
+      TORCH_CHECK(
+          t.is_floating_point(),
+          "advtrain: ",
+          kind,
+          ": ",
+          names_[i],
+          " must be a floating-point tensor, got ",
+          t.scalar_type());
+      TORCH_CHECK(
+          t.requires_grad(),
+          "advtrain: ",
+          kind,
+          ": ",
+          names_[i],
+          " does not require grad, so it never gets a gradient to attack "
+          "along");
+      for (size_t j = 0; j < i; ++j) {
+        TORCH_CHECK(
+            !tensors_[j].is_same(t),
+            "advtrain: ",
+            kind,
+            ": ",
+            names_[i],
+            " is the same tensor as ",
+            names_[j]);
+      }
+    }
+  }
+
+  /// Warns when a tensor is also registered under another name, or shares
+  /// its storage with another parameter (tied input/output embeddings):
+  /// perturbing it perturbs that layer too.
+  void warn_tied(const NamedParameters& module, const char* kind) const {
+    for (const auto& item : module.items()) {
+      const auto& p = item.second;
+      for (size_t i = 0; i < tensors_.size(); ++i) {
+        const auto& t = tensors_[i];
+        const bool shared = p.is_same(t) ||
+            (p.has_storage() && t.has_storage() &&
+             p.storage().is_alias_of(t.storage()));
+        if (shared && item.first != names_[i]) {
+          TORCH_WARN(
+              "advtrain: ",
+              kind,
+              ": ",
+              names_[i],
+              " is tied to ",
+              item.first,
+              " (they share storage): perturbing it also perturbs that "
+              "parameter's layer");
+        }
+      }
+    }
+  }
+
+  std::vector<torch::Tensor> rows_;      // per tensor: backed-up rows, or none
+  std::vector<torch::Tensor> last_rows_; // rows the last move went along
+  Start start_;
+};
+
+} // namespace advtrain

@@ -1,0 +1,239 @@
+// What an attacker perturbs: the `Target` interface. A target alone knows
+// how its tensors are laid out (rows of a table, examples of an activation),
+// how they are backed up and put back, where norms are taken (`Geometry`) and
+// where a step's perturbation starts. Two kinds: `ParameterTarget`
+// (parameter_target.h: embedding tables, moved in place with row-wise
+// backups) and `ActivationTarget` (activation_target.h: each example's δ on
+// a `PerturbedEmbedding`'s output).
+#pragma once
+
+#include <advtrain/detail/registry.h>
+#include <advtrain/norm.h>
+#include <advtrain/step.h>
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+
+/// What one `Target::move` did to one tensor.
+struct Move {
+  /// The gradient was measured and is exactly zero, or missing (the sign of
+  /// a `zero_grad()` between the backward and `attack()`); never set where
+  /// norms are taken on the device (per example).
+  bool zero_gradient = false;
+  /// ‖δᵢ‖ after the move; 0 when the tensor did not move.
+  double norm = 0.0;
+};
+
+/// The tensors an attacker perturbs, and everything that depends on their
+/// kind. Strategies reach it through `Attacker::target()` and never ask
+/// which kind it is: they write their rule against `Geometry` and their
+/// protocol against `StepContext`.
+class Target {
+ public:
+  /// A strategy's rule for one tensor: moves `w` (the tensor's data, written
+  /// in place) along `g` as `geo` says, from the backed-up `origin`; returns
+  /// ‖δᵢ‖. Runs under NoGradGuard.
+  using Rule = std::function<double(
+      size_t i,
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      const Geometry& geo,
+      const torch::Tensor& origin)>;
+  /// Whether a gradient norm measured on a whole tensor gives a step (the
+  /// attacker's: it warns about and counts non-finite ones).
+  using NormCheck = std::function<bool(size_t i, double gnorm)>;
+  /// Fills the start of tensor i's perturbation `d` (zero before; `mask`
+  /// broadcast against it per example, undefined on a parameter).
+  using Start =
+      std::function<void(size_t i, torch::Tensor& d, const torch::Tensor& m)>;
+
+  virtual ~Target() = default;
+  Target(const Target&) = delete;
+  Target& operator=(const Target&) = delete;
+
+  /// Names: parameter names, "target[i]", or "perturbation[i]".
+  const std::vector<std::string>& names() const noexcept {
+    return names_;
+  }
+  /// How many tensors (known before any forward).
+  size_t size() const noexcept {
+    return names_.size();
+  }
+  /// The tensors perturbed now (per example: each slot's δ of the step's
+  /// last forward, taken by `sync()`; empty between steps).
+  const std::vector<torch::Tensor>& tensors() const noexcept {
+    return tensors_;
+  }
+  /// Whether δ is taken per example on an activation.
+  virtual bool per_example() const noexcept = 0;
+
+  /// Takes the tensors a move works on (per example: the δ the last forward
+  /// made; refused when there is none).
+  virtual void sync(const char* /*kind*/) {}
+
+  /// Whether the tensors are backed up and not yet restored.
+  bool is_perturbed() const noexcept {
+    return !backup_.empty();
+  }
+
+  /// Backs the tensors up unless they already are, claiming them for
+  /// `owner` (refused when another attacker holds one). `rows_only`: the
+  /// rule moves only rows with a gradient, so rows are backed up as they
+  /// first move (where the target has rows).
+  void backup(const void* owner, const char* kind, bool rows_only) {
+    if (is_perturbed()) {
+      return;
+    }
+    sync(kind);
+    const auto other =
+        detail::PerturbedTensors::instance().try_claim(tensors_, owner, kind);
+    TORCH_CHECK(
+        other.first < 0,
+        "advtrain: ",
+        kind,
+        ": ",
+        other.first < 0 ? "" : names_[other.first],
+        " is already perturbed by another attacker (",
+        other.second == nullptr ? "" : other.second,
+        "); call that attacker's restore() first, since restores in another "
+        "order would leave it perturbed");
+    for (const auto& t : tensors_) {
+      claimed_.push_back(t.unsafeGetTensorImpl());
+    }
+    torch::NoGradGuard no_grad;
+    backup_.reserve(tensors_.size());
+    take_backup(rows_only);
+  }
+
+  /// Puts the backed-up values back, bit for bit, and releases the claims
+  /// of `owner`; a no-op when nothing is backed up.
+  void restore(const void* owner, bool untracked) {
+    if (!claimed_.empty()) { // also after a backup() that failed half-way
+      detail::PerturbedTensors::instance().release(claimed_, owner);
+      claimed_.clear();
+    }
+    if (!is_perturbed()) {
+      return;
+    }
+    torch::NoGradGuard no_grad;
+    put_back(untracked);
+    backup_.clear();
+  }
+
+  /// Tensor i as a tensor to write into. `untracked`: the writes do not bump
+  /// the autograd version counter, so a graph built before the perturbation
+  /// (a regularizer's clean pass) stays usable; such a graph must only be run
+  /// backward after `restore()`.
+  torch::Tensor data(size_t i, bool untracked) const {
+    return untracked ? tensors_[i].variable_data() : tensors_[i].detach();
+  }
+  /// Tensor i's backed-up value (per example δ = 0); only while perturbed.
+  const torch::Tensor& origin(size_t i) const {
+    return backup_[i];
+  }
+  /// Bytes the backups hold.
+  int64_t backup_bytes() const {
+    int64_t n = 0;
+    for (const auto& t : backup_) {
+      n += static_cast<int64_t>(t.nbytes());
+    }
+    return n;
+  }
+
+  /// Where tensor i's norms are taken; `gnorm`: its gradient's norm where
+  /// measured on the whole tensor.
+  virtual Geometry geometry(size_t i, double gnorm = 0.0) const = 0;
+  /// Whether gradient norms are measured on the host (whole tensors) rather
+  /// than on the device (per example, where zero and non-finite examples are
+  /// left in place by the step itself).
+  virtual bool measures_gradient_norm() const noexcept = 0;
+
+  /// Moves tensor i (backed up) by `rule` along its gradient `g` (undefined
+  /// for rules without one: `uses_gradient` false). `rows_only`: the rule
+  /// moves only rows with a nonzero gradient.
+  virtual Move move(
+      size_t i,
+      const torch::Tensor& g,
+      bool uses_gradient,
+      bool rows_only,
+      bool untracked,
+      const NormCheck& usable,
+      const Rule& rule) = 0;
+
+  /// After an attack: drops gradients that belong to the attack alone (per
+  /// example δ's, so the next attack sees only the passes after it).
+  virtual void consume_gradients() {}
+
+  /// Tensor i's gradient summed over passes: `earlier` (set aside before the
+  /// pass) plus `current` (this pass's alone, which the last move went
+  /// along).
+  virtual torch::Tensor merge_gradient(
+      size_t /*i*/, torch::Tensor earlier, torch::Tensor current) const {
+    if (earlier.defined() && current.defined()) {
+      return earlier.add_(current);
+    }
+    return earlier.defined() ? std::move(earlier) : std::move(current);
+  }
+
+  /// ‖δ‖ in place now, over all tensors (0 when none).
+  virtual double norm() const = 0;
+
+  /// The step a `Trainer` runs now begins (`step`) or ends (null).
+  virtual void begin_step(StepContext& step) {
+    step_ = &step;
+  }
+  virtual void end_step() {
+    step_ = nullptr;
+  }
+  /// Every perturbation of the current step starts from `start` (zero
+  /// without one); `random`: it draws random numbers (then, with shared
+  /// dropout masks, later passes jump over them). Per example it runs when
+  /// the forward makes δ; on a parameter, at `restart()`.
+  virtual void set_start(Start start, bool random) = 0;
+  /// Starts a new perturbation: per example the next forward makes δ afresh
+  /// (through the start); on a parameter the tensors are backed up and moved
+  /// to their start now.
+  virtual void restart(const void* owner, const char* kind) = 0;
+
+  /// A perturbation saved for tensor i (FreeAT's δ), checked against the
+  /// tensor and moved to its device and dtype where the shape is fixed.
+  virtual torch::Tensor fit_saved(
+      size_t i, torch::Tensor saved, const char* kind) const = 0;
+
+  /// Per example: slot i's lookup output E (detached) of the last forward.
+  virtual torch::Tensor embedded(size_t /*i*/) const {
+    TORCH_CHECK(false, "advtrain: this target has no lookup output");
+    return {};
+  }
+
+  /// The `Trainer` step running now, if any.
+  StepContext* step_context() const noexcept {
+    return step_;
+  }
+
+ protected:
+  Target() = default;
+
+  /// Appends one backup per tensor to `backup_`.
+  virtual void take_backup(bool rows_only) = 0;
+  /// Writes `backup_` back into the tensors.
+  virtual void put_back(bool untracked) = 0;
+
+  std::vector<torch::Tensor> tensors_;
+  std::vector<std::string> names_;
+  std::vector<torch::Tensor> backup_;
+
+ private:
+  std::vector<const void*> claimed_; // registered in PerturbedTensors
+  StepContext* step_ = nullptr;
+};
+
+} // namespace advtrain
