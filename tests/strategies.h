@@ -72,8 +72,8 @@ StrategyCase both(
 } // namespace detail
 
 /// Every strategy that runs on both targets, with the options the general
-/// tests use. SMART's noise is 1e-2 so that it is not rounded away in a
-/// bfloat16 table (see the README).
+/// tests use. SMART's and R3F's noise is 1e-2 so that it is not rounded away
+/// in a bfloat16 table (see the README).
 inline const std::vector<StrategyCase>& strategies() {
   using namespace advtrain;
   static const std::vector<StrategyCase> list = [] {
@@ -126,9 +126,23 @@ inline const std::vector<StrategyCase>& strategies() {
               return SMARTOptions().steps(2).noise_var(1e-2).share_dropout_mask(
                   s);
             }),
+        detail::both<VAT, VATOptions>(
+            "VAT",
+            3,
+            1,
+            [](bool s) {
+              return VATOptions().epsilon(1.0).share_dropout_mask(s);
+            }),
+        detail::both<R3F, R3FOptions>(
+            "R3F",
+            2,
+            1,
+            [](bool s) {
+              return R3FOptions().sigma(1e-2).share_dropout_mask(s);
+            }),
     };
-    for (auto& c : l) {
-      c.draws_random = c.name == "SMART"; // its noise
+    for (auto& c : l) { // their noise
+      c.draws_random = c.name == "SMART" || c.name == "VAT" || c.name == "R3F";
     }
     return l;
   }();

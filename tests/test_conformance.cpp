@@ -169,6 +169,29 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
                 .regression(o.value("regression", false)),
             o));
   }
+  if (method == "VAT") {
+    return build<advtrain::VAT>(
+        table,
+        model,
+        with_share(
+            advtrain::VATOptions()
+                .epsilon(num("epsilon"))
+                .xi(num("xi"))
+                .power_iterations(count("power_iterations"))
+                .weight(num("weight")),
+            o));
+  }
+  if (method == "R3F") {
+    return build<advtrain::R3F>(
+        table,
+        model,
+        with_share(
+            advtrain::R3FOptions()
+                .sigma(num("sigma"))
+                .normal_noise(o.at("normal_noise").get<bool>())
+                .weight(num("weight")),
+            o));
+  }
   if (method == "YOPO") {
     REQUIRE_FALSE(table);
     auto yopo = std::make_unique<advtrain::YOPO>(
@@ -222,12 +245,16 @@ void check_file(const std::string& file) {
       const auto ids = to_tensor(b.at("ids"), torch::kLong);
       const auto y = classes == 1 ? to_tensor(b.at("targets"), torch::kDouble)
                                   : to_tensor(b.at("labels"), torch::kLong);
-      trainer.step(
-          [&] { return model->forward(ids); },
-          [&](const torch::Tensor& out) {
-            return classes == 1 ? torch::mse_loss(out, y)
-                                : cross_entropy(out, y);
-          });
+      const auto forward = [&] { return model->forward(ids); };
+      const auto loss = [&](const torch::Tensor& out) {
+        return classes == 1 ? torch::mse_loss(out, y) : cross_entropy(out, y);
+      };
+      if (c.at("options").value("unlabeled", false)) {
+        // The regularizer's own clean pass, on the same batch unlabeled.
+        trainer.step(forward, loss, forward);
+      } else {
+        trainer.step(forward, loss);
+      }
       INFO("after step " << s + 1);
       double diff = 0.0;
       for (const auto& p : model->named_parameters()) {
@@ -263,4 +290,13 @@ TEST_CASE("Conformance: SMART, mt-dnn", "[conformance]") {
 
 TEST_CASE("Conformance: YOPO, FreeLB's fairseq code", "[conformance]") {
   check_file("yopo_fairseq.json");
+}
+
+TEST_CASE(
+    "Conformance: VAT, tensorflow/models adversarial_text", "[conformance]") {
+  check_file("vat_tf.json");
+}
+
+TEST_CASE("Conformance: R3F, fairseq", "[conformance]") {
+  check_file("r3f_fairseq.json");
 }

@@ -113,6 +113,7 @@ class ActivationTarget : public Target {
       slot->reset();
       slot->set_initializer(nullptr);
       slot->set_lookup_hook(nullptr);
+      slot->set_detached(false);
     }
     tensors_.clear();
   }
@@ -143,6 +144,12 @@ class ActivationTarget : public Target {
   void restart(const void* /*owner*/, const char* /*kind*/) override {
     for (auto& slot : slots_) {
       slot->reset();
+    }
+  }
+
+  void set_detached(bool detached) override {
+    for (auto& slot : slots_) {
+      slot->set_detached(detached);
     }
   }
 

@@ -12,9 +12,12 @@
 #include <advtrain/parameters.h>
 #include <advtrain/perturbed_embedding.h>
 #include <advtrain/pgd.h>
+#include <advtrain/r3f.h>
 #include <advtrain/regularizer.h>
 #include <advtrain/smart.h>
 #include <advtrain/step.h>
+#include <advtrain/target.h>
 #include <advtrain/trainer.h>
+#include <advtrain/vat.h>
 #include <advtrain/version.h>
 #include <advtrain/yopo.h>

@@ -266,6 +266,11 @@ class Attacker {
   bool per_example() const noexcept {
     return target_->per_example();
   }
+  /// Whether the strategy's loss needs no label beyond the task loss's, so a
+  /// step may take it on an unlabeled batch (the regularizers).
+  virtual bool label_free() const {
+    return false;
+  }
   /// Whether the passes of one `Trainer::step` share their dropout masks.
   virtual bool share_dropout_mask() const {
     return false;

@@ -1,6 +1,7 @@
-// Divergences between two model outputs, as SMART's official code computes
-// them: `stable_kl` (its ascent), `sym_kl` (its regularizer), and squared
-// error for regression outputs.
+// Divergences between two model outputs, as the official code of each
+// regularizer computes them: `stable_kl` (SMART's ascent), `sym_kl` (SMART's
+// regularizer), squared error for regression outputs, `kl` (VAT) and
+// `symmetric_kl` (R3F).
 #pragma once
 
 #include <advtrain/norm.h>
@@ -76,6 +77,27 @@ inline torch::Tensor sym_kl(
   const auto kl_p_q = (p * (lp.detach() - lq)).sum();
   const auto kl_q_p = (q * (lq.detach() - lp)).sum();
   return (kl_p_q + kl_q_p) / static_cast<double>(lp.size(0));
+}
+
+/// `KL(q ‖ p)` between the softmaxes of `q_logits` and `p_logits`,
+/// `Σ q·(log q − log p)` averaged over the rows, in float32 (float64 stays
+/// float64); gradients flow through both sides (detach `q_logits` for a
+/// fixed target, as VAT does: tensorflow/models,
+/// research/adversarial_text/adversarial_losses.py,
+/// `_kl_divergence_with_logits`).
+inline torch::Tensor kl(
+    const torch::Tensor& q_logits, const torch::Tensor& p_logits) {
+  const auto lq = torch::log_softmax(detail::class_rows(q_logits), -1);
+  const auto lp = torch::log_softmax(detail::class_rows(p_logits), -1);
+  return (lq.exp() * (lq - lp)).sum() / static_cast<double>(lq.size(0));
+}
+
+/// `KL(p ‖ q) + KL(q ‖ p)` averaged over the rows, with gradients through
+/// both sides and no stop-gradient anywhere (fairseq's R3F criterion,
+/// `_get_symm_kl`; SMART's `sym_kl` stops the gradient of each target).
+inline torch::Tensor symmetric_kl(
+    const torch::Tensor& p_logits, const torch::Tensor& q_logits) {
+  return kl(p_logits, q_logits) + kl(q_logits, p_logits);
 }
 
 } // namespace advtrain

@@ -67,7 +67,7 @@ class Perturbation {
     if (lookup_hook_) {
       lookup_hook_();
     }
-    return e + delta_;
+    return (detached_ ? embedded_ : e) + delta_;
   }
 
   /// The current δ (undefined before the step's first forward).
@@ -104,6 +104,11 @@ class Perturbation {
   void set_lookup_hook(LookupHook hook) {
     lookup_hook_ = std::move(hook);
   }
+  /// While set, the lookup output added to δ is detached from the table
+  /// (R3F's noised pass: no gradient reaches the table through it).
+  void set_detached(bool detached) {
+    detached_ = detached;
+  }
   void arm() {
     ++armers_;
   }
@@ -112,6 +117,7 @@ class Perturbation {
       reset();
       initializer_ = nullptr;
       lookup_hook_ = nullptr;
+      detached_ = false;
     }
   }
   bool armed() const noexcept {
@@ -123,6 +129,7 @@ class Perturbation {
   Initializer initializer_;
   LookupHook lookup_hook_;
   int armers_ = 0;
+  bool detached_ = false;
 };
 
 /// An `nn::Embedding` whose output can carry a per-example perturbation.

@@ -1,6 +1,6 @@
 // The protocol of the strategies that add a penalty on the model's output at
-// a perturbation to the task loss, written once: SMART, and the label-free
-// regularizers that follow it, supply the start, the search and the penalty.
+// a perturbation to the task loss, written once: SMART, VAT and R3F supply
+// the start, the search and the penalty.
 #pragma once
 
 #include <advtrain/attacker.h>
@@ -12,26 +12,29 @@
 namespace advtrain {
 
 /// The base of a regularizer with options `Options`. One `Trainer::step`:
-///  1. a clean pass gives the output `clean` and the task loss;
-///  2. `start()` puts the search's first δ on the (backed-up) targets;
-///  3. `search_steps()` times: a pass at the perturbation, the gradient `g`
-///     of `search_objective(adv, clean)` with respect to δ by
-///     `torch::autograd::grad` (nothing accumulates into `.grad`), and
-///     `perturb(i, w, g, geometry, origin(i))` moves each tensor along it. A
-///     non-finite gradient ends the search, warned once and counted, and the
-///     batch is trained on the task loss alone;
+///  1. a clean pass gives the task loss; its output is `clean`, or, when the
+///     step has an unlabeled batch (`Trainer::step(forward, loss_fn,
+///     unlabeled)`), a clean pass on that batch gives `clean` and every
+///     later pass runs on it;
+///  2. `start()` puts the search's first δ on the (backed-up) target;
+///  3. `search_steps()` times (`search_step()` counts from 0): a pass at the
+///     perturbation, the gradient `g` of `search_objective(adv, clean)` with
+///     respect to δ by `torch::autograd::grad` (nothing accumulates into
+///     `.grad`), and `perturb(i, w, g, geometry, origin(i))` moves each
+///     tensor along it. A non-finite gradient ends the search, warned once
+///     and counted, and the batch is trained on the task loss alone;
 ///  4. a pass at the final δ: `loss = task + weight() * penalty(adv, clean)`;
 ///  5. `restore()`, one backward, the optimizer step.
-/// The clean pass's graph stays alive while the targets are perturbed, so
-/// they are written without bumping their autograd version and are restored
-/// before the backward. `StepResult`: `regularizer` is the penalty, `adv_loss`
-/// the task loss at the final perturbed output.
+/// The clean pass's graph stays alive while the target is perturbed, so it
+/// is written without bumping its autograd version and is restored before
+/// the backward. `StepResult`: `regularizer` is the penalty, `adv_loss` the
+/// task loss at the final perturbed output (0 on an unlabeled batch).
 template <typename Options>
 class Regularizer : public Strategy<Options> {
  public:
   using Strategy<Options>::Strategy;
 
-  /// Restores the targets if they are still perturbed, without bumping their
+  /// Restores the target if it is still perturbed, without bumping its
   /// autograd version (here, where `untracked_writes()` still holds).
   ~Regularizer() override {
     try {
@@ -40,9 +43,15 @@ class Regularizer : public Strategy<Options> {
     }
   }
 
+  /// The penalty needs no label, so the step may take it on an unlabeled
+  /// batch.
+  bool label_free() const override {
+    return true;
+  }
+
  protected:
-  /// Puts the search's first δ on the targets (each through `data(i)`, from
-  /// `origin(i)`; per example δ = 0 before). Runs under NoGradGuard.
+  /// Puts the search's first δ on the target (each tensor through `data(i)`,
+  /// from `origin(i)`; per example δ = 0 before). Runs under NoGradGuard.
   virtual void start() = 0;
   /// Steps of the search.
   virtual int64_t search_steps() const = 0;
@@ -50,12 +59,21 @@ class Regularizer : public Strategy<Options> {
   /// detached).
   virtual torch::Tensor search_objective(
       const torch::Tensor& adv, const torch::Tensor& clean) const = 0;
-  /// The penalty added to the task loss, with gradients through both
-  /// outputs.
+  /// The penalty added to the task loss.
   virtual torch::Tensor penalty(
       const torch::Tensor& adv, const torch::Tensor& clean) const = 0;
   /// Its weight.
   virtual double weight() const = 0;
+  /// Whether the perturbed passes add δ to a lookup output detached from
+  /// the table (R3F), so that only the clean pass reaches it.
+  virtual bool detached_perturbed_passes() const {
+    return false;
+  }
+
+  /// The search step running now (0-based; during `perturb`).
+  int64_t search_step() const noexcept {
+    return search_step_;
+  }
 
   bool untracked_writes() const override {
     return true;
@@ -63,13 +81,22 @@ class Regularizer : public Strategy<Options> {
 
   StepResult run_step(StepContext& ctx) override {
     StepResult r;
-    const torch::Tensor clean = ctx.run_forward();
+    torch::Tensor clean = ctx.run_forward();
     torch::Tensor loss = ctx.loss_of(clean);
     r.loss = loss.item<double>();
     ++ctx.passes;
+    const bool unlabeled = static_cast<bool>(ctx.unlabeled);
+    const auto forward = [&ctx, unlabeled] {
+      return unlabeled ? ctx.replayed(ctx.unlabeled) : ctx.run_forward();
+    };
+    if (unlabeled) {
+      clean = forward();
+      ++ctx.passes;
+    }
     this->backup(); // per example: takes the δ the clean forward made
     const size_t n = this->targets().size();
     double norm = 0.0;
+    search_step_ = 0;
     {
       torch::NoGradGuard no_grad;
       start();
@@ -82,10 +109,19 @@ class Regularizer : public Strategy<Options> {
         norm = std::sqrt(sq);
       }
     }
+    struct Detached { // the perturbed passes, however they end
+      Target& target;
+      explicit Detached(Target& t, bool on) : target(t) {
+        target.set_detached(on);
+      }
+      ~Detached() {
+        target.set_detached(false);
+      }
+    } detached{this->target(), detached_perturbed_passes()};
     bool finite = true;
-    for (int64_t k = 0; k < search_steps() && finite; ++k) {
+    for (; search_step_ < search_steps() && finite; ++search_step_) {
       const torch::Tensor objective =
-          search_objective(ctx.run_forward(), clean.detach());
+          search_objective(forward(), clean.detach());
       const auto grads = torch::autograd::grad(
           {objective},
           this->targets(),
@@ -116,12 +152,12 @@ class Regularizer : public Strategy<Options> {
     }
     this->set_perturbation_norm(norm);
     if (finite) {
-      const torch::Tensor adv = ctx.run_forward();
+      const torch::Tensor adv = forward();
       const torch::Tensor reg = penalty(adv, clean);
       ++ctx.passes;
       r.regularizer = reg.item<double>();
       r.perturbation_norm = norm;
-      {
+      if (!unlabeled) {
         torch::NoGradGuard no_grad;
         r.adv_loss = ctx.loss_fn(adv).item<double>();
       }
@@ -132,6 +168,9 @@ class Regularizer : public Strategy<Options> {
     ctx.step_optimizer();
     return r;
   }
+
+ private:
+  int64_t search_step_ = 0;
 };
 
 } // namespace advtrain

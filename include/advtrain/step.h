@@ -71,6 +71,10 @@ struct StepContext {
   const ForwardFunction& forward;
   const LossFunction& loss_fn;
   const std::vector<torch::Tensor>& params;
+  /// The model's output on an unlabeled batch, when the step has one
+  /// (`Trainer::step(forward, loss_fn, unlabeled)`): a label-free
+  /// regularizer is taken there instead of on the labeled batch.
+  ForwardFunction unlabeled;
   /// Set when every pass must draw the same dropout masks.
   std::optional<detail::RngReplay> replay;
   /// Set by `Trainer::accumulate`: the protocol's optimizer step is skipped.

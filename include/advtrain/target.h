@@ -203,6 +203,11 @@ class Target {
   /// to their start now.
   virtual void restart(const void* owner, const char* kind) = 0;
 
+  /// While set, the passes see the perturbation added to a lookup output
+  /// detached from the table (per example; a parameter has no lookup, so its
+  /// perturbed passes reach it as always).
+  virtual void set_detached(bool /*detached*/) {}
+
   /// A perturbation saved for tensor i (FreeAT's δ), checked against the
   /// tensor and moved to its device and dtype where the shape is fixed.
   virtual torch::Tensor fit_saved(

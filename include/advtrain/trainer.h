@@ -34,6 +34,25 @@ class Trainer {
     return run(forward, loss_fn, /*accumulating=*/false);
   }
 
+  /// One labeled batch and one unlabeled batch, one optimizer step: the task
+  /// loss on the labeled batch (`forward`, `loss_fn`) plus a label-free
+  /// regularizer (VAT, R3F, SMART) taken on the unlabeled one (`unlabeled()`
+  /// gives the model's output there). Other strategies refuse it.
+  StepResult step(
+      const ForwardFunction& forward,
+      const LossFunction& loss_fn,
+      const ForwardFunction& unlabeled) {
+    TORCH_CHECK(
+        unlabeled, "advtrain: Trainer::step: the unlabeled forward is empty");
+    TORCH_CHECK(
+        attacker_.label_free(),
+        "advtrain: ",
+        attacker_.kind(),
+        " needs labels for its perturbed passes, so it cannot train on an "
+        "unlabeled batch; use a label-free regularizer (VAT, R3F, SMART)");
+    return run(forward, loss_fn, /*accumulating=*/false, unlabeled);
+  }
+
   /// One micro-batch of a larger batch: runs the method's passes like `step`
   /// but adds the resulting gradient to the gradients already there and does
   /// not step the optimizer. Scale the loss by 1 / (number of micro-batches),
@@ -74,7 +93,8 @@ class Trainer {
   StepResult run(
       const ForwardFunction& forward,
       const LossFunction& loss_fn,
-      bool accumulating) {
+      bool accumulating,
+      const ForwardFunction& unlabeled = {}) {
     TORCH_CHECK(
         forward && loss_fn, "advtrain: Trainer::step needs two closures");
     const std::vector<torch::Tensor> params =
@@ -84,6 +104,7 @@ class Trainer {
                                       attacker_.targets());
     StepContext ctx(optimizer_, forward, loss_fn, params);
     ctx.accumulating = accumulating;
+    ctx.unlabeled = unlabeled;
     ctx.before_optimizer_step = before_optimizer_step_;
     ctx.after_optimizer_step = after_optimizer_step_;
     if (attacker_.share_dropout_mask()) {

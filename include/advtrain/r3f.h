@@ -1,0 +1,111 @@
+// R3F: a label-free regularizer with noise in place of an adversarial
+// search: the symmetric KL divergence between the outputs at x and at
+// x + z, z uniform or Gaussian noise.
+#pragma once
+
+#include <advtrain/divergence.h>
+#include <advtrain/regularizer.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+
+/// Options of R3F (Aghajanyan et al., ICLR 2021); the defaults are fairseq's
+/// (`--eps`, `--noise-type`, `--r3f-lambda`).
+struct R3FOptions {
+  static constexpr const char* kind = "R3F";
+  /// Scale σ of the noise: `U(−σ, σ)`, or `N(0, σ²)` with `normal_noise`.
+  TORCH_ARG(double, sigma) = 1e-5;
+  /// Gaussian noise instead of uniform.
+  TORCH_ARG(bool, normal_noise) = false;
+  /// Weight λ of the regularizer added to the task loss.
+  TORCH_ARG(double, weight) = 1.0;
+  /// Whether the clean and the noised pass draw the same dropout masks.
+  TORCH_ARG(bool, share_dropout_mask) = false;
+};
+
+inline void check_options(const R3FOptions& o, const Attacker& /*target*/) {
+  const char* kind = R3FOptions::kind;
+  check_option(o.sigma() > 0, kind, "sigma", o.sigma(), "> 0");
+  check_option(o.weight() >= 0, kind, "weight", o.weight(), ">= 0");
+}
+
+/// R3F: the task loss plus `weight · (KL(p ‖ p_z) + KL(p_z ‖ p))` (batch
+/// mean, gradients through both outputs), p and p_z the softmaxes of the
+/// clean and noised outputs; two forwards, one backward. As fairseq's
+/// `SentencePredictionR3F` (examples/rxf/rxf_src/sentence_prediction_r3f.py):
+/// the noise is drawn after the clean pass, in float32 as
+/// `torch.distributions` draws it, and the noised pass adds it to the lookup
+/// output detached from the table, so only the clean pass reaches the table
+/// (on a table target the noised pass runs at `W + z`, which it reaches).
+/// Per example the noise is masked to the real tokens (fairseq's encoder
+/// zeroes padded positions after the lookup). Classification outputs only.
+class R3F : public Regularizer<R3FOptions> {
+ public:
+  using Regularizer::Regularizer;
+
+ protected:
+  /// z: `low + U[0, 1)·(high − low)` or `N(0, 1)·σ`, drawn and scaled in
+  /// float32, then cast.
+  void start() override {
+    const auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+    for (size_t i = 0; i < targets().size(); ++i) {
+      torch::Tensor w = data(i);
+      torch::Tensor z;
+      if (options_.normal_noise()) {
+        z = torch::randn(w.sizes(), f32.device(w.device()))
+                .mul_(torch::scalar_tensor(options_.sigma(), f32));
+      } else {
+        const auto low = torch::scalar_tensor(-options_.sigma(), f32);
+        const auto high = torch::scalar_tensor(options_.sigma(), f32);
+        z = low + torch::rand(w.sizes(), f32.device(w.device())) * (high - low);
+      }
+      at::add_out(
+          w, origin(i), detail::masked(z.to(w.dtype()), target().geometry(i)));
+    }
+  }
+
+  /// No search: the noise is the perturbation.
+  int64_t search_steps() const override {
+    return 0;
+  }
+  double perturb(
+      size_t /*i*/,
+      torch::Tensor& /*w*/,
+      const torch::Tensor& /*g*/,
+      const Geometry& /*geo*/,
+      const torch::Tensor& /*origin*/) override {
+    TORCH_CHECK(
+        false,
+        "R3F: the noise is drawn, not found along a gradient, so there is no "
+        "attack(); train with Trainer::step");
+    return 0.0;
+  }
+  torch::Tensor search_objective(
+      const torch::Tensor& /*adv*/,
+      const torch::Tensor& /*clean*/) const override {
+    return {};
+  }
+
+  double weight() const override {
+    return options_.weight();
+  }
+  torch::Tensor penalty(
+      const torch::Tensor& adv, const torch::Tensor& clean) const override {
+    TORCH_CHECK(
+        !detail::is_regression(clean),
+        "R3F: the model's output has shape ",
+        clean.sizes(),
+        "; R3F compares class distributions, so it needs logits [B, C] with "
+        "C >= 2 (fairseq adds no R3F term to regression targets)");
+    return symmetric_kl(clean, adv);
+  }
+  bool detached_perturbed_passes() const override {
+    return true;
+  }
+};
+
+} // namespace advtrain

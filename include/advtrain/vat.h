@@ -1,0 +1,142 @@
+// VAT: virtual adversarial training, a label-free regularizer: the KL
+// divergence between the outputs at x and at x + r, r found by power
+// iteration from a random direction.
+#pragma once
+
+#include <advtrain/divergence.h>
+#include <advtrain/regularizer.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+
+/// Options of VAT (Miyato et al., ICLR 2017); the defaults are the official
+/// code's (tensorflow/models, research/adversarial_text).
+struct VATOptions {
+  static constexpr const char* kind = "VAT";
+  /// Norm of the perturbation r (`perturb_norm_length`).
+  TORCH_ARG(double, epsilon) = 5.0;
+  /// Norm of the finite-difference probe of each power iteration
+  /// (`small_constant_for_finite_diff`).
+  TORCH_ARG(double, xi) = 0.1;
+  /// Power iterations (`num_power_iteration`); 0 takes r along the random
+  /// direction.
+  TORCH_ARG(int64_t, power_iterations) = 1;
+  /// Weight of the regularizer added to the task loss (`adv_reg_coeff`).
+  TORCH_ARG(double, weight) = 1.0;
+  /// Whether the clean and the perturbed passes draw the same dropout masks.
+  TORCH_ARG(bool, share_dropout_mask) = false;
+};
+
+inline void check_options(const VATOptions& o, const Attacker& /*target*/) {
+  const char* kind = VATOptions::kind;
+  check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
+  check_option(o.xi() > 0, kind, "xi", o.xi(), "> 0");
+  check_option(
+      o.power_iterations() >= 0,
+      kind,
+      "power_iterations",
+      o.power_iterations(),
+      ">= 0");
+  check_option(o.weight() >= 0, kind, "weight", o.weight(), ">= 0");
+}
+
+namespace detail {
+
+/// The official `_scale_l2`: `n · x / ‖x‖`, the norm taken per example (over
+/// all dimensions but the first) or over the whole tensor as `geo` says, as
+/// `a · sqrt(Σ(x / a)² + 1e-6)` with `a = max|x| + 1e-12` (no overflow, and
+/// a zero x stays zero).
+inline torch::Tensor scale_l2(
+    const torch::Tensor& x, double n, const Geometry& geo) {
+  if (!geo.per_example()) {
+    const auto a = x.abs().max() + 1e-12;
+    return n * (x / (a * ((x / a).pow(2).sum() + 1e-6).sqrt()));
+  }
+  std::vector<int64_t> shape(x.dim(), 1);
+  shape[0] = x.size(0);
+  const auto a = x.abs().reshape({x.size(0), -1}).amax(1).view(shape) + 1e-12;
+  const auto sq = (x / a).pow(2).reshape({x.size(0), -1}).sum(1).view(shape);
+  return n * (x / (a * (sq + 1e-6).sqrt()));
+}
+
+} // namespace detail
+
+/// Virtual adversarial training: the task loss plus
+/// `weight · KL(sg(q) ‖ p(x + r))` (batch mean), q and p the softmaxes of
+/// the clean and perturbed outputs. As the official `virtual_adversarial_loss`
+/// (tensorflow/models, research/adversarial_text/adversarial_losses.py):
+/// `d ~ N(0, 1)`; `power_iterations` times `d ← scale(mask·d, ξ)` and
+/// `d ← ∇_d KL(sg(q) ‖ p(x + d))`; then `r = scale(d, ε)`, `scale` being
+/// `detail::scale_l2` (per example on embedding outputs, over the whole
+/// tensor on a table). Label-free: with `Trainer::step(forward, loss_fn,
+/// unlabeled)` the KL is taken on the unlabeled batch, as the official code
+/// takes it on its unlabeled batch. Classification outputs only.
+class VAT : public Regularizer<VATOptions> {
+ public:
+  using Regularizer::Regularizer;
+
+ protected:
+  /// The random direction, scaled to ξ (or to ε without power iterations).
+  void start() override {
+    for (size_t i = 0; i < targets().size(); ++i) {
+      torch::Tensor w = data(i);
+      const Geometry geo = target().geometry(i);
+      const torch::Tensor d = torch::randn_like(w);
+      at::add_out(w, origin(i), next(d, geo, options_.power_iterations() == 0));
+    }
+  }
+
+  /// `d ← g`, scaled: to ξ for the next power iteration, to ε after the
+  /// last.
+  double perturb(
+      size_t /*i*/,
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      const Geometry& geo,
+      const torch::Tensor& origin) override {
+    const torch::Tensor d =
+        next(g, geo, search_step() + 1 == options_.power_iterations());
+    at::add_out(w, origin, d);
+    return detail::l2_norm(d);
+  }
+
+  int64_t search_steps() const override {
+    return options_.power_iterations();
+  }
+  double weight() const override {
+    return options_.weight();
+  }
+  torch::Tensor search_objective(
+      const torch::Tensor& adv, const torch::Tensor& clean) const override {
+    return kl(checked(clean).detach(), adv);
+  }
+  torch::Tensor penalty(
+      const torch::Tensor& adv, const torch::Tensor& clean) const override {
+    return kl(checked(clean).detach(), adv);
+  }
+
+ private:
+  /// The probe `scale(mask·d, ξ)`, or the final `scale(d, ε)` (the official
+  /// code masks inside the power iteration only).
+  torch::Tensor next(
+      const torch::Tensor& d, const Geometry& geo, bool last) const {
+    return last ? detail::scale_l2(d, options_.epsilon(), geo)
+                : detail::scale_l2(detail::masked(d, geo), options_.xi(), geo);
+  }
+
+  static const torch::Tensor& checked(const torch::Tensor& out) {
+    TORCH_CHECK(
+        !detail::is_regression(out),
+        "VAT: the model's output has shape ",
+        out.sizes(),
+        "; VAT compares class distributions, so it needs logits [B, C] with "
+        "C >= 2 (give a binary task two logits)");
+    return out;
+  }
+};
+
+} // namespace advtrain
