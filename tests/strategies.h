@@ -141,6 +141,15 @@ inline const std::vector<StrategyCase>& strategies() {
               return R3FOptions().sigma(1e-2).share_dropout_mask(s);
             }),
     };
+    StrategyCase awp; // weights only: no per-example target
+    awp.name = "AWP";
+    awp.on_table = [](const NamedParameters& module,
+                      const std::string& target,
+                      bool s) {
+      return std::make_unique<AWP>(
+          module, target, AWPOptions().epsilon(0.05).share_dropout_mask(s));
+    };
+    l.push_back(std::move(awp));
     for (auto& c : l) { // their noise
       c.draws_random = c.name == "SMART" || c.name == "VAT" || c.name == "R3F";
     }

@@ -192,6 +192,18 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
                 .weight(num("weight")),
             o));
   }
+  if (method == "AWP") {
+    REQUIRE(c.at("target") == "parameters");
+    return std::make_unique<advtrain::AWP>(
+        *model,
+        o.at("name").get<std::string>(),
+        with_share(
+            advtrain::AWPOptions()
+                .alpha(num("alpha"))
+                .epsilon(num("epsilon"))
+                .steps(count("steps")),
+            o));
+  }
   if (method == "YOPO") {
     REQUIRE_FALSE(table);
     auto yopo = std::make_unique<advtrain::YOPO>(
@@ -299,4 +311,8 @@ TEST_CASE(
 
 TEST_CASE("Conformance: R3F, fairseq", "[conformance]") {
   check_file("r3f_fairseq.json");
+}
+
+TEST_CASE("Conformance: AWP, the widely copied class", "[conformance]") {
+  check_file("awp_class.json");
 }

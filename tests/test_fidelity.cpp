@@ -630,6 +630,9 @@ TEST_CASE(
   const auto x = padded_ids();
   const bool share = GENERATE(true, false);
   for (const auto& c : strategies()) {
+    if (!c.per_example) {
+      continue; // weights only (AWP)
+    }
     INFO(c.name << ", share_dropout_mask " << share);
     auto model = make_drop();
     const auto attacker = c.per_example(model->embedding, share);

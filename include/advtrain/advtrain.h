@@ -3,6 +3,7 @@
 #pragma once
 
 #include <advtrain/attacker.h>
+#include <advtrain/awp.h>
 #include <advtrain/divergence.h>
 #include <advtrain/fgm.h>
 #include <advtrain/fgsm.h>

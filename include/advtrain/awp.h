@@ -1,0 +1,90 @@
+// AWP: adversarial weight perturbation. The model's weights (not its
+// inputs) move along their gradient, each scaled by its own norm and kept
+// within a relative box around its value; the optimizer steps with the
+// gradient at the perturbed weights.
+#pragma once
+
+#include <advtrain/attacker.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+
+/// Options of AWP (after Wu et al., NeurIPS 2020, as NLP fine-tuning uses it
+/// through the widely copied `AWP` class: `adv_lr`, `adv_eps`, `adv_step`).
+struct AWPOptions {
+  static constexpr const char* kind = "AWP";
+  /// Step α, relative to each weight's norm (`adv_lr`).
+  TORCH_ARG(double, alpha) = 1.0;
+  /// Relative bound ε: each element stays within `w₀ ± ε·|w₀|` (`adv_eps`).
+  TORCH_ARG(double, epsilon) = 1e-4;
+  /// Perturbation steps, each followed by a pass at the perturbed weights
+  /// (`adv_step`).
+  TORCH_ARG(int64_t, steps) = 1;
+  /// Whether the clean and the perturbed passes draw the same dropout masks.
+  TORCH_ARG(bool, share_dropout_mask) = false;
+};
+
+inline void check_options(const AWPOptions& o, const Attacker& /*target*/) {
+  const char* kind = AWPOptions::kind;
+  check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  check_option(o.epsilon() >= 0, kind, "epsilon", o.epsilon(), ">= 0");
+  check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
+}
+
+/// Adversarial weight perturbation on the parameters it is given (by default
+/// those whose names contain "weight": `AWP(module, "weight", options)`). Per
+/// step, as the widely copied `AWP` class with its training loop: a clean
+/// pass; then `steps` times: every target moves by
+/// `w ← w + α·g/(‖g‖ + 1e-6)·(‖w‖ + 1e-6)` (g its current gradient, ‖w‖ its
+/// current norm; skipped where ‖g‖ is zero or not finite) and is clamped to
+/// `[w₀ − ε·|w₀|, w₀ + ε·|w₀|]`, the gradients are dropped and a pass runs at
+/// the perturbed weights; restore; the optimizer steps with the gradient of
+/// the last perturbed pass only (the clean gradient only steers the first
+/// move). Only parameters can be targets: an embedding output has no weight
+/// norm. It composes with an input attacker on other tensors (FGM on a
+/// `PerturbedEmbedding`, say): see the README.
+class AWP : public Strategy<AWPOptions> {
+ public:
+  /// The parameters of `module` whose names contain `name_contains`.
+  AWP(const NamedParameters& module,
+      const std::string& name_contains = "weight",
+      AWPOptions options = {})
+      : Strategy(module, name_contains, std::move(options)) {}
+  /// `params`.
+  explicit AWP(std::vector<torch::Tensor> params, AWPOptions options = {})
+      : Strategy(std::move(params), std::move(options)) {}
+
+ protected:
+  double perturb(
+      size_t /*i*/,
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      const Geometry& geo,
+      const torch::Tensor& origin) override {
+    const double wnorm = detail::l2_norm(w);
+    w.add_(g, options_.alpha() / (geo.gnorm + 1e-6) * (wnorm + 1e-6));
+    const torch::Tensor box = origin.abs() * options_.epsilon();
+    at::clamp_out(w, w, origin - box, origin + box);
+    return detail::l2_norm(w - origin);
+  }
+
+  StepResult run_step(StepContext& ctx) override {
+    StepResult r;
+    r.loss = ctx.pass().item<double>();
+    for (int64_t s = 0; s < options_.steps(); ++s) {
+      attack();
+      ctx.clear_grads();
+      r.adv_loss = ctx.pass().item<double>();
+    }
+    r.perturbation_norm = perturbation_norm();
+    restore();
+    ctx.step_optimizer();
+    return r;
+  }
+};
+
+} // namespace advtrain
