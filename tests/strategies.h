@@ -119,12 +119,15 @@ inline const std::vector<StrategyCase>& strategies() {
                   s);
             }),
         detail::both<SMART, SMARTOptions>(
-            "SMART",
-            4,
+            "SMART", // with the proximal teacher's pass
+            5,
             1,
             [](bool s) {
-              return SMARTOptions().steps(2).noise_var(1e-2).share_dropout_mask(
-                  s);
+              return SMARTOptions()
+                  .steps(2)
+                  .noise_var(1e-2)
+                  .proximal_weight(0.5)
+                  .share_dropout_mask(s);
             }),
         detail::both<VAT, VATOptions>(
             "VAT",
@@ -133,6 +136,11 @@ inline const std::vector<StrategyCase>& strategies() {
             [](bool s) {
               return VATOptions().epsilon(1.0).share_dropout_mask(s);
             }),
+        detail::both<LLR, LLROptions>(
+            "LLR",
+            3,
+            1,
+            [](bool s) { return LLROptions().share_dropout_mask(s); }),
         detail::both<R3F, R3FOptions>(
             "R3F",
             2,
@@ -151,7 +159,8 @@ inline const std::vector<StrategyCase>& strategies() {
     };
     l.push_back(std::move(awp));
     for (auto& c : l) { // their noise
-      c.draws_random = c.name == "SMART" || c.name == "VAT" || c.name == "R3F";
+      c.draws_random = c.name == "SMART" || c.name == "VAT" ||
+          c.name == "R3F" || c.name == "LLR";
     }
     return l;
   }();

@@ -710,3 +710,31 @@ TEST_CASE(
     std::remove(file.c_str());
   }
 }
+
+TEST_CASE("Warm-up steps are plain steps, then the strategy's", "[trainer]") {
+  auto model = make_model(), plain = make_model();
+  advtrain::FGM fgm(*model, "embedding.weight");
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  torch::optim::SGD opt_plain(
+      plain->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, fgm);
+  CHECK(trainer.warmup_steps(2).warmup_steps() == 2);
+  const auto x = batch_ids(), y = batch_labels();
+  for (int s = 0; s < 2; ++s) {
+    const auto r = step_on(trainer, model, x, y);
+    CHECK(r.passes == 1);
+    CHECK(r.perturbation_norm == 0.0);
+    opt_plain.zero_grad();
+    cross_entropy(plain->forward(x), y).backward();
+    opt_plain.step();
+    CHECK(equal_all(model->parameters(), plain->parameters()));
+  }
+  CHECK(trainer.warmup_steps() == 0);
+  CHECK(fgm.steps_done() == 0);
+  const auto r = step_on(trainer, model, x, y);
+  CHECK(r.passes == 2);
+  CHECK(r.perturbation_norm > 0.0);
+  CHECK(fgm.steps_done() == 1);
+  CHECK_THROWS_WITH(
+      trainer.warmup_steps(-1), Contains("Invalid warmup_steps: -1"));
+}

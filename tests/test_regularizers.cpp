@@ -1,7 +1,8 @@
-// The label-free regularizers (VAT, R3F) and the unlabeled step against
-// plain computations: their divergences and VAT's scaling against loops and
-// finite differences, each protocol on the table written out with tensor
-// ops, the regularizer taken on an unlabeled batch, and their refusals.
+// The regularizers added to SMART (VAT, R3F, LLR, SMART's proximal point)
+// and the unlabeled step against plain computations: their divergences and
+// VAT's scaling against loops and finite differences, each protocol written
+// out with tensor ops, the regularizer taken on an unlabeled batch, and
+// their refusals.
 
 #include "common.h"
 
@@ -350,4 +351,200 @@ TEST_CASE("Regularizers refuse what they cannot do", "[vat][r3f][errors]") {
   CHECK_THROWS_WITH(
       advtrain::R3F(*model, "embedding.weight", advtrain::R3FOptions().sigma(0)),
       Contains("R3F: Invalid sigma: 0"));
+}
+
+TEST_CASE("LLR step on the table equals the plain computation", "[llr]") {
+  const double eps = 0.3, alpha = 0.2, lambda = 4.0, mu = 3.0;
+  auto model = make_model();
+  const auto x = batch_ids(), y = batch_labels();
+  const Plain p0 = Plain::of(model);
+  advtrain::LLR llr(
+      *model,
+      "embedding.weight",
+      advtrain::LLROptions()
+          .epsilon(eps)
+          .alpha(alpha)
+          .steps(2)
+          .weight(lambda)
+          .grad_weight(mu));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, llr);
+  torch::manual_seed(21);
+  const auto r = trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+
+  // Written out: γ(δ) = |ℓ(W + δ) − ℓ(W) − ⟨δ, ∇_W ℓ⟩|, δ from U(−ε, ε),
+  // two sign steps of α clamped to [−ε, ε], then the loss with ∇_W ℓ in the
+  // graph.
+  torch::manual_seed(21);
+  auto d = torch::empty_like(p0.W).uniform_(-eps, eps);
+  auto W = p0.W.clone().requires_grad_(), A = p0.A.clone().requires_grad_(),
+       b = p0.b.clone().requires_grad_();
+  const Plain leaves{W, A, b};
+  const auto l0 = plain_loss(leaves, x, y);
+  const auto gx = torch::autograd::grad({l0}, {W}, {}, true, true)[0];
+  for (int k = 0; k < 2; ++k) {
+    auto dv = d.clone().requires_grad_();
+    const auto gamma = (plain_loss(p0.with_W(p0.W + dv), x, y) - l0.detach() -
+                        (dv * gx.detach()).sum())
+                           .abs();
+    const auto g = torch::autograd::grad({gamma}, {dv})[0];
+    d = (d + alpha * g.sign()).clamp(-eps, eps);
+  }
+  const auto lin = (d * gx).sum();
+  const auto l_star = plain_loss(leaves.with_W(W + d), x, y);
+  const auto gamma_star = (l_star - l0 - lin).abs();
+  const auto loss = l0 + lambda * gamma_star + mu * lin.abs();
+  const auto gs = torch::autograd::grad({loss}, {W, A, b}, {}, true);
+  // ∇_W ℓ is in the graph: without it the update would differ.
+  const auto lin_fixed = (d * gx.detach()).sum();
+  const auto fixed = l0 + lambda * (l_star - l0 - lin_fixed).abs() +
+      mu * lin_fixed.abs();
+  const auto gs_fixed = torch::autograd::grad({fixed}, {W, A, b});
+  CHECK(max_abs_diff(gs[1], gs_fixed[1]) > 1e-6);
+  CHECK(r.regularizer == Approx(gamma_star.item<double>()).epsilon(1e-12));
+  CHECK(r.adv_loss == Approx(l_star.item<double>()).epsilon(1e-12));
+  CHECK(r.passes == 4);
+  CHECK(max_diff(model, sgd(p0, {gs[0], gs[1], gs[2]})) < kTol);
+  CHECK_FALSE(llr.is_perturbed());
+}
+
+TEST_CASE(
+    "LLR per example: the gradient term reaches the parameters", "[llr]") {
+  const double eps = 0.2, alpha = 0.1, lambda = 2.0, mu = 1.5;
+  auto model = make_act();
+  const auto x = padded_ids(), y = batch_labels();
+  const auto W0 = model->embedding->weight.detach().clone();
+  const auto A0 = model->fc->weight.detach().clone();
+  const auto b0 = model->fc->bias.detach().clone();
+  advtrain::LLRL2 llr(
+      model->embedding,
+      advtrain::LLROptions()
+          .epsilon(eps)
+          .alpha(alpha)
+          .steps(1)
+          .weight(lambda)
+          .grad_weight(mu));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, llr);
+  torch::manual_seed(22);
+  trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+
+  // Written out with δ on the lookup output E: an L2 step per example
+  // (masked gradient over its norm), projected per example onto ε.
+  torch::manual_seed(22);
+  const auto m = mask_of(x);
+  auto d = torch::empty({x.size(0), x.size(1), kHidden}, torch::kDouble)
+               .uniform_(-eps, eps) *
+      m;
+  auto per_example_norm = [&](const torch::Tensor& t) {
+    return t.reshape({x.size(0), -1}).norm(2, 1).view({-1, 1, 1});
+  };
+  d = d * (eps / per_example_norm(d).clamp_min(eps));
+  auto W = W0.clone().requires_grad_(), A = A0.clone().requires_grad_(),
+       b = b0.clone().requires_grad_();
+  const auto e = torch::nn::functional::embedding(
+      x, W, torch::nn::functional::EmbeddingFuncOptions().padding_idx(0));
+  auto loss_at = [&](const torch::Tensor& delta) {
+    const auto h = ((e + delta) * m).sum(1) / m.sum(1).clamp_min(1);
+    return cross_entropy(torch::nn::functional::linear(h, A, b), y);
+  };
+  auto zero = torch::zeros_like(d).requires_grad_();
+  const auto l0 = loss_at(zero);
+  const auto gx = torch::autograd::grad({l0}, {zero}, {}, true, true)[0];
+  {
+    auto dv = d.clone().requires_grad_();
+    const auto gamma =
+        (loss_at(dv) - l0.detach() - (dv * gx.detach()).sum()).abs();
+    const auto g = torch::autograd::grad({gamma}, {dv}, {}, true)[0] * m;
+    d = d + alpha * g / per_example_norm(g).clamp_min(1e-8);
+    d = d * (eps / per_example_norm(d).clamp_min(eps));
+  }
+  const auto lin = (d * gx).sum();
+  const auto loss =
+      l0 + lambda * (loss_at(d) - l0 - lin).abs() + mu * lin.abs();
+  const auto gs = torch::autograd::grad({loss}, {W, A, b});
+  CHECK(max_abs_diff(model->embedding->weight, W0 - kLr * gs[0]) < kTol);
+  CHECK(max_abs_diff(model->fc->weight, A0 - kLr * gs[1]) < kTol);
+  CHECK(max_abs_diff(model->fc->bias, b0 - kLr * gs[2]) < kTol);
+}
+
+TEST_CASE(
+    "SMART's proximal point: the teacher's term and moving average",
+    "[smart][proximal]") {
+  const double mu = 0.7;
+  constexpr double beta = 0.6;
+  const auto x = batch_ids(), y = batch_labels();
+  const auto smart = [=](double weight) {
+    return advtrain::SMARTOptions()
+        .noise_var(1e-2)
+        .proximal_weight(weight)
+        .proximal_beta(beta);
+  };
+  // The same run with and without the proximal term: they differ by the
+  // term's gradient alone (no dropout, so the teacher's pass draws nothing).
+  auto with = make_model(), without = make_model();
+  advtrain::SMART a(*with, "embedding.weight", smart(mu));
+  advtrain::SMART b(*without, "embedding.weight", smart(0.0));
+  torch::optim::SGD opt_a(with->parameters(), torch::optim::SGDOptions(kLr));
+  torch::optim::SGD opt_b(
+      without->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer ta(opt_a, a), tb(opt_b, b);
+  const auto forward_a = [&] { return with->forward(x); };
+  const auto forward_b = [&] { return without->forward(x); };
+  const auto loss = [&](const torch::Tensor& out) {
+    return cross_entropy(out, y);
+  };
+  const Plain theta0 = Plain::of(with);
+  torch::manual_seed(31);
+  const auto r1 = ta.step(forward_a, loss);
+  torch::manual_seed(31);
+  tb.step(forward_b, loss);
+  // Step 1: the teacher is θ0 itself, so the term and its gradient are 0.
+  CHECK(r1.proximal == 0.0);
+  CHECK(r1.passes == 4);
+  CHECK(equal_all(with->parameters(), without->parameters()));
+  // θ̃1 = (1 − β)·θ1 + β·θ0.
+  REQUIRE(a.teacher().size() == 3);
+  const Plain theta1 = Plain::of(with);
+  CHECK(
+      max_abs_diff(a.teacher()[0], (1 - beta) * theta1.W + beta * theta0.W) <
+      1e-15);
+  const auto teacher1 = clone_all(a.teacher());
+
+  torch::manual_seed(32);
+  const auto r2 = ta.step(forward_a, loss);
+  torch::manual_seed(32);
+  tb.step(forward_b, loss);
+  // Written out: μ·sym_kl(f(θ1), f(θ̃1)), the teacher's side without grad.
+  const Plain teacher{teacher1[0], teacher1[1], teacher1[2]};
+  auto W = theta1.W.clone().requires_grad_(),
+       A = theta1.A.clone().requires_grad_(),
+       B = theta1.b.clone().requires_grad_();
+  const auto term = advtrain::sym_kl(
+      tiny_logits({W, A, B}, x), tiny_logits(teacher, x).detach());
+  const auto g = torch::autograd::grad({term}, {W, A, B});
+  CHECK(r2.proximal == Approx(term.item<double>()).epsilon(1e-12));
+  CHECK(r2.proximal > 1e-6);
+  CHECK(
+      max_abs_diff(
+          with->embedding->weight,
+          without->embedding->weight - kLr * mu * g[0]) < 1e-12);
+  CHECK(
+      max_abs_diff(with->fc->weight, without->fc->weight - kLr * mu * g[1]) <
+      1e-12);
+  CHECK(
+      max_abs_diff(with->fc->bias, without->fc->bias - kLr * mu * g[2]) <
+      1e-12);
+  // θ̃2 = (1 − β)·θ2 + β·θ̃1.
+  const auto params = with->parameters();
+  for (size_t k = 0; k < params.size(); ++k) {
+    CHECK(
+        max_abs_diff(
+            a.teacher()[k],
+            (1 - beta) * params[k].detach() + beta * teacher1[k]) < 1e-15);
+  }
 }

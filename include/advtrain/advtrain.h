@@ -7,6 +7,7 @@
 #include <advtrain/divergence.h>
 #include <advtrain/fgm.h>
 #include <advtrain/fgsm.h>
+#include <advtrain/llr.h>
 #include <advtrain/freeat.h>
 #include <advtrain/freelb.h>
 #include <advtrain/norm.h>

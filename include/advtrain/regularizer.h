@@ -79,9 +79,20 @@ class Regularizer : public Strategy<Options> {
     return true;
   }
 
+  /// A term added to the loss once the target is restored, from the
+  /// labeled batch's clean output (SMART's proximal point); undefined: none.
+  /// It may run forward passes (counted in `ctx.passes`) and report in `r`.
+  virtual torch::Tensor extra_term(
+      StepContext& /*ctx*/,
+      const torch::Tensor& /*labeled*/,
+      StepResult& /*r*/) {
+    return {};
+  }
+
   StepResult run_step(StepContext& ctx) override {
     StepResult r;
-    torch::Tensor clean = ctx.run_forward();
+    const torch::Tensor labeled = ctx.run_forward();
+    torch::Tensor clean = labeled;
     torch::Tensor loss = ctx.loss_of(clean);
     r.loss = loss.item<double>();
     ++ctx.passes;
@@ -164,6 +175,10 @@ class Regularizer : public Strategy<Options> {
       loss = loss + weight() * reg;
     }
     this->restore();
+    const torch::Tensor extra = extra_term(ctx, labeled, r);
+    if (extra.defined()) {
+      loss = loss + extra;
+    }
     loss.backward();
     ctx.step_optimizer();
     return r;

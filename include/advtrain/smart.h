@@ -3,6 +3,7 @@
 #pragma once
 
 #include <advtrain/divergence.h>
+#include <advtrain/parameters.h>
 #include <advtrain/regularizer.h>
 
 #include <cmath>
@@ -32,6 +33,12 @@ struct SMARTOptions {
   /// `[B, 1]` are regressions anyway; set this for several regression
   /// outputs `[B, k]`, which would otherwise be read as k class logits.
   TORCH_ARG(bool, regression) = false;
+  /// Weight μ of the Bregman proximal point term `μ · sym_kl(f(x; θ),
+  /// f(x; θ̃))` (the paper's Algorithm 1; mt-dnn leaves it out); 0: off.
+  TORCH_ARG(double, proximal_weight) = 0.0;
+  /// Momentum β of the teacher θ̃ ← (1 − β)·θ + β·θ̃, updated after every
+  /// optimizer step.
+  TORCH_ARG(double, proximal_beta) = 0.99;
 };
 
 inline void check_options(const SMARTOptions& o, const Attacker& /*target*/) {
@@ -41,6 +48,18 @@ inline void check_options(const SMARTOptions& o, const Attacker& /*target*/) {
   check_option(o.noise_var() >= 0, kind, "noise_var", o.noise_var(), ">= 0");
   check_option(o.norm_eps() > 0, kind, "norm_eps", o.norm_eps(), "> 0");
   check_option(o.weight() >= 0, kind, "weight", o.weight(), ">= 0");
+  check_option(
+      o.proximal_weight() >= 0,
+      kind,
+      "proximal_weight",
+      o.proximal_weight(),
+      ">= 0");
+  check_option(
+      o.proximal_beta() >= 0 && o.proximal_beta() < 1,
+      kind,
+      "proximal_beta",
+      o.proximal_beta(),
+      "in [0, 1)");
 }
 
 /// SMART's smoothness-inducing adversarial regularizer: the task loss plus
@@ -54,6 +73,15 @@ inline void check_options(const SMARTOptions& o, const Attacker& /*target*/) {
 /// final backward; `StepResult::passes` counts the K + 2 forward passes
 /// (clean, K ascent steps, final). If an ascent gradient is not finite, the
 /// batch is trained on the task loss alone.
+///
+/// With `proximal_weight(μ)` > 0, SMART's Bregman proximal point (Jiang et
+/// al., ACL 2020, Algorithm 1, with one inner step): the loss also gets
+/// `μ · sym_kl(f(x; θ), f(x; θ̃))`, `f(x; θ̃)` a pass without grad at the
+/// teacher θ̃ (swapped into the optimizer's parameters and back, bit for
+/// bit), and after each optimizer step `θ̃ ← (1 − β)·θ + β·θ̃`, θ̃ starting
+/// at the parameters of the first step (with `Trainer::accumulate`, call
+/// `update_teacher` after your optimizer step). The teacher is state:
+/// `save`/`load` keep it.
 ///
 /// The clean pass's graph stays alive while the table is perturbed, so the
 /// table is written without bumping its autograd version and is restored
@@ -114,7 +142,123 @@ class SMART : public Regularizer<SMARTOptions> {
                : sym_kl(adv, clean);
   }
 
+  /// The proximal term, at the teacher (none when off).
+  torch::Tensor extra_term(
+      StepContext& ctx,
+      const torch::Tensor& labeled,
+      StepResult& r) override {
+    if (options_.proximal_weight() == 0) {
+      return {};
+    }
+    const auto params = detail::optimizer_parameters(ctx.optimizer);
+    if (teacher_.empty()) {
+      for (const auto& p : params) {
+        teacher_.push_back(p.detach().clone());
+      }
+    }
+    TORCH_CHECK(
+        teacher_.size() == params.size(),
+        "SMART: the proximal teacher holds ",
+        teacher_.size(),
+        " tensors, the optimizer ",
+        params.size(),
+        " parameters");
+    torch::Tensor teacher_out;
+    {
+      torch::NoGradGuard no_grad;
+      std::vector<torch::Tensor> own;
+      own.reserve(params.size());
+      for (size_t k = 0; k < params.size(); ++k) {
+        TORCH_CHECK(
+            teacher_[k].sizes() == params[k].sizes(),
+            "SMART: the proximal teacher's tensor ",
+            k,
+            " has shape ",
+            teacher_[k].sizes(),
+            ", the parameter ",
+            params[k].sizes());
+        if (teacher_[k].device() != params[k].device() ||
+            teacher_[k].scalar_type() != params[k].scalar_type()) {
+          teacher_[k] = teacher_[k].to(params[k].options()); // once loaded
+        }
+        own.push_back(params[k].detach().clone());
+      }
+      struct SwapBack { // the parameters come back however the pass ends
+        const std::vector<torch::Tensor>& params;
+        const std::vector<torch::Tensor>& own;
+        ~SwapBack() {
+          for (size_t k = 0; k < params.size(); ++k) {
+            params[k].variable_data().copy_(own[k]);
+          }
+        }
+      } swap_back{params, own};
+      for (size_t k = 0; k < params.size(); ++k) {
+        params[k].variable_data().copy_(teacher_[k]);
+      }
+      teacher_out = ctx.run_forward();
+    }
+    ++ctx.passes;
+    const torch::Tensor term = sym_kl(labeled, teacher_out);
+    r.proximal = term.item<double>();
+    return options_.proximal_weight() * term;
+  }
+
+  /// The regularizer's step, then the teacher's moving average (when the
+  /// step ran the optimizer).
+  StepResult run_step(StepContext& ctx) override {
+    StepResult r = Regularizer::run_step(ctx);
+    if (options_.proximal_weight() > 0 && !ctx.accumulating) {
+      update_teacher(detail::optimizer_parameters(ctx.optimizer));
+    }
+    return r;
+  }
+
+  void save_state(torch::serialize::OutputArchive& archive) const override {
+    for (size_t k = 0; k < teacher_.size(); ++k) {
+      archive.write("smart.teacher." + std::to_string(k), teacher_[k]);
+    }
+  }
+  void load_state(torch::serialize::InputArchive& archive) override {
+    std::vector<torch::Tensor> loaded;
+    torch::Tensor t;
+    while (archive.try_read(
+        "smart.teacher." + std::to_string(loaded.size()), t)) {
+      loaded.push_back(t);
+      t = torch::Tensor();
+    }
+    teacher_ = std::move(loaded);
+  }
+
+ public:
+  /// The proximal teacher θ̃, one tensor per optimizer parameter (empty
+  /// before the first step with `proximal_weight` > 0).
+  const std::vector<torch::Tensor>& teacher() const noexcept {
+    return teacher_;
+  }
+
+  /// `θ̃ ← (1 − β)·θ + β·θ̃` with `params` (the optimizer's) as θ. A
+  /// `Trainer::step` calls it after its optimizer step; with
+  /// `Trainer::accumulate`, call it after your own `optimizer.step()`.
+  void update_teacher(const std::vector<torch::Tensor>& params) {
+    if (teacher_.empty()) {
+      return; // no proximal step yet
+    }
+    TORCH_CHECK(
+        teacher_.size() == params.size(),
+        "SMART: the proximal teacher holds ",
+        teacher_.size(),
+        " tensors, not ",
+        params.size());
+    torch::NoGradGuard no_grad;
+    const double beta = options_.proximal_beta();
+    for (size_t k = 0; k < params.size(); ++k) {
+      teacher_[k].mul_(beta).add_(params[k].detach(), 1.0 - beta);
+    }
+  }
+
  private:
+  std::vector<torch::Tensor> teacher_;
+
   /// Divides each row (last dimension) by its max-abs value + norm_eps.
   void normalize(torch::Tensor& delta) const {
     const auto rows =

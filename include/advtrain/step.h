@@ -42,6 +42,9 @@ struct StepResult {
   /// symmetric divergence); 0 for strategies without one, or when SMART
   /// skipped it (non-finite ascent gradient).
   double regularizer = 0.0;
+  /// SMART's Bregman proximal term `sym_kl(f(x; θ), f(x; θ̃))` before its
+  /// weight μ (0 when off).
+  double proximal = 0.0;
   /// Forward passes through the whole model (each followed by a backward,
   /// except SMART's ascent passes, which use autograd::grad).
   int64_t passes = 0;

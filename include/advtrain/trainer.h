@@ -82,6 +82,20 @@ class Trainer {
     return *this;
   }
 
+  /// The next `n` steps are plain steps (one clean pass, one optimizer
+  /// step, no perturbation), as a warm-up before adversarial training; the
+  /// count goes down with each `step` or `accumulate`. A resumed run sets
+  /// what is left of it.
+  Trainer& warmup_steps(int64_t n) {
+    TORCH_CHECK(n >= 0, "advtrain: Invalid warmup_steps: ", n, " (must be >= 0)");
+    warmup_left_ = n;
+    return *this;
+  }
+  /// Warm-up steps still to run.
+  int64_t warmup_steps() const noexcept {
+    return warmup_left_;
+  }
+
   torch::optim::Optimizer& optimizer() noexcept {
     return optimizer_;
   }
@@ -114,7 +128,14 @@ class Trainer {
     // to be put back if anything throws (or added back when accumulating).
     std::vector<torch::Tensor> before = ctx.take_grads();
     try {
-      StepResult r = attacker_.run(ctx);
+      StepResult r;
+      if (warmup_left_ > 0) { // a plain step
+        r.loss = ctx.pass().item<double>();
+        ctx.step_optimizer();
+        --warmup_left_;
+      } else {
+        r = attacker_.run(ctx);
+      }
       r.passes = ctx.passes;
       if (accumulating) {
         ctx.add_grads(std::move(before));
@@ -134,6 +155,7 @@ class Trainer {
   Attacker& attacker_;
   std::function<void()> before_optimizer_step_;
   std::function<void()> after_optimizer_step_;
+  int64_t warmup_left_ = 0;
 };
 
 } // namespace advtrain

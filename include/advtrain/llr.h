@@ -1,0 +1,168 @@
+// LLR: local linearity regularization. The loss's deviation from its own
+// first-order Taylor expansion, maximized over the ε-ball, is added to the
+// loss, with the gradient of the loss kept in the graph.
+#pragma once
+
+#include <advtrain/attacker.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace advtrain {
+
+/// Options of LLR (Qin et al., NeurIPS 2019, "Adversarial Robustness through
+/// Local Linearization").
+struct LLROptions {
+  static constexpr const char* kind = "LLR";
+  /// Radius ε of the ball δ ranges over.
+  TORCH_ARG(double, epsilon) = 0.1;
+  /// Size α of each ascent step on γ.
+  TORCH_ARG(double, alpha) = 0.05;
+  /// Ascent steps on γ from the random start.
+  TORCH_ARG(int64_t, steps) = 1;
+  /// Weight λ of γ(δ*) in the loss.
+  TORCH_ARG(double, weight) = 4.0;
+  /// Weight μ of |δ*ᵀ∇ₓℓ(x)| in the loss.
+  TORCH_ARG(double, grad_weight) = 3.0;
+  /// Whether the passes of a step draw the same dropout masks.
+  TORCH_ARG(bool, share_dropout_mask) = false;
+};
+
+inline void check_options(const LLROptions& o, const Attacker& /*target*/) {
+  const char* kind = LLROptions::kind;
+  check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
+  check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
+  check_option(o.steps() >= 0, kind, "steps", o.steps(), ">= 0");
+  check_option(o.weight() >= 0, kind, "weight", o.weight(), ">= 0");
+  check_option(
+      o.grad_weight() >= 0, kind, "grad_weight", o.grad_weight(), ">= 0");
+}
+
+/// Local linearity regularization under the norm policy `Norm` (L∞ as the
+/// paper; `LLRL2` for L2). With ℓ the loss function's value (the batch's),
+/// `γ(δ) = |ℓ(x + δ) − ℓ(x) − δᵀ∇ₓℓ(x)|`. One step: a clean pass gives ℓ(x)
+/// and `∇ₓℓ(x)` (by `torch::autograd::grad` with `create_graph`, so the
+/// parameters get the gradient of the terms that use it); δ starts at
+/// `U(−ε, ε)` (masked per example), projected into the `Norm` ball, and takes `steps`
+/// projected ascent steps of size α along ∇_δ γ; then
+/// `loss = ℓ(x) + weight · γ(δ*) + grad_weight · |δ*ᵀ∇ₓℓ(x)|`, one backward,
+/// one optimizer step. x is the target: each example's embedded tokens, or
+/// the table. As SMART, the clean graph stays alive while the target is
+/// perturbed (untracked writes; restored before the backward).
+template <typename Norm>
+class BasicLLR : public Strategy<LLROptions> {
+ public:
+  using Strategy::Strategy;
+
+ protected:
+  bool untracked_writes() const override {
+    return true;
+  }
+
+  /// A projected step along ∇_δ γ.
+  double perturb(
+      size_t /*i*/,
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      const Geometry& geo,
+      const torch::Tensor& origin) override {
+    return detail::projected_step<Norm>(
+        w, g, options_.alpha(), options_.epsilon(), origin, geo);
+  }
+
+  StepResult run_step(StepContext& ctx) override {
+    StepResult r;
+    const torch::Tensor clean = ctx.loss_of(ctx.run_forward());
+    ++ctx.passes;
+    r.loss = clean.item<double>();
+    target().sync(kind());
+    const std::vector<torch::Tensor> xs = targets();
+    const size_t n = xs.size();
+    auto grad_x = torch::autograd::grad(
+        {clean},
+        xs,
+        /*grad_outputs=*/{},
+        /*retain_graph=*/true,
+        /*create_graph=*/true,
+        /*allow_unused=*/true);
+    for (size_t i = 0; i < n; ++i) {
+      if (!grad_x[i].defined()) {
+        grad_x[i] = torch::zeros_like(xs[i]);
+      }
+    }
+    backup();
+    {
+      torch::NoGradGuard no_grad;
+      for (size_t i = 0; i < n; ++i) { // the random start, δ from the origin
+        const Geometry geo = target().geometry(i);
+        const double eps = options_.epsilon();
+        torch::Tensor d =
+            detail::masked(torch::empty_like(origin(i)).uniform_(-eps, eps), geo);
+        if (geo.per_example()) {
+          Norm::project_examples(d, eps);
+        } else {
+          Norm::project(d, eps);
+        }
+        torch::Tensor w = data(i);
+        at::add_out(w, origin(i), d);
+      }
+    }
+    // γ at the perturbation now. The search differentiates it in δ (ℓ(x)
+    // and ∇ₓℓ(x) fixed); the loss in the parameters (δ* fixed, ∇ₓℓ(x) in
+    // the graph).
+    const auto gamma = [&](const torch::Tensor& adv, bool search) {
+      torch::Tensor linear = torch::zeros({}, clean.options());
+      for (size_t i = 0; i < n; ++i) {
+        const torch::Tensor d = search ? targets()[i] - origin(i)
+                                       : (data(i) - origin(i)).detach();
+        const torch::Tensor gx = search ? grad_x[i].detach() : grad_x[i];
+        linear = linear + (d * gx).sum();
+      }
+      const torch::Tensor c = search ? clean.detach() : clean;
+      return std::make_pair((adv - c - linear).abs(), linear.abs());
+    };
+    for (int64_t k = 0; k < options_.steps(); ++k) {
+      const torch::Tensor adv = ctx.loss_of(ctx.run_forward());
+      ++ctx.passes;
+      const auto grads = torch::autograd::grad(
+          {gamma(adv, /*search=*/true).first},
+          targets(),
+          /*grad_outputs=*/{},
+          /*retain_graph=*/false,
+          /*create_graph=*/false,
+          /*allow_unused=*/true);
+      torch::NoGradGuard no_grad;
+      double sq = 0.0;
+      for (size_t i = 0; i < n; ++i) {
+        if (const auto geo = step_geometry(i, grads[i])) {
+          torch::Tensor w = data(i);
+          const double moved = perturb(i, w, grads[i], *geo, origin(i));
+          sq += moved * moved;
+        }
+      }
+      set_perturbation_norm(std::sqrt(sq));
+    }
+    const torch::Tensor adv = ctx.loss_of(ctx.run_forward());
+    ++ctx.passes;
+    r.adv_loss = adv.item<double>();
+    const auto terms = gamma(adv, /*search=*/false);
+    r.regularizer = terms.first.template item<double>();
+    r.perturbation_norm = target().norm();
+    const torch::Tensor loss = clean + options_.weight() * terms.first +
+        options_.grad_weight() * terms.second;
+    restore();
+    loss.backward();
+    ctx.step_optimizer();
+    return r;
+  }
+};
+
+/// LLR in the L∞ ball, as the paper.
+using LLR = BasicLLR<LInf>;
+/// LLR in the L2 ball.
+using LLRL2 = BasicLLR<L2>;
+
+} // namespace advtrain
