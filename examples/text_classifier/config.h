@@ -108,10 +108,15 @@ inline std::optional<int> parse_command_line(
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option(
-      "--epsilon", c.epsilon, "radius: fgsm fgm pgd freeat freelb yopo");
+      "--epsilon",
+      c.epsilon,
+      "radius: fgsm fgm pgd freeat freelb yopo vat llr awp (relative)");
   app.add_option(
-      "--alpha", c.alpha, "ascent step: pgd freeat freelb smart yopo");
-  app.add_option("--steps", c.steps, "steps: pgd freelb smart yopo (m)");
+      "--alpha", c.alpha, "ascent step: pgd freeat freelb smart yopo llr awp");
+  app.add_option(
+      "--steps",
+      c.steps,
+      "steps: pgd freelb smart yopo (m) vat (power iterations) llr awp");
   app.add_option("--inner-steps", c.inner_steps, "YOPO's inner steps n");
   app.add_option(
       "--init-mag", c.init_mag, "random start: freelb yopo (activations)");
@@ -121,8 +126,8 @@ inline std::optional<int> parse_command_line(
          c.norm,
          "the ball of pgd and freelb (default l2) and freeat (default linf)")
       ->check(CLI::IsMember({"l2", "linf"}));
-  app.add_option("--weight", c.weight, "SMART's regularizer weight");
-  app.add_option("--noise-var", c.noise_var, "SMART's noise scale");
+  app.add_option("--weight", c.weight, "regularizer weight: smart vat r3f llr");
+  app.add_option("--noise-var", c.noise_var, "noise scale: smart r3f (sigma)");
   app.add_option("--lr", c.lr, "Adam's learning rate")->capture_default_str();
   app.add_option("--batch-size", c.batch_size)
       ->check(CLI::PositiveNumber)

@@ -152,6 +152,74 @@ inline const std::vector<Method> kMethods = {
        }
        return on_target<advtrain::SMART>(model, c, o);
      }},
+    {"vat",
+     "VAT (Miyato et al.): KL to the output at a power-iteration direction",
+     false,
+     [](Classifier& model, const Config& c, const torch::Tensor&) {
+       advtrain::VATOptions o;
+       if (c.epsilon) {
+         o.epsilon(*c.epsilon);
+       }
+       if (c.steps) {
+         o.power_iterations(*c.steps);
+       }
+       if (c.weight) {
+         o.weight(*c.weight);
+       }
+       return on_target<advtrain::VAT>(model, c, o);
+     }},
+    {"r3f",
+     "R3F (Aghajanyan et al.): symmetric KL to the output under noise",
+     false,
+     [](Classifier& model, const Config& c, const torch::Tensor&) {
+       advtrain::R3FOptions o;
+       if (c.noise_var) {
+         o.sigma(*c.noise_var);
+       }
+       if (c.weight) {
+         o.weight(*c.weight);
+       }
+       return on_target<advtrain::R3F>(model, c, o);
+     }},
+    {"llr",
+     "LLR (Qin et al.): the loss's distance from its linear expansion",
+     false,
+     [](Classifier& model, const Config& c, const torch::Tensor&) {
+       advtrain::LLROptions o;
+       if (c.epsilon) {
+         o.epsilon(*c.epsilon);
+       }
+       if (c.alpha) {
+         o.alpha(*c.alpha);
+       }
+       if (c.steps) {
+         o.steps(*c.steps);
+       }
+       if (c.weight) {
+         o.weight(*c.weight);
+       }
+       if (c.norm == "linf") { // the paper's ball; here L2, as PGD's
+         return on_target<advtrain::LLR>(model, c, o);
+       }
+       return on_target<advtrain::LLRL2>(model, c, o);
+     }},
+    {"awp",
+     "AWP (Wu et al.): the weights perturbed, relative to their norms",
+     false,
+     [](Classifier& model, const Config& c, const torch::Tensor&)
+         -> std::unique_ptr<advtrain::Attacker> {
+       advtrain::AWPOptions o;
+       if (c.epsilon) {
+         o.epsilon(*c.epsilon);
+       }
+       if (c.alpha) {
+         o.alpha(*c.alpha);
+       }
+       if (c.steps) {
+         o.steps(*c.steps);
+       }
+       return std::make_unique<advtrain::AWP>(*model, "weight", o);
+     }},
     {"yopo",
      "YOPO (Zhang et al.): inner ascent through the first layer only",
      true,

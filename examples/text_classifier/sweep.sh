@@ -30,7 +30,7 @@ target=activations
 tuned="$here/tuned.csv"
 sentiment="$root/data/sentiment/amazon.json,$root/data/sentiment/imdb.json,$root/data/sentiment/yelp.json"
 spamassassin="$root/data/spamassassin"
-methods="plain fgsm fgm pgd freeat freelb smart yopo"
+methods="plain fgsm fgm pgd freeat freelb smart vat r3f llr awp yopo"
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -71,6 +71,10 @@ grid_values() {
     0.3 0.3 ;;
   freelb) printf -- '--alpha %s\n' 0.1 0.3 1 3 ;;
   smart) printf -- '--weight %s\n' 0.3 1 3 10 ;;
+  vat) printf -- '--epsilon %s\n' 0.5 1 2 5 ;;
+  r3f) printf -- '--noise-var %s\n' 1e-5 1e-2 0.1 0.5 ;;
+  llr) printf -- '--epsilon 1 --alpha 0.5 --weight %s\n' 0.1 0.3 1 4 ;;
+  awp) printf -- '--epsilon %s\n' 1e-3 1e-2 0.03 0.1 ;;
   yopo) printf -- '--epsilon %s --alpha %s\n' 0.5 0.125 1 0.25 2 0.5 4 1 ;;
   *) echo "" ;;
   esac
