@@ -100,7 +100,7 @@ struct LossFn { // used as loss_fn(out, y) and as a LossFunction
 struct Env {
   Net model;
   std::vector<Batch> loader;
-  torch::Tensor x, y, ids;
+  torch::Tensor x, y, ids, labels, unlabeled_ids;
   int K = 3, m = 4, rank = 0, world = 1;
   torch::optim::SGD optimizer{model->parameters(), torch::optim::SGDOptions(0.1)};
   LossFn loss_fn{&y};
@@ -114,6 +114,8 @@ struct Env {
   auto& x = env.x;                                 \\
   auto& y = env.y;                                 \\
   auto& ids = env.ids;                             \\
+  auto& labels = env.labels;                       \\
+  auto& unlabeled_ids = env.unlabeled_ids;         \\
   auto& K = env.K;                                 \\
   auto& m = env.m;                                 \\
   auto& rank = env.rank;                           \\
@@ -122,7 +124,8 @@ struct Env {
   auto& loss_fn = env.loss_fn;                     \\
   auto& freeat = env.freeat;                       \\
   auto& forward_on_my_shard = env.forward_on_my_shard; \\
-  (void)model, (void)loader, (void)x, (void)y, (void)ids, (void)K, (void)m, \\
+  (void)model, (void)loader, (void)x, (void)y, (void)ids, (void)labels, \\
+      (void)unlabeled_ids, (void)K, (void)m, \\
       (void)rank, (void)world, (void)optimizer, (void)loss_fn, (void)freeat, \\
       (void)forward_on_my_shard;
 

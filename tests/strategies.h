@@ -151,16 +151,15 @@ inline const std::vector<StrategyCase>& strategies() {
     };
     StrategyCase awp; // weights only: no per-example target
     awp.name = "AWP";
-    awp.on_table = [](const NamedParameters& module,
-                      const std::string& target,
-                      bool s) {
-      return std::make_unique<AWP>(
-          module, target, AWPOptions().epsilon(0.05).share_dropout_mask(s));
-    };
+    awp.on_table =
+        [](const NamedParameters& module, const std::string& target, bool s) {
+          return std::make_unique<AWP>(
+              module, target, AWPOptions().epsilon(0.05).share_dropout_mask(s));
+        };
     l.push_back(std::move(awp));
     for (auto& c : l) { // their noise
       c.draws_random = c.name == "SMART" || c.name == "VAT" ||
-          c.name == "R3F" || c.name == "LLR";
+                       c.name == "R3F" || c.name == "LLR";
     }
     return l;
   }();

@@ -26,7 +26,8 @@ torch::Tensor tiny_logits(const Plain& p, const torch::Tensor& x) {
 }
 
 /// Σ over rows of Σ_c q_c (log q_c − log p_c), by loops, / rows.
-double kl_by_loops(const torch::Tensor& q_logits, const torch::Tensor& p_logits) {
+double kl_by_loops(
+    const torch::Tensor& q_logits, const torch::Tensor& p_logits) {
   double total = 0.0;
   const auto q = q_logits.softmax(-1), p = p_logits.softmax(-1);
   for (int64_t r = 0; r < q.size(0); ++r) {
@@ -70,8 +71,7 @@ TEST_CASE("kl and symmetric_kl against loops and finite differences", "[vat]") {
              kl_by_loops(dn_a, dn_b) - kl_by_loops(dn_b, dn_a)) /
             (2 * h);
         CHECK(
-            grads[which][r][c].item<double>() ==
-            Approx(numeric).margin(1e-7));
+            grads[which][r][c].item<double>() == Approx(numeric).margin(1e-7));
       }
     }
   }
@@ -179,8 +179,7 @@ TEST_CASE("R3F step on the table equals the plain computation", "[r3f]") {
     const auto u = normal ? torch::randn(p0.W.sizes(), f32)
                           : torch::rand(p0.W.sizes(), f32);
     const float s = static_cast<float>(sigma);
-    const auto z =
-        (normal ? u * s : u * (s - (-s)) + (-s)).to(torch::kDouble);
+    const auto z = (normal ? u * s : u * (s - (-s)) + (-s)).to(torch::kDouble);
     auto W = p0.W.clone().requires_grad_(), A = p0.A.clone().requires_grad_(),
          b = p0.b.clone().requires_grad_();
     const Plain leaves{W, A, b};
@@ -228,8 +227,8 @@ TEST_CASE(
       x, W, torch::nn::functional::EmbeddingFuncOptions().padding_idx(0));
   const auto clean = head(e);
   const auto noised = head(e.detach() + z);
-  const auto loss = cross_entropy(clean, y) +
-                    advtrain::symmetric_kl(clean, noised);
+  const auto loss =
+      cross_entropy(clean, y) + advtrain::symmetric_kl(clean, noised);
   const auto expected = torch::autograd::grad({loss}, {W})[0];
   CHECK(max_abs_diff(got, expected) < 1e-12);
   // The noised pass's gradient would reach the table without the detach.
@@ -289,10 +288,11 @@ TEST_CASE(
   advtrain::VAT vat0(m2->embedding, advtrain::VATOptions().weight(0.0));
   torch::optim::SGD opt2(m2->parameters(), torch::optim::SGDOptions(kLr));
   torch::optim::SGD opt3(m3->parameters(), torch::optim::SGDOptions(kLr));
-  advtrain::Trainer(opt2, vat0).step(
-      [&] { return m2->forward(x); },
-      [&](const torch::Tensor& out) { return cross_entropy(out, y); },
-      [&] { return m2->forward(u); });
+  advtrain::Trainer(opt2, vat0)
+      .step(
+          [&] { return m2->forward(x); },
+          [&](const torch::Tensor& out) { return cross_entropy(out, y); },
+          [&] { return m2->forward(u); });
   cross_entropy(m3->forward(x), y).backward();
   opt3.step();
   CHECK(max_diff_all(m2->parameters(), m3->parameters()) < 1e-15);
@@ -349,7 +349,8 @@ TEST_CASE("Regularizers refuse what they cannot do", "[vat][r3f][errors]") {
           advtrain::VATOptions().power_iterations(-1)),
       Contains("Invalid power_iterations: -1"));
   CHECK_THROWS_WITH(
-      advtrain::R3F(*model, "embedding.weight", advtrain::R3FOptions().sigma(0)),
+      advtrain::R3F(
+          *model, "embedding.weight", advtrain::R3FOptions().sigma(0)),
       Contains("R3F: Invalid sigma: 0"));
 }
 
@@ -399,8 +400,8 @@ TEST_CASE("LLR step on the table equals the plain computation", "[llr]") {
   const auto gs = torch::autograd::grad({loss}, {W, A, b}, {}, true);
   // ∇_W ℓ is in the graph: without it the update would differ.
   const auto lin_fixed = (d * gx.detach()).sum();
-  const auto fixed = l0 + lambda * (l_star - l0 - lin_fixed).abs() +
-      mu * lin_fixed.abs();
+  const auto fixed =
+      l0 + lambda * (l_star - l0 - lin_fixed).abs() + mu * lin_fixed.abs();
   const auto gs_fixed = torch::autograd::grad({fixed}, {W, A, b});
   CHECK(max_abs_diff(gs[1], gs_fixed[1]) > 1e-6);
   CHECK(r.regularizer == Approx(gamma_star.item<double>()).epsilon(1e-12));
@@ -439,7 +440,7 @@ TEST_CASE(
   const auto m = mask_of(x);
   auto d = torch::empty({x.size(0), x.size(1), kHidden}, torch::kDouble)
                .uniform_(-eps, eps) *
-      m;
+           m;
   auto per_example_norm = [&](const torch::Tensor& t) {
     return t.reshape({x.size(0), -1}).norm(2, 1).view({-1, 1, 1});
   };
@@ -490,8 +491,7 @@ TEST_CASE(
   advtrain::SMART a(*with, "embedding.weight", smart(mu));
   advtrain::SMART b(*without, "embedding.weight", smart(0.0));
   torch::optim::SGD opt_a(with->parameters(), torch::optim::SGDOptions(kLr));
-  torch::optim::SGD opt_b(
-      without->parameters(), torch::optim::SGDOptions(kLr));
+  torch::optim::SGD opt_b(without->parameters(), torch::optim::SGDOptions(kLr));
   advtrain::Trainer ta(opt_a, a), tb(opt_b, b);
   const auto forward_a = [&] { return with->forward(x); };
   const auto forward_b = [&] { return without->forward(x); };

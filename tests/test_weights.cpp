@@ -23,8 +23,7 @@ torch::Tensor awp_move(
     const torch::Tensor& t0,
     double alpha,
     double eps) {
-  const auto moved =
-      t + alpha * g / (g.norm() + 1e-6) * (t.norm() + 1e-6);
+  const auto moved = t + alpha * g / (g.norm() + 1e-6) * (t.norm() + 1e-6);
   const auto box = eps * t0.abs();
   return torch::min(torch::max(moved, t0 - box), t0 + box);
 }
@@ -71,10 +70,9 @@ TEST_CASE("AWP step equals the plain computation", "[awp]") {
   CHECK(r.loss == Approx(plain_loss(p0, x, y).item<double>()));
   CHECK(r.adv_loss == Approx(plain_loss(p2, x, y).item<double>()));
   CHECK(
-      r.perturbation_norm ==
-      Approx(std::sqrt(
-          (p2.W - p0.W).pow(2).sum().item<double>() +
-          (p2.A - p0.A).pow(2).sum().item<double>())));
+      r.perturbation_norm == Approx(std::sqrt(
+                                 (p2.W - p0.W).pow(2).sum().item<double>() +
+                                 (p2.A - p0.A).pow(2).sum().item<double>())));
   CHECK_FALSE(awp.is_perturbed());
 }
 
@@ -95,7 +93,7 @@ TEST_CASE(
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
   auto loss = [&] { return cross_entropy(model->forward(x), y); };
   loss().backward(); // clean
-  fgm.attack(); // δ along the clean gradient
+  fgm.attack();      // δ along the clean gradient
   loss().backward(); // + the adversarial gradient
   fgm.restore();
   awp.attack(); // fc.weight along the summed gradient
@@ -119,7 +117,8 @@ TEST_CASE(
     return t.clone().requires_grad_();
   };
   auto W = leaves(W0), A = leaves(A0), b = leaves(b0);
-  auto d0 = leaves(torch::zeros({x.size(0), x.size(1), kHidden}, torch::kDouble));
+  auto d0 =
+      leaves(torch::zeros({x.size(0), x.size(1), kHidden}, torch::kDouble));
   const auto gc = torch::autograd::grad({plain(W, A, b, d0)}, {W, A, b, d0});
   // FGM per example: δ_i = ε·g_i/‖g_i‖ over the real tokens.
   const auto gd = gc[3] * m;

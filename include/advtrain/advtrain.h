@@ -7,9 +7,9 @@
 #include <advtrain/divergence.h>
 #include <advtrain/fgm.h>
 #include <advtrain/fgsm.h>
-#include <advtrain/llr.h>
 #include <advtrain/freeat.h>
 #include <advtrain/freelb.h>
+#include <advtrain/llr.h>
 #include <advtrain/norm.h>
 #include <advtrain/parameters.h>
 #include <advtrain/perturbed_embedding.h>

@@ -167,7 +167,7 @@ class Attacker {
       r = run_step(ctx);
     } catch (...) {
       try {
-        restore(); // while the step's δ is still known
+        restore();    // while the step's δ is still known
       } catch (...) { // NOLINT: the step's own exception is the one to report
       }
       throw;
@@ -295,9 +295,7 @@ class Attacker {
       std::unique_ptr<Target> target,
       const NamedParameters& module,
       const char* kind)
-      : target_(std::move(target)),
-        kind_(kind),
-        watched_(module.tensors()) {}
+      : target_(std::move(target)), kind_(kind), watched_(module.tensors()) {}
 
   /// The rule: moves tensor `i` (`w`, its data, or the rows of it that
   /// moved) along its gradient `g`; `geo` says where norms are taken (on a

@@ -46,12 +46,12 @@ inline void check_options(const LLROptions& o, const Attacker& /*target*/) {
 /// `γ(δ) = |ℓ(x + δ) − ℓ(x) − δᵀ∇ₓℓ(x)|`. One step: a clean pass gives ℓ(x)
 /// and `∇ₓℓ(x)` (by `torch::autograd::grad` with `create_graph`, so the
 /// parameters get the gradient of the terms that use it); δ starts at
-/// `U(−ε, ε)` (masked per example), projected into the `Norm` ball, and takes `steps`
-/// projected ascent steps of size α along ∇_δ γ; then
-/// `loss = ℓ(x) + weight · γ(δ*) + grad_weight · |δ*ᵀ∇ₓℓ(x)|`, one backward,
-/// one optimizer step. x is the target: each example's embedded tokens, or
-/// the table. As SMART, the clean graph stays alive while the target is
-/// perturbed (untracked writes; restored before the backward).
+/// `U(−ε, ε)` (masked per example), projected into the `Norm` ball, and takes
+/// `steps` projected ascent steps of size α along ∇_δ γ; then `loss = ℓ(x) +
+/// weight · γ(δ*) + grad_weight · |δ*ᵀ∇ₓℓ(x)|`, one backward, one optimizer
+/// step. x is the target: each example's embedded tokens, or the table. As
+/// SMART, the clean graph stays alive while the target is perturbed (untracked
+/// writes; restored before the backward).
 template <typename Norm>
 class BasicLLR : public Strategy<LLROptions> {
  public:
@@ -99,13 +99,9 @@ class BasicLLR : public Strategy<LLROptions> {
       for (size_t i = 0; i < n; ++i) { // the random start, δ from the origin
         const Geometry geo = target().geometry(i);
         const double eps = options_.epsilon();
-        torch::Tensor d =
-            detail::masked(torch::empty_like(origin(i)).uniform_(-eps, eps), geo);
-        if (geo.per_example()) {
-          Norm::project_examples(d, eps);
-        } else {
-          Norm::project(d, eps);
-        }
+        torch::Tensor d = detail::masked(
+            torch::empty_like(origin(i)).uniform_(-eps, eps), geo);
+        Norm::project(d, eps, geo);
         torch::Tensor w = data(i);
         at::add_out(w, origin(i), d);
       }
@@ -116,8 +112,8 @@ class BasicLLR : public Strategy<LLROptions> {
     const auto gamma = [&](const torch::Tensor& adv, bool search) {
       torch::Tensor linear = torch::zeros({}, clean.options());
       for (size_t i = 0; i < n; ++i) {
-        const torch::Tensor d = search ? targets()[i] - origin(i)
-                                       : (data(i) - origin(i)).detach();
+        const torch::Tensor d =
+            search ? targets()[i] - origin(i) : (data(i) - origin(i)).detach();
         const torch::Tensor gx = search ? grad_x[i].detach() : grad_x[i];
         linear = linear + (d * gx).sum();
       }
@@ -152,7 +148,7 @@ class BasicLLR : public Strategy<LLROptions> {
     r.regularizer = terms.first.template item<double>();
     r.perturbation_norm = target().norm();
     const torch::Tensor loss = clean + options_.weight() * terms.first +
-        options_.grad_weight() * terms.second;
+                               options_.grad_weight() * terms.second;
     restore();
     loss.backward();
     ctx.step_optimizer();

@@ -1,6 +1,6 @@
 // Norm policies (`L2`, `LInf`, `LInfScaled`): each one's step, projection
-// and random start, on a whole tensor and per example; norms in float32 for
-// half-precision tensors.
+// and random start, in the `Geometry` a target gives (a whole tensor, or per
+// example with its mask); norms in float32 for half-precision tensors.
 #pragma once
 
 #include <torch/torch.h>
@@ -48,163 +48,6 @@ inline std::pair<torch::Tensor, torch::Tensor> masked_finite(
 
 } // namespace detail
 
-/// What a norm policy's `project` did.
-struct Projection {
-  /// ‖δ‖₂ after the projection.
-  double norm = 0.0;
-  /// Whether δ may have changed (false when it was inside the ball).
-  bool changed = false;
-};
-
-/// Norm policy: L2 (Frobenius over the whole tensor). The steepest-ascent step
-/// of size `alpha` is `alpha * g / ‖g‖`; projection rescales onto the ball.
-struct L2 {
-  static constexpr const char* name = "L2";
-
-  /// Adds `alpha * g / gnorm` to `w` in place, `gnorm` = ‖g‖ (positive and
-  /// finite: callers check it). Returns the step's norm, `alpha`.
-  static double step(
-      torch::Tensor& w, const torch::Tensor& g, double alpha, double gnorm) {
-    w.add_(g, alpha / gnorm);
-    return alpha;
-  }
-
-  /// Per example i (first dimension): `w_i += alpha * g_i / max(‖g_i‖,
-  /// floor)`, `g` masked first; examples with a non-finite ‖g_i‖ do not move.
-  /// The floor is FreeLB's 1e-8 (its fairseq YOPO uses 1e-10).
-  static void step_examples(
-      torch::Tensor& w,
-      const torch::Tensor& g,
-      double alpha,
-      const torch::Tensor& mask,
-      double floor = 1e-8) {
-    const auto gn = detail::masked_finite(g, mask);
-    w.add_((gn.first * (alpha / gn.second.clamp_min(floor))).to(w.dtype()));
-  }
-
-  /// FreeLB's L2 random start of a per-example δ ([B, L, H], zero):
-  /// `U(-1, 1) * mask * mag / sqrt(L_i * H)`, L_i the example's unpadded
-  /// length (`mask` is [B, L, 1]).
-  static void random_start(
-      torch::Tensor& d, const torch::Tensor& mask, double mag) {
-    d.uniform_(-1, 1);
-    const auto dims = mask.sum({1, 2}, /*keepdim=*/true) * d.size(-1);
-    d.mul_(mask * mag / dims.clamp_min(1).sqrt());
-  }
-
-  /// Per example: rescales the examples with ‖delta_i‖ > eps onto eps.
-  static void project_examples(torch::Tensor& delta, double eps) {
-    const auto n = detail::example_norms(delta);
-    delta.mul_((eps / n.clamp_min(eps)).to(delta.dtype()));
-  }
-
-  /// Projects `delta` in place onto ‖delta‖ ≤ eps (`eps * delta / ‖delta‖`
-  /// when it lies outside).
-  static Projection project(torch::Tensor& delta, double eps) {
-    const double n = detail::l2_norm(delta);
-    if (n > eps) {
-      delta.mul_(eps / n);
-      return {eps, true};
-    }
-    return {n, false};
-  }
-};
-
-/// Norm policy: L∞ (element-wise). The steepest-ascent step of size `alpha`
-/// is `alpha * sign(g)`; projection clamps each element to [-eps, eps].
-struct LInf {
-  static constexpr const char* name = "LInf";
-
-  /// Adds `alpha * sign(g)` to `w` in place (`gnorm` = ‖g‖ is positive and
-  /// finite: callers check it). Returns the step's L2 norm.
-  static double step(
-      torch::Tensor& w,
-      const torch::Tensor& g,
-      double alpha,
-      double /*gnorm*/) {
-    w.add_(g.sign(), alpha);
-    return alpha * std::sqrt(g.count_nonzero().item<double>());
-  }
-
-  /// Per example: `w_i += alpha * sign(g_i)` over the unmasked positions;
-  /// examples with a non-finite ‖g_i‖ do not move.
-  static void step_examples(
-      torch::Tensor& w,
-      const torch::Tensor& g,
-      double alpha,
-      const torch::Tensor& mask) {
-    w.add_(detail::masked_finite(g, mask).first.sign(), alpha);
-  }
-
-  /// Element-wise clamp, as `project`.
-  static void project_examples(torch::Tensor& delta, double eps) {
-    project(delta, eps);
-  }
-
-  /// The L∞ random start of a per-example δ: `U(-mag, mag) * mask`.
-  static void random_start(
-      torch::Tensor& d, const torch::Tensor& mask, double mag) {
-    d.uniform_(-mag, mag);
-    d.mul_(mask);
-  }
-
-  /// Clamps `delta` in place to [-eps, eps].
-  static Projection project(torch::Tensor& delta, double eps) {
-    if (delta.scalar_type() == torch::kHalf && delta.device().is_cpu()) {
-      // LibTorch has no float16 clamp kernel on CPU.
-      delta.copy_(delta.to(torch::kFloat).clamp_(-eps, eps));
-    } else {
-      delta.clamp_(-eps, eps);
-    }
-    return {detail::l2_norm(delta), true};
-  }
-};
-
-/// Norm policy: the L∞ ball with steps scaled by the gradient's largest
-/// entry, `alpha * g / max(‖g‖∞, 1e-8)` (per example on embedding outputs),
-/// and the element-wise clamp to [-eps, eps] of `LInf`: the official FreeLB's
-/// `norm_type == "linf"` (zhuchen03/FreeLB,
-/// huggingface-transformers/examples/run_glue_freelb.py). `LInf` steps along
-/// sign(g) instead.
-struct LInfScaled {
-  static constexpr const char* name = "LInfScaled";
-
-  /// Adds `alpha * g / ‖g‖∞` to `w` in place (‖g‖ = gnorm is positive and
-  /// finite, so ‖g‖∞ is too). Returns the step's L2 norm.
-  static double step(
-      torch::Tensor& w, const torch::Tensor& g, double alpha, double gnorm) {
-    const double top =
-        std::max(g.abs().max().to(torch::kDouble).item<double>(), 1e-8);
-    w.add_(g, alpha / top);
-    return alpha * gnorm / top;
-  }
-
-  /// Per example: `w_i += alpha * g_i / max(‖g_i‖∞, 1e-8)`, `g` masked
-  /// first; examples with a non-finite ‖g_i‖ do not move.
-  static void step_examples(
-      torch::Tensor& w,
-      const torch::Tensor& g,
-      double alpha,
-      const torch::Tensor& mask) {
-    const torch::Tensor gm = detail::masked_finite(g, mask).first;
-    std::vector<int64_t> shape(gm.dim(), 1);
-    shape[0] = gm.size(0);
-    const auto top = gm.abs().reshape({gm.size(0), -1}).amax(1).view(shape);
-    w.add_((gm * (alpha / top.clamp_min(1e-8))).to(w.dtype()));
-  }
-
-  static void project_examples(torch::Tensor& delta, double eps) {
-    LInf::project(delta, eps);
-  }
-  static Projection project(torch::Tensor& delta, double eps) {
-    return LInf::project(delta, eps);
-  }
-  static void random_start(
-      torch::Tensor& d, const torch::Tensor& mask, double mag) {
-    LInf::random_start(d, mask, mag);
-  }
-};
-
 /// Where a perturbation's norms are taken, as its target lays it out: per
 /// example over all dimensions but the first, masked positions left out
 /// (`mask`, broadcast against δ: the activation target; zero and non-finite
@@ -219,6 +62,155 @@ struct Geometry {
   }
 };
 
+/// What a norm policy's `project` did.
+struct Projection {
+  /// ‖δ‖₂ after the projection (per example not measured: 0).
+  double norm = 0.0;
+  /// Whether δ may have changed (false when it was inside the ball).
+  bool changed = false;
+};
+
+/// Norm policy: L2 (Frobenius over the whole tensor). The steepest-ascent step
+/// of size `alpha` is `alpha * g / ‖g‖`; projection rescales onto the ball.
+struct L2 {
+  static constexpr const char* name = "L2";
+
+  /// Adds the step `alpha * g / ‖g‖` to `w` in place. On a whole tensor
+  /// ‖g‖ is `geo.gnorm` (positive and finite: callers check it) and the
+  /// step's norm, `alpha`, is returned. Per example i (first dimension):
+  /// `w_i += alpha * g_i / max(‖g_i‖, floor)`, `g` masked first, examples
+  /// with a non-finite ‖g_i‖ left in place, norms on the device (returns
+  /// 0). The floor is FreeLB's 1e-8 (its fairseq YOPO uses 1e-10).
+  static double step(
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      double alpha,
+      const Geometry& geo,
+      double floor = 1e-8) {
+    if (!geo.per_example()) {
+      w.add_(g, alpha / geo.gnorm);
+      return alpha;
+    }
+    const auto gn = detail::masked_finite(g, geo.mask);
+    w.add_((gn.first * (alpha / gn.second.clamp_min(floor))).to(w.dtype()));
+    return 0.0;
+  }
+
+  /// FreeLB's L2 random start of a per-example δ ([B, L, H], zero):
+  /// `U(-1, 1) * mask * mag / sqrt(L_i * H)`, L_i the example's unpadded
+  /// length (`mask` is [B, L, 1]).
+  static void random_start(
+      torch::Tensor& d, const torch::Tensor& mask, double mag) {
+    d.uniform_(-1, 1);
+    const auto dims = mask.sum({1, 2}, /*keepdim=*/true) * d.size(-1);
+    d.mul_(mask * mag / dims.clamp_min(1).sqrt());
+  }
+
+  /// Projects `delta` in place onto ‖delta‖ ≤ eps (`eps * delta / ‖delta‖`
+  /// when it lies outside). Per example: each example with ‖delta_i‖ > eps
+  /// is rescaled onto eps, on the device (`norm` is not measured: 0).
+  static Projection project(
+      torch::Tensor& delta, double eps, const Geometry& geo = {}) {
+    if (geo.per_example()) {
+      const auto n = detail::example_norms(delta);
+      delta.mul_((eps / n.clamp_min(eps)).to(delta.dtype()));
+      return {0.0, true};
+    }
+    const double n = detail::l2_norm(delta);
+    if (n > eps) {
+      delta.mul_(eps / n);
+      return {eps, true};
+    }
+    return {n, false};
+  }
+};
+
+/// Norm policy: L∞ (element-wise). The steepest-ascent step of size `alpha`
+/// is `alpha * sign(g)`; projection clamps each element to [-eps, eps].
+struct LInf {
+  static constexpr const char* name = "LInf";
+
+  /// Adds `alpha * sign(g)` to `w` in place. On a whole tensor (‖g‖ =
+  /// `geo.gnorm` positive and finite: callers check it) returns the step's
+  /// L2 norm. Per example: over the unmasked positions, examples with a
+  /// non-finite ‖g_i‖ left in place (returns 0).
+  static double step(
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      double alpha,
+      const Geometry& geo) {
+    if (geo.per_example()) {
+      w.add_(detail::masked_finite(g, geo.mask).first.sign(), alpha);
+      return 0.0;
+    }
+    w.add_(g.sign(), alpha);
+    return alpha * std::sqrt(g.count_nonzero().item<double>());
+  }
+
+  /// The L∞ random start of a per-example δ: `U(-mag, mag) * mask`.
+  static void random_start(
+      torch::Tensor& d, const torch::Tensor& mask, double mag) {
+    d.uniform_(-mag, mag);
+    d.mul_(mask);
+  }
+
+  /// Clamps `delta` in place to [-eps, eps], element-wise (the same per
+  /// example; there `norm` is not measured: 0).
+  static Projection project(
+      torch::Tensor& delta, double eps, const Geometry& geo = {}) {
+    if (delta.scalar_type() == torch::kHalf && delta.device().is_cpu()) {
+      // LibTorch has no float16 clamp kernel on CPU.
+      delta.copy_(delta.to(torch::kFloat).clamp_(-eps, eps));
+    } else {
+      delta.clamp_(-eps, eps);
+    }
+    return {geo.per_example() ? 0.0 : detail::l2_norm(delta), true};
+  }
+};
+
+/// Norm policy: the L∞ ball with steps scaled by the gradient's largest
+/// entry, `alpha * g / max(‖g‖∞, 1e-8)` (per example on embedding outputs),
+/// and the element-wise clamp to [-eps, eps] of `LInf`: the official FreeLB's
+/// `norm_type == "linf"` (zhuchen03/FreeLB,
+/// huggingface-transformers/examples/run_glue_freelb.py). `LInf` steps along
+/// sign(g) instead.
+struct LInfScaled {
+  static constexpr const char* name = "LInfScaled";
+
+  /// Adds `alpha * g / max(‖g‖∞, 1e-8)` to `w` in place. On a whole tensor
+  /// (‖g‖ = `geo.gnorm` positive and finite, so ‖g‖∞ is too) returns the
+  /// step's L2 norm. Per example: ‖g_i‖∞ per example, `g` masked first,
+  /// examples with a non-finite ‖g_i‖ left in place (returns 0).
+  static double step(
+      torch::Tensor& w,
+      const torch::Tensor& g,
+      double alpha,
+      const Geometry& geo) {
+    if (!geo.per_example()) {
+      const double top =
+          std::max(g.abs().max().to(torch::kDouble).item<double>(), 1e-8);
+      w.add_(g, alpha / top);
+      return alpha * geo.gnorm / top;
+    }
+    const torch::Tensor gm = detail::masked_finite(g, geo.mask).first;
+    std::vector<int64_t> shape(gm.dim(), 1);
+    shape[0] = gm.size(0);
+    const auto top = gm.abs().reshape({gm.size(0), -1}).amax(1).view(shape);
+    w.add_((gm * (alpha / top.clamp_min(1e-8))).to(w.dtype()));
+    return 0.0;
+  }
+
+  /// `LInf`'s clamp.
+  static Projection project(
+      torch::Tensor& delta, double eps, const Geometry& geo = {}) {
+    return LInf::project(delta, eps, geo);
+  }
+  static void random_start(
+      torch::Tensor& d, const torch::Tensor& mask, double mag) {
+    LInf::random_start(d, mask, mag);
+  }
+};
+
 namespace detail {
 
 /// One step of `Norm` of size alpha along g from the origin (δ = 0 before:
@@ -229,11 +221,8 @@ double first_step(
     const torch::Tensor& g,
     double alpha,
     const Geometry& geo) {
-  if (geo.per_example()) {
-    Norm::step_examples(w, g, alpha, geo.mask);
-    return l2_norm(w);
-  }
-  return Norm::step(w, g, alpha, geo.gnorm);
+  const double n = Norm::step(w, g, alpha, geo);
+  return geo.per_example() ? l2_norm(w) : n;
 }
 
 /// A step of `Norm` of size alpha along g, then δ = w − origin back into
@@ -247,14 +236,13 @@ double projected_step(
     double eps,
     const torch::Tensor& origin,
     const Geometry& geo) {
+  Norm::step(w, g, alpha, geo);
   if (geo.per_example()) {
-    Norm::step_examples(w, g, alpha, geo.mask);
     if (eps > 0) {
-      Norm::project_examples(w, eps);
+      Norm::project(w, eps, geo);
     }
     return l2_norm(w);
   }
-  Norm::step(w, g, alpha, geo.gnorm);
   torch::Tensor delta = w - origin;
   if (eps <= 0) {
     return l2_norm(delta);
@@ -275,13 +263,8 @@ void step_and_project(
     double alpha,
     double eps,
     const Geometry& geo) {
-  if (geo.per_example()) {
-    Norm::step_examples(d, g, alpha, geo.mask);
-    Norm::project_examples(d, eps);
-    return;
-  }
-  Norm::step(d, g, alpha, geo.gnorm);
-  Norm::project(d, eps);
+  Norm::step(d, g, alpha, geo);
+  Norm::project(d, eps, geo);
 }
 
 /// Writes the perturbation `d` onto its target `w`: `origin + d` on a whole

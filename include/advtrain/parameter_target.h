@@ -107,9 +107,9 @@ class ParameterTarget : public Target {
     torch::NoGradGuard no_grad;
     double sq = 0.0;
     for (size_t i = 0; i < tensors_.size(); ++i) {
-      const torch::Tensor now = rows_[i].defined()
-          ? tensors_[i].detach().index_select(0, rows_[i])
-          : tensors_[i].detach();
+      const torch::Tensor now =
+          rows_[i].defined() ? tensors_[i].detach().index_select(0, rows_[i])
+                             : tensors_[i].detach();
       const double n = detail::l2_norm(now - backup_[i]);
       sq += n * n;
     }
@@ -117,8 +117,7 @@ class ParameterTarget : public Target {
   }
 
   void set_start(Start start, bool random) override {
-    TORCH_CHECK(
-        !random, "advtrain: a parameter target has no random start");
+    TORCH_CHECK(!random, "advtrain: a parameter target has no random start");
     start_ = std::move(start);
   }
   void end_step() override {
@@ -190,12 +189,13 @@ class ParameterTarget : public Target {
   /// Backs up the rows of `rows` not backed up yet; returns all backed-up
   /// rows of tensor i (the rows `backup_[i]` holds, in its order).
   const torch::Tensor& add_rows(size_t i, const torch::Tensor& rows) {
-    torch::Tensor extra = rows_[i].numel() == 0
-        ? rows
-        : rows.masked_select(torch::isin(rows, rows_[i]).logical_not());
+    torch::Tensor extra =
+        rows_[i].numel() == 0
+            ? rows
+            : rows.masked_select(torch::isin(rows, rows_[i]).logical_not());
     if (extra.numel() > 0) {
-      backup_[i] = torch::cat(
-          {backup_[i], tensors_[i].detach().index_select(0, extra)});
+      backup_[i] =
+          torch::cat({backup_[i], tensors_[i].detach().index_select(0, extra)});
       rows_[i] = torch::cat({rows_[i], extra});
     }
     return rows_[i];
@@ -245,9 +245,9 @@ class ParameterTarget : public Target {
       const auto& p = item.second;
       for (size_t i = 0; i < tensors_.size(); ++i) {
         const auto& t = tensors_[i];
-        const bool shared = p.is_same(t) ||
-            (p.has_storage() && t.has_storage() &&
-             p.storage().is_alias_of(t.storage()));
+        const bool shared =
+            p.is_same(t) || (p.has_storage() && t.has_storage() &&
+                             p.storage().is_alias_of(t.storage()));
         if (shared && item.first != names_[i]) {
           TORCH_WARN(
               "advtrain: ",

@@ -155,8 +155,8 @@ class Regularizer : public Strategy<Options> {
         torch::Tensor w = this->data(i);
         const torch::Tensor g =
             grads[i].defined() ? grads[i] : torch::zeros_like(w);
-        const double moved = this->perturb(
-            i, w, g, this->target().geometry(i), this->origin(i));
+        const double moved =
+            this->perturb(i, w, g, this->target().geometry(i), this->origin(i));
         sq += moved * moved;
       }
       norm = std::sqrt(sq);

@@ -144,9 +144,7 @@ class SMART : public Regularizer<SMARTOptions> {
 
   /// The proximal term, at the teacher (none when off).
   torch::Tensor extra_term(
-      StepContext& ctx,
-      const torch::Tensor& labeled,
-      StepResult& r) override {
+      StepContext& ctx, const torch::Tensor& labeled, StepResult& r) override {
     if (options_.proximal_weight() == 0) {
       return {};
     }
@@ -221,8 +219,8 @@ class SMART : public Regularizer<SMARTOptions> {
   void load_state(torch::serialize::InputArchive& archive) override {
     std::vector<torch::Tensor> loaded;
     torch::Tensor t;
-    while (archive.try_read(
-        "smart.teacher." + std::to_string(loaded.size()), t)) {
+    while (
+        archive.try_read("smart.teacher." + std::to_string(loaded.size()), t)) {
       loaded.push_back(t);
       t = torch::Tensor();
     }

@@ -87,7 +87,8 @@ class Trainer {
   /// count goes down with each `step` or `accumulate`. A resumed run sets
   /// what is left of it.
   Trainer& warmup_steps(int64_t n) {
-    TORCH_CHECK(n >= 0, "advtrain: Invalid warmup_steps: ", n, " (must be >= 0)");
+    TORCH_CHECK(
+        n >= 0, "advtrain: Invalid warmup_steps: ", n, " (must be >= 0)");
     warmup_left_ = n;
     return *this;
   }

@@ -96,8 +96,8 @@ class YOPO : public Strategy<YOPOOptions> {
       const torch::Tensor& g,
       const Geometry& geo,
       const torch::Tensor& /*origin*/) override {
-    L2::step_examples(w, g, options_.alpha(), geo.mask, /*floor=*/1e-10);
-    L2::project_examples(w, options_.epsilon());
+    L2::step(w, g, options_.alpha(), geo, /*floor=*/1e-10);
+    L2::project(w, options_.epsilon(), geo);
     return detail::l2_norm(w);
   }
 
