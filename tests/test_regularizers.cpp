@@ -9,6 +9,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -334,6 +335,8 @@ TEST_CASE("Regularizers refuse what they cannot do", "[vat][r3f][errors]") {
             [&](const torch::Tensor& out) { return out.pow(2).mean(); }),
         Contains("R3F") && Contains("regression"));
     CHECK_FALSE(r3f.is_perturbed());
+    CHECK_THROWS_WITH(r3f.attack(), Contains("no attack()")); // no gradient
+    CHECK_FALSE(r3f.is_perturbed());
     cross_entropy(model->forward(x), y).backward();
     CHECK_THROWS_WITH(r3f.attack(), Contains("no attack()"));
     CHECK_FALSE(r3f.is_perturbed());
@@ -547,4 +550,102 @@ TEST_CASE(
             a.teacher()[k],
             (1 - beta) * params[k].detach() + beta * teacher1[k]) < 1e-15);
   }
+}
+
+TEST_CASE(
+    "An unlabeled batch of the same shape brings its own mask",
+    "[vat][unlabeled]") {
+  auto model = make_act();
+  const auto x = padded_ids(), y = batch_labels();
+  // Same shape as x, padded elsewhere.
+  const auto u = torch::tensor(
+      {{5, 0, 0, 0, 0}, {2, 6, 1, 0, 0}, {4, 4, 3, 2, 1}}, torch::kLong);
+  const double eps = 1.2, xi = 0.3;
+  const auto W = model->embedding->weight.detach().clone();
+  const auto fc_w = model->fc->weight.detach().clone();
+  const auto fc_b = model->fc->bias.detach().clone();
+  advtrain::VAT vat(
+      model->embedding,
+      advtrain::VATOptions().epsilon(eps).xi(xi).power_iterations(1));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, vat);
+  torch::manual_seed(9);
+  const auto r = trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) { return cross_entropy(out, y); },
+      [&] { return model->forward(u); });
+
+  // Written out on u with u's mask: the probe's norm counts u's real tokens.
+  torch::manual_seed(9);
+  const auto m = mask_of(u);
+  auto scale = [](const torch::Tensor& v, double n) {
+    const auto flat = v.reshape({v.size(0), -1});
+    const auto a = std::get<0>(flat.abs().max(1)).view({-1, 1, 1}) + 1e-12;
+    const auto sq =
+        (v / a).pow(2).reshape({v.size(0), -1}).sum(1).view({-1, 1, 1});
+    return n * v / (a * (sq + 1e-6).sqrt());
+  };
+  auto head = [&](const torch::Tensor& e) {
+    return torch::nn::functional::linear(
+        (e * m).sum(1) / m.sum(1).clamp_min(1), fc_w, fc_b);
+  };
+  const auto e = torch::nn::functional::embedding(
+      u, W, torch::nn::functional::EmbeddingFuncOptions().padding_idx(0));
+  const auto q = head(e).detach();
+  auto d = scale(torch::randn({3, 5, kHidden}, torch::kDouble) * m, xi)
+               .requires_grad_();
+  const auto g = torch::autograd::grad({advtrain::kl(q, head(e + d))}, {d})[0];
+  const auto reg = advtrain::kl(q, head(e + scale(g, eps)));
+  CHECK(r.regularizer == Approx(reg.item<double>()).epsilon(1e-12));
+}
+
+TEST_CASE(
+    "SMART's teacher pass throwing leaves parameters and teacher as they were",
+    "[smart][proximal]") {
+  auto model = make_model();
+  const auto x = batch_ids(), y = batch_labels();
+  advtrain::SMART smart(
+      *model,
+      "embedding.weight",
+      advtrain::SMARTOptions().noise_var(1e-2).proximal_weight(0.5));
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, smart);
+  int calls = 0, throw_at = -1;
+  const auto forward = [&] {
+    if (++calls == throw_at) {
+      throw std::runtime_error("teacher pass");
+    }
+    return model->forward(x);
+  };
+  const auto loss = [&](const torch::Tensor& out) {
+    return cross_entropy(out, y);
+  };
+  trainer.step(forward, loss); // the teacher now differs from θ
+  const auto before = clone_all(model->parameters());
+  const auto grads = clone_all(grads_of(model->parameters()));
+  const auto teacher = clone_all(smart.teacher());
+  calls = 0;
+  throw_at = 4; // clean, ascent, final, teacher
+  CHECK_THROWS_WITH(trainer.step(forward, loss), Contains("teacher pass"));
+  CHECK(equal_all(model->parameters(), before));
+  CHECK(equal_all(smart.teacher(), teacher));
+  CHECK_FALSE(smart.is_perturbed());
+  CHECK(equal_all(grads_of(model->parameters()), grads));
+}
+
+TEST_CASE("VAT's own-loop attack() takes the step to epsilon", "[vat]") {
+  auto model = make_model();
+  const auto x = batch_ids(), y = batch_labels();
+  const auto W = model->embedding->weight.detach().clone();
+  advtrain::VAT vat(
+      *model, "embedding.weight", advtrain::VATOptions().epsilon(0.4));
+  cross_entropy(model->forward(x), y).backward();
+  const auto g = model->embedding->weight.grad().clone();
+  vat.attack();
+  const auto moved = model->embedding->weight.detach() - W;
+  const auto a = g.abs().max() + 1e-12;
+  const auto expected = 0.4 * g / (a * ((g / a).pow(2).sum() + 1e-6).sqrt());
+  CHECK(max_abs_diff(moved, expected) < 1e-12);
+  vat.restore();
+  CHECK(bit_equal(model->embedding->weight.detach(), W));
 }

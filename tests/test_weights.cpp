@@ -147,3 +147,12 @@ TEST_CASE("AWP refuses invalid options", "[awp][errors]") {
   CHECK_THROWS_WITH(
       advtrain::AWP(*model, "no-such-name"), Contains("no-such-name"));
 }
+
+TEST_CASE("AWP skips frozen parameters, as the class does", "[awp]") {
+  auto model = make_model();
+  model->embedding->weight.requires_grad_(false);
+  advtrain::AWP awp(*model);
+  CHECK(awp.target_names() == std::vector<std::string>{"fc.weight"});
+  model->fc->weight.requires_grad_(false);
+  CHECK_THROWS_WITH(advtrain::AWP(*model), Contains("no parameter name"));
+}

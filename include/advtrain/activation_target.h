@@ -153,6 +153,10 @@ class ActivationTarget : public Target {
     }
   }
 
+  bool random_start() const noexcept override {
+    return true;
+  }
+
   /// Any shape: δ is refitted to each batch.
   torch::Tensor fit_saved(
       size_t /*i*/, torch::Tensor saved, const char* /*kind*/) const override {

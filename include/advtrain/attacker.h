@@ -57,6 +57,7 @@ class Attacker {
   /// overwritten while it is (that case warns: a `restore()` is missing), so
   /// `restore()` always returns to the values of before the first attack.
   void attack(bool is_first_attack) {
+    check_attack();
     target_->sync(kind_);
     const std::vector<torch::Tensor> grads = target_grads();
     torch::NoGradGuard no_grad;
@@ -338,6 +339,10 @@ class Attacker {
   virtual int64_t extra_bytes() const {
     return 0;
   }
+  /// Refuses `attack()` where the strategy has no move along a gradient
+  /// (R3F); called before anything is backed up.
+  virtual void check_attack() const {}
+
   /// Called when a `Trainer` step begins, before its first forward: set the
   /// step's start here (`target().set_start`).
   virtual void on_new_step() {}

@@ -49,11 +49,12 @@ inline void check_options(const AWPOptions& o, const Attacker& /*target*/) {
 /// `PerturbedEmbedding`, say): see the README.
 class AWP : public Strategy<AWPOptions> {
  public:
-  /// The parameters of `module` whose names contain `name_contains`.
+  /// The trainable parameters of `module` whose names contain
+  /// `name_contains` (frozen ones are skipped, as the class skips them).
   AWP(const NamedParameters& module,
       const std::string& name_contains = "weight",
       AWPOptions options = {})
-      : Strategy(module, name_contains, std::move(options)) {}
+      : Strategy(module.trainable(), name_contains, std::move(options)) {}
   /// `params`.
   explicit AWP(std::vector<torch::Tensor> params, AWPOptions options = {})
       : Strategy(std::move(params), std::move(options)) {}

@@ -43,13 +43,15 @@ inline void check_options(const FreeLBOptions& o, const Attacker& target) {
       o.epsilon(),
       ">= 0; 0 means unbounded");
   check_option(
-      o.init_mag() >= 0 && (target.per_example() || o.init_mag() == 0),
+      o.init_mag() >= 0 &&
+          (target.target().random_start() || o.init_mag() == 0),
       kind,
       "init_mag",
       o.init_mag(),
-      target.per_example() ? ">= 0"
-                           : "0 on a weight table, which starts from delta = "
-                             "0; init_mag applies to per-example targets");
+      target.target().random_start()
+          ? ">= 0"
+          : "0 on a weight table, which starts from delta = 0; init_mag "
+            "applies to per-example targets");
 }
 
 /// FreeLB under the norm policy `Norm`: K passes at `W + δ_t`, each backward

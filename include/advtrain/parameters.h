@@ -34,6 +34,16 @@ class NamedParameters {
       const noexcept {
     return items_;
   }
+  /// Those that require grad (a frozen layer is no target).
+  NamedParameters trainable() const {
+    NamedParameters out;
+    for (const auto& item : items_) {
+      if (item.second.requires_grad()) {
+        out.items_.push_back(item);
+      }
+    }
+    return out;
+  }
   /// Every parameter, in order.
   std::vector<torch::Tensor> tensors() const {
     std::vector<torch::Tensor> out;
@@ -44,6 +54,7 @@ class NamedParameters {
   }
 
  private:
+  NamedParameters() = default;
   std::vector<std::pair<std::string, torch::Tensor>> items_;
 };
 

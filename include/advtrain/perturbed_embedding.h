@@ -62,6 +62,11 @@ class Perturbation {
         delta_.mul_(m);
       }
       delta_.requires_grad_(true);
+    } else if (mask.defined()) {
+      // The same shape, another batch (a regularizer's unlabeled one): δ's
+      // geometry follows this lookup's mask.
+      torch::NoGradGuard no_grad;
+      mask_ = mask.to(e.scalar_type());
     }
     embedded_ = e.detach();
     if (lookup_hook_) {

@@ -72,17 +72,19 @@ class R3F : public Regularizer<R3FOptions> {
   int64_t search_steps() const override {
     return 0;
   }
+  void check_attack() const override {
+    TORCH_CHECK(
+        false,
+        "R3F: the noise is drawn, not found along a gradient, so there is no "
+        "attack(); train with Trainer::step");
+  }
   double perturb(
       size_t /*i*/,
       torch::Tensor& /*w*/,
       const torch::Tensor& /*g*/,
       const Geometry& /*geo*/,
       const torch::Tensor& /*origin*/) override {
-    TORCH_CHECK(
-        false,
-        "R3F: the noise is drawn, not found along a gradient, so there is no "
-        "attack(); train with Trainer::step");
-    return 0.0;
+    return 0.0; // never called: no search, no attack()
   }
   torch::Tensor search_objective(
       const torch::Tensor& /*adv*/,

@@ -120,19 +120,24 @@ class Regularizer : public Strategy<Options> {
         norm = std::sqrt(sq);
       }
     }
-    struct Detached { // the perturbed passes, however they end
-      Target& target;
-      explicit Detached(Target& t, bool on) : target(t) {
-        target.set_detached(on);
-      }
-      ~Detached() {
-        target.set_detached(false);
-      }
-    } detached{this->target(), detached_perturbed_passes()};
+    // A pass at the perturbation (detached from the table where the
+    // strategy says so, for that pass alone, however it ends).
+    const auto perturbed = [this, &forward] {
+      struct Detached {
+        Target& target;
+        Detached(Target& t, bool on) : target(t) {
+          target.set_detached(on);
+        }
+        ~Detached() {
+          target.set_detached(false);
+        }
+      } detached{this->target(), detached_perturbed_passes()};
+      return forward();
+    };
     bool finite = true;
     for (; search_step_ < search_steps() && finite; ++search_step_) {
       const torch::Tensor objective =
-          search_objective(forward(), clean.detach());
+          search_objective(perturbed(), clean.detach());
       const auto grads = torch::autograd::grad(
           {objective},
           this->targets(),
@@ -163,7 +168,7 @@ class Regularizer : public Strategy<Options> {
     }
     this->set_perturbation_norm(norm);
     if (finite) {
-      const torch::Tensor adv = forward();
+      const torch::Tensor adv = perturbed();
       const torch::Tensor reg = penalty(adv, clean);
       ++ctx.passes;
       r.regularizer = reg.item<double>();

@@ -196,7 +196,10 @@ class SMART : public Regularizer<SMARTOptions> {
       teacher_out = ctx.run_forward();
     }
     ++ctx.passes;
-    const torch::Tensor term = sym_kl(labeled, teacher_out);
+    const torch::Tensor term =
+        options_.regression()
+            ? detail::squared_error(labeled, teacher_out, /*reduce=*/true)
+            : sym_kl(labeled, teacher_out);
     r.proximal = term.item<double>();
     return options_.proximal_weight() * term;
   }

@@ -110,7 +110,13 @@ class Target {
     }
     torch::NoGradGuard no_grad;
     backup_.reserve(tensors_.size());
-    take_backup(rows_only);
+    try {
+      take_backup(rows_only);
+    } catch (...) { // e.g. out of memory: nothing is backed up, nothing held
+      backup_.clear();
+      restore(owner, false);
+      throw;
+    }
   }
 
   /// Puts the backed-up values back, bit for bit, and releases the claims
@@ -212,6 +218,12 @@ class Target {
   /// tensor and moved to its device and dtype where the shape is fixed.
   virtual torch::Tensor fit_saved(
       size_t i, torch::Tensor saved, const char* kind) const = 0;
+
+  /// Whether a step's start may draw random numbers (`set_start(start,
+  /// true)`): per example; a parameter starts from its own value.
+  virtual bool random_start() const noexcept {
+    return false;
+  }
 
   /// Per example: slot i's lookup output E (detached) of the last forward.
   virtual torch::Tensor embedded(size_t /*i*/) const {

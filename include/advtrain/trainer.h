@@ -112,11 +112,9 @@ class Trainer {
       const ForwardFunction& unlabeled = {}) {
     TORCH_CHECK(
         forward && loss_fn, "advtrain: Trainer::step needs two closures");
-    const std::vector<torch::Tensor> params =
-        attacker_.per_example() ? detail::optimizer_parameters(optimizer_)
-                                : detail::union_of(
-                                      detail::optimizer_parameters(optimizer_),
-                                      attacker_.targets());
+    // (A per-example target holds no tensors between steps.)
+    const std::vector<torch::Tensor> params = detail::union_of(
+        detail::optimizer_parameters(optimizer_), attacker_.targets());
     StepContext ctx(optimizer_, forward, loss_fn, params);
     ctx.accumulating = accumulating;
     ctx.unlabeled = unlabeled;

@@ -91,15 +91,16 @@ class VAT : public Regularizer<VATOptions> {
   }
 
   /// `d ← g`, scaled: to ξ for the next power iteration, to ε after the
-  /// last.
+  /// last (and in an own-loop `attack()`, which is one such last step).
   double perturb(
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
       const Geometry& geo,
       const torch::Tensor& origin) override {
-    const torch::Tensor d =
-        next(g, geo, search_step() + 1 == options_.power_iterations());
+    const bool last = running_step() == nullptr ||
+                      search_step() + 1 == options_.power_iterations();
+    const torch::Tensor d = next(g, geo, last);
     at::add_out(w, origin, d);
     return detail::l2_norm(d);
   }
