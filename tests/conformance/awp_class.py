@@ -151,16 +151,6 @@ def run(opts, seed, variant=None, attack=True):
     return init, after, stats
 
 
-def max_diff(a, b):
-    d = 0.0
-    for snap_a, snap_b in zip(a, b):
-        for k in snap_a:
-            ta = torch.tensor(snap_a[k], dtype=torch.float64)
-            tb = torch.tensor(snap_b[k], dtype=torch.float64)
-            d = max(d, (ta - tb).abs().max().item())
-    return d
-
-
 NOTE = ("The widely copied AWP class (Kaggle NLP): clean forward, CE (batch mean), backward; "
         "_save: every parameter with requires_grad, grad not None and options.name as a "
         "SUBSTRING of its name is backed up, box w0 -/+ epsilon*|w0| (elementwise); steps "
@@ -186,17 +176,17 @@ def main():
         init, after, stats = run(opts, seed)
         _, after_plain, _ = run(opts, seed, attack=False)
         _, after_acc, _ = run(opts, seed, variant="accumulate")
-        moved = max_diff([init] + after[:-1], after)
+        moved = common.max_diff([init] + after[:-1], after)
         pad = max(abs(v) for snap in after for v in snap["embedding.weight"][0])
         line = (f"{name}: selected {stats['selected']}; max param change per step "
-                f"{moved:.3e}; vs plain step {max_diff(after, after_plain):.3e}; "
-                f"clean+adv grads {max_diff(after, after_acc):.3e}; on a bound after "
+                f"{moved:.3e}; vs plain step {common.max_diff(after, after_plain):.3e}; "
+                f"clean+adv grads {common.max_diff(after, after_acc):.3e}; on a bound after "
                 f"attack steps {stats['on_bound']}/{stats['free']} (elements with "
                 f"|w0| > 0, summed over attack steps); padding-row grad "
                 f"{stats['pad_grad']:.1e}, padding row max |w| {pad:.1e}")
         if opts["steps"] >= 2:
             _, after_w0, _ = run(opts, seed, variant="norm2_w0")
-            line += f"; norm2 at w0: {max_diff(after, after_w0):.3e}"
+            line += f"; norm2 at w0: {common.max_diff(after, after_w0):.3e}"
         print(line)
         cases.append(common.case(
             name, "AWP", "parameters", opts, init, seed, [0, 1, 2], after,

@@ -112,6 +112,17 @@ def train(step, seed, classes=C, batches=3):
     return init, after
 
 
+def max_diff(a, b):
+    """Largest difference between two lists of snapshots, in float64."""
+    d = 0.0
+    for snap_a, snap_b in zip(a, b):
+        for k in snap_a:
+            ta = torch.tensor(snap_a[k], dtype=torch.float64)
+            tb = torch.tensor(snap_b[k], dtype=torch.float64)
+            d = max(d, (ta - tb).abs().max().item())
+    return d
+
+
 def snapshot(model):
     return {n: p.detach().tolist() for n, p in model.named_parameters()}
 

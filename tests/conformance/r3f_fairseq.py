@@ -134,16 +134,6 @@ def run(opts, seed, weight=None, noise_dtype=NOISE_DTYPE, noise_scale=1.0):
     return common.train(step, seed)
 
 
-def max_diff(a, b):
-    d = 0.0
-    for snap_a, snap_b in zip(a, b):
-        for k in snap_a:
-            ta = torch.tensor(snap_a[k], dtype=torch.float64)
-            tb = torch.tensor(snap_b[k], dtype=torch.float64)
-            d = max(d, (ta - tb).abs().max().item())
-    return d
-
-
 NOTE = ("fairseq R3F (sentence_prediction_r3f): E = embed_tokens(ids); clean pass on E; "
         "THEN noise drawn by torch.distributions (uniform: -sigma + rand_f32 * (2 sigma) "
         "computed in float32 as low + rand*(high-low); normal: torch.normal(0, sigma) in "
@@ -168,12 +158,12 @@ def main():
         _, after_z0 = run(opts, seed, noise_scale=0.0)
         _, after_f64 = run(opts, seed, noise_dtype=torch.float64)
         _, after_mix = run(opts, seed, noise_dtype="f32 draw, f64 arithmetic")
-        moved = max_diff([init] + after[:-1], after)
+        moved = common.max_diff([init] + after[:-1], after)
         print(f"{name}: max param change per step {moved:.3e}; "
-              f"weight 0 vs {opts['weight']}: {max_diff(after, after_w0):.3e}; "
-              f"noise zeroed (same draws): {max_diff(after, after_z0):.3e}; "
-              f"float64 noise draw: {max_diff(after, after_f64):.3e}; "
-              f"f32 draw, f64 arithmetic: {max_diff(after, after_mix):.3e}")
+              f"weight 0 vs {opts['weight']}: {common.max_diff(after, after_w0):.3e}; "
+              f"noise zeroed (same draws): {common.max_diff(after, after_z0):.3e}; "
+              f"float64 noise draw: {common.max_diff(after, after_f64):.3e}; "
+              f"f32 draw, f64 arithmetic: {common.max_diff(after, after_mix):.3e}")
         cases.append(common.case(
             name, "R3F", "examples", opts, init, seed, [0, 1, 2], after,
             share_dropout_mask=False, note=NOTE))

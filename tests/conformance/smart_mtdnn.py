@@ -140,15 +140,6 @@ def run(opts, seed, ascent_reduce=False):
     return init, after, classes
 
 
-def max_diff(a, b):
-    d = 0.0
-    for snap_a, snap_b in zip(a, b):
-        for k in snap_a:
-            ta, tb = torch.tensor(snap_a[k]), torch.tensor(snap_b[k])
-            d = max(d, (ta - tb).abs().max().item())
-    return d
-
-
 NOTE = ("mt-dnn SMART: noise ~ N(0,1)*noise_var of shape [B,L,H], unmasked; "
         "K ascent steps on stable_kl(adv, clean.detach(), reduce=False) (sum over the "
         "batch; MSE with reduction='sum' for regression); noise = (noise + alpha*grad) / "
@@ -176,9 +167,9 @@ def main():
     for name, opts, seed in CASES:
         init, after, classes = run(opts, seed)
         _, after_mean, _ = run(opts, seed, ascent_reduce=True)
-        moved = max_diff([init] + after[:-1], after)
+        moved = common.max_diff([init] + after[:-1], after)
         print(f"{name}: max param change per step {moved:.3e}; "
-              f"sum-vs-mean ascent difference {max_diff(after, after_mean):.3e}")
+              f"sum-vs-mean ascent difference {common.max_diff(after, after_mean):.3e}")
         cases.append(common.case(
             name, "SMART", "examples", opts, init, seed, [0, 1, 2], after,
             share_dropout_mask=False, classes=classes,

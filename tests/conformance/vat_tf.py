@@ -149,16 +149,6 @@ def run(opts, seed, separate_clean_pass=SEPARATE_CLEAN_PASS, mask_at_draw=False,
     return common.train(step, seed)
 
 
-def max_diff(a, b):
-    d = 0.0
-    for snap_a, snap_b in zip(a, b):
-        for k in snap_a:
-            ta = torch.tensor(snap_a[k], dtype=torch.float64)
-            tb = torch.tensor(snap_b[k], dtype=torch.float64)
-            d = max(d, (ta - tb).abs().max().item())
-    return d
-
-
 NOTE = ("tensorflow/models adversarial_text VAT: task pass -> CE (batch mean); a separate "
         "clean pass gives q's logits (stop-gradient; graphs.py's VAT clean pass, here on "
         "the same batch); d ~ N(0,1) [B,L,H] float64; power_iterations times: d = "
@@ -196,14 +186,14 @@ def main():
         init, after = run(opts, seed, separate_clean_pass=opts["unlabeled"])
         _, after_w0 = run(opts, seed, weight=0.0)
         _, after_reuse = run(opts, seed, separate_clean_pass=False)
-        moved = max_diff([init] + after[:-1], after)
+        moved = common.max_diff([init] + after[:-1], after)
         line = (f"{name}: max param change per step {moved:.3e}; "
-                f"weight 0 vs {opts['weight']}: {max_diff(after, after_w0):.3e}")
+                f"weight 0 vs {opts['weight']}: {common.max_diff(after, after_w0):.3e}")
         if opts["unlabeled"]:
-            line += f"; reuse task logits for q: {max_diff(after, after_reuse):.3e}"
+            line += f"; reuse task logits for q: {common.max_diff(after, after_reuse):.3e}"
         if opts["power_iterations"] == 0:
             _, after_masked = run(opts, seed, mask_at_draw=True)
-            line += f"; mask the draw: {max_diff(after, after_masked):.3e}"
+            line += f"; mask the draw: {common.max_diff(after, after_masked):.3e}"
         print(line)
         cases.append(common.case(
             name, "VAT", "examples", opts, init, seed, [0, 1, 2], after,
