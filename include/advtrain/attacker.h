@@ -115,7 +115,7 @@ class Attacker {
     if (is_perturbed()) {
       peak_bytes_ = std::max(peak_bytes_, held_bytes());
     }
-    target_->restore(this, untracked_writes());
+    target_->restore(this);
   }
 
   /// Saves a copy of the `.grad` of every watched parameter (those whose grad
@@ -353,7 +353,8 @@ class Attacker {
   }
   /// Backs the target up unless it already is.
   void backup() {
-    target_->backup(this, kind_, moves_gradient_rows_only());
+    target_->backup(
+        this, kind_, moves_gradient_rows_only(), untracked_writes());
   }
   /// Tensor `i` to write into (see `untracked_writes`).
   torch::Tensor data(size_t i) const {

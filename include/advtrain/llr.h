@@ -57,15 +57,6 @@ class BasicLLR : public Strategy<LLROptions> {
  public:
   using Strategy::Strategy;
 
-  /// Restores the target if it is still perturbed, without bumping its
-  /// autograd version (here, where `untracked_writes()` still holds).
-  ~BasicLLR() override {
-    try {
-      restore();
-    } catch (...) { // NOLINT: a destructor does not throw
-    }
-  }
-
  protected:
   bool untracked_writes() const override {
     return true;

@@ -25,14 +25,25 @@ inline double l2_norm(const torch::Tensor& t) {
       .item<double>();
 }
 
+/// `t` ([B, ...]) as rows [B, n], one per example, to reduce with `dim` 1.
+inline torch::Tensor example_rows(const torch::Tensor& t) {
+  return t.reshape({t.size(0), -1});
+}
+
+/// One value per example, [B], shaped [B, 1, ...] to broadcast against
+/// `like`.
+inline torch::Tensor per_example(
+    const torch::Tensor& values, const torch::Tensor& like) {
+  std::vector<int64_t> shape(like.dim(), 1);
+  shape[0] = like.size(0);
+  return values.view(shape);
+}
+
 /// Per-example L2 norms of `t` ([B, ...]) over all but the first dimension,
 /// in float32 (float64 stays float64), shaped [B, 1, ...] to broadcast.
 inline torch::Tensor example_norms(const torch::Tensor& t) {
-  std::vector<int64_t> shape(t.dim(), 1);
-  shape[0] = t.size(0);
-  return at::linalg_vector_norm(
-             t.reshape({t.size(0), -1}), 2, {1}, false, norm_dtype(t))
-      .view(shape);
+  return per_example(
+      at::linalg_vector_norm(example_rows(t), 2, {1}, false, norm_dtype(t)), t);
 }
 
 /// `g * mask`, with the examples whose norm is not finite set to zero; also
@@ -193,9 +204,8 @@ struct LInfScaled {
       return alpha * geo.gnorm / top;
     }
     const torch::Tensor gm = detail::masked_finite(g, geo.mask).first;
-    std::vector<int64_t> shape(gm.dim(), 1);
-    shape[0] = gm.size(0);
-    const auto top = gm.abs().reshape({gm.size(0), -1}).amax(1).view(shape);
+    const auto top =
+        detail::per_example(detail::example_rows(gm.abs()).amax(1), gm);
     w.add_((gm * (alpha / top.clamp_min(1e-8))).to(w.dtype()));
     return 0.0;
   }

@@ -126,7 +126,7 @@ class ParameterTarget : public Target {
   }
   /// Backs the tensors up and writes origin + start on each.
   void restart(const void* owner, const char* kind) override {
-    backup(owner, kind, /*rows_only=*/false);
+    backup(owner, kind, /*rows_only=*/false, /*untracked=*/false);
     if (!start_) {
       return;
     }

@@ -34,15 +34,6 @@ class Regularizer : public Strategy<Options> {
  public:
   using Strategy<Options>::Strategy;
 
-  /// Restores the target if it is still perturbed, without bumping its
-  /// autograd version (here, where `untracked_writes()` still holds).
-  ~Regularizer() override {
-    try {
-      this->restore();
-    } catch (...) { // NOLINT: a destructor does not throw
-    }
-  }
-
   /// The penalty needs no label, so the step may take it on an unlabeled
   /// batch.
   bool label_free() const override {
@@ -112,12 +103,7 @@ class Regularizer : public Strategy<Options> {
       torch::NoGradGuard no_grad;
       start();
       if (search_steps() == 0) { // the start is the perturbation
-        double sq = 0.0;
-        for (size_t i = 0; i < n; ++i) {
-          const double d = detail::l2_norm(this->data(i) - this->origin(i));
-          sq += d * d;
-        }
-        norm = std::sqrt(sq);
+        norm = this->target().norm();
       }
     }
     // A pass at the perturbation (detached from the table where the

@@ -154,13 +154,7 @@ class SMART : public Regularizer<SMARTOptions> {
         teacher_.push_back(p.detach().clone());
       }
     }
-    TORCH_CHECK(
-        teacher_.size() == params.size(),
-        "SMART: the proximal teacher holds ",
-        teacher_.size(),
-        " tensors, the optimizer ",
-        params.size(),
-        " parameters");
+    check_teacher(params);
     torch::Tensor teacher_out;
     {
       torch::NoGradGuard no_grad;
@@ -196,10 +190,7 @@ class SMART : public Regularizer<SMARTOptions> {
       teacher_out = ctx.run_forward();
     }
     ++ctx.passes;
-    const torch::Tensor term =
-        options_.regression()
-            ? detail::squared_error(labeled, teacher_out, /*reduce=*/true)
-            : sym_kl(labeled, teacher_out);
+    const torch::Tensor term = penalty(labeled, teacher_out); // symmetric
     r.proximal = term.item<double>();
     return options_.proximal_weight() * term;
   }
@@ -244,12 +235,7 @@ class SMART : public Regularizer<SMARTOptions> {
     if (teacher_.empty()) {
       return; // no proximal step yet
     }
-    TORCH_CHECK(
-        teacher_.size() == params.size(),
-        "SMART: the proximal teacher holds ",
-        teacher_.size(),
-        " tensors, not ",
-        params.size());
+    check_teacher(params);
     torch::NoGradGuard no_grad;
     const double beta = options_.proximal_beta();
     for (size_t k = 0; k < params.size(); ++k) {
@@ -259,6 +245,17 @@ class SMART : public Regularizer<SMARTOptions> {
 
  private:
   std::vector<torch::Tensor> teacher_;
+
+  /// The teacher has one tensor per optimizer parameter.
+  void check_teacher(const std::vector<torch::Tensor>& params) const {
+    TORCH_CHECK(
+        teacher_.size() == params.size(),
+        "SMART: the proximal teacher holds ",
+        teacher_.size(),
+        " tensors, the optimizer ",
+        params.size(),
+        " parameters");
+  }
 
   /// Divides each row (last dimension) by its max-abs value + norm_eps.
   void normalize(torch::Tensor& delta) const {

@@ -87,11 +87,15 @@ class Target {
   /// Backs the tensors up unless they already are, claiming them for
   /// `owner` (refused when another attacker holds one). `rows_only`: the
   /// rule moves only rows with a gradient, so rows are backed up as they
-  /// first move (where the target has rows).
-  void backup(const void* owner, const char* kind, bool rows_only) {
+  /// first move (where the target has rows). `untracked`: the
+  /// perturbation is written without bumping the autograd version (see
+  /// `data`), and so is the restore.
+  void backup(
+      const void* owner, const char* kind, bool rows_only, bool untracked) {
     if (is_perturbed()) {
       return;
     }
+    untracked_ = untracked;
     sync(kind);
     const auto other =
         detail::PerturbedTensors::instance().try_claim(tensors_, owner, kind);
@@ -114,14 +118,15 @@ class Target {
       take_backup(rows_only);
     } catch (...) { // e.g. out of memory: nothing is backed up, nothing held
       backup_.clear();
-      restore(owner, false);
+      restore(owner);
       throw;
     }
   }
 
-  /// Puts the backed-up values back, bit for bit, and releases the claims
-  /// of `owner`; a no-op when nothing is backed up.
-  void restore(const void* owner, bool untracked) {
+  /// Puts the backed-up values back, bit for bit (written as the backup
+  /// said: tracked or not), and releases the claims of `owner`; a no-op when
+  /// nothing is backed up.
+  void restore(const void* owner) {
     if (!claimed_.empty()) { // also after a backup() that failed half-way
       detail::PerturbedTensors::instance().release(claimed_, owner);
       claimed_.clear();
@@ -130,7 +135,7 @@ class Target {
       return;
     }
     torch::NoGradGuard no_grad;
-    put_back(untracked);
+    put_back(untracked_);
     backup_.clear();
   }
 
@@ -250,6 +255,7 @@ class Target {
 
  private:
   std::vector<const void*> claimed_; // registered in PerturbedTensors
+  bool untracked_ = false;           // how the perturbation is written
   StepContext* step_ = nullptr;
 };
 

@@ -56,10 +56,8 @@ inline torch::Tensor scale_l2(
     const auto a = x.abs().max() + 1e-12;
     return n * (x / (a * ((x / a).pow(2).sum() + 1e-6).sqrt()));
   }
-  std::vector<int64_t> shape(x.dim(), 1);
-  shape[0] = x.size(0);
-  const auto a = x.abs().reshape({x.size(0), -1}).amax(1).view(shape) + 1e-12;
-  const auto sq = (x / a).pow(2).reshape({x.size(0), -1}).sum(1).view(shape);
+  const auto a = per_example(example_rows(x.abs()).amax(1), x) + 1e-12;
+  const auto sq = per_example(example_rows((x / a).pow(2)).sum(1), x);
   return n * (x / (a * (sq + 1e-6).sqrt()));
 }
 
