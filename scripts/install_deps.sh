@@ -6,7 +6,7 @@ sudo=""
 [ "$(id -u)" -eq 0 ] || sudo=sudo
 packages=(cmake g++ make ninja-build libtorch-dev catch2 libfmt-dev
   libopenblas0-pthread libgloo-dev nlohmann-json3-dev libcli11-dev
-  gnuplot-nox clang-format)
+  gnuplot-nox clang-format wordnet-base wordnet-dev)
 command -v npm >/dev/null || packages+=(npm)
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq

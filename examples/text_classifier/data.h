@@ -1,21 +1,27 @@
 #pragma once
 
 // The data the model sees: the data set read, tokenized and split (`Data`,
-// `load`), and batches of token ids (`Batch`, `encode`). Reading the files
-// is dataset.h's and email.h's work.
+// `load`), with the pretrained vectors and WordNet synonyms of its words when
+// asked for, and batches of token ids (`Batch`, `encode`). Reading the files
+// is dataset.h's, email.h's and glove.h's work.
 
 #include "config.h"
 #include "dataset.h"
 #include "email.h"
+#include "glove.h"
+#include "wordnet.h"
 
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cctype>
 #include <filesystem>
 #include <memory>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace example {
@@ -59,6 +65,11 @@ struct Data {
   std::unique_ptr<Vocabulary> vocab;
   int64_t classes = 0;
   size_t repeats = 0; // repeated texts dropped
+  /// --embeddings glove: the pretrained vector of each token id that has one
+  /// (the table's other rows start random).
+  std::unordered_map<int64_t, std::vector<float>> pretrained;
+  int64_t pretrained_dim = 0;
+  size_t synonyms_added = 0; // vocabulary words that came in as synonyms
 
   /// Sentences `idx` as a batch.
   Batch batch(const std::vector<size_t>& idx, int64_t max_len) const {
@@ -77,8 +88,53 @@ inline std::vector<std::string> default_files(const std::string& dataset) {
       "data/sentiment/yelp.json"};
 }
 
+/// Adds to `d`'s vocabulary every word of its texts, and every WordNet
+/// synonym of those words, that has a vector in the file at `path`, and keeps
+/// the vectors of the vocabulary's words: substitutes of an attack are then
+/// real words with real vectors rather than the unknown token.
+inline void add_pretrained(Data& d, const std::string& path) {
+  WordNet wordnet;
+  std::vector<std::string> order; // words in the order they are met
+  std::unordered_set<std::string> wanted;
+  auto want = [&](const std::string& w) {
+    if (wanted.insert(w).second) {
+      order.push_back(w);
+    }
+  };
+  for (const auto& tokens : d.tokens) {
+    for (const auto& t : tokens) {
+      want(t);
+    }
+  }
+  const size_t text_words = order.size();
+  for (size_t i = 0; i < text_words; ++i) {
+    const auto& w = order[i];
+    if (is_stop_word(w) || w.size() > 24 ||
+        std::any_of(w.begin(), w.end(), [](char ch) {
+          return std::isdigit(static_cast<unsigned char>(ch));
+        })) {
+      continue; // no synonyms in WordNet; e-mails have many such tokens
+    }
+    for (const auto& s : wordnet.synonyms(order[i])) {
+      want(s);
+    }
+  }
+  const auto vectors = read_word_vectors(path, wanted);
+  d.pretrained_dim = vectors.dimensions;
+  for (size_t i = 0; i < order.size(); ++i) {
+    const auto it = vectors.vectors.find(order[i]);
+    if (it == vectors.vectors.end()) {
+      continue;
+    }
+    const bool is_new = !d.vocab->contains(order[i]);
+    d.pretrained.emplace(d.vocab->add(order[i]), it->second);
+    d.synonyms_added += is_new && i >= text_words ? 1 : 0;
+  }
+}
+
 /// Reads, splits and tokenizes the data set `c` names, and builds the
-/// vocabulary of its training split.
+/// vocabulary of its training split (with --embeddings glove, extended by
+/// add_pretrained).
 inline Data load(const Config& c) {
   Data d;
   for (const auto& f : c.files.empty() ? default_files(c.dataset) : c.files) {
@@ -117,11 +173,17 @@ inline Data load(const Config& c) {
     d.test.resize(
         std::min<size_t>(d.test.size(), std::max<size_t>(4, c.limit / 4)));
   }
+  if (c.test_sample > 0 && static_cast<size_t>(c.test_sample) < d.test.size()) {
+    d.test.resize(static_cast<size_t>(c.test_sample)); // the split's order
+  }
   std::vector<std::vector<std::string>> train_tokens;
   for (const auto i : d.train) {
     train_tokens.push_back(d.tokens[i]);
   }
   d.vocab = std::make_unique<Vocabulary>(train_tokens, c.min_count);
+  if (c.embeddings == "glove") {
+    add_pretrained(d, c.glove);
+  }
   return d;
 }
 

@@ -128,6 +128,13 @@ class Vocabulary {
   int64_t size() const {
     return static_cast<int64_t>(ids_.size()) + 2;
   }
+  /// Adds `token` if it is new; returns its id.
+  int64_t add(const std::string& token) {
+    return ids_.emplace(token, size()).first->second;
+  }
+  bool contains(const std::string& token) const {
+    return ids_.count(token) > 0;
+  }
   int64_t id(const std::string& token) const {
     const auto it = ids_.find(token);
     return it == ids_.end() ? kUnknown : it->second;

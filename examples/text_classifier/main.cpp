@@ -1,21 +1,27 @@
 // Trains a small text classifier with one adversarial-training method of
 // advtrain and reports clean test accuracy and test accuracy under a PGD
 // attack on the embedded sentences (the same attack for every method), at
-// several radii.
+// several radii, and under PWWS, a word-substitution attack with WordNet's
+// synonyms.
 //
 //   text_classifier --method fgm --epochs 8
 //   text_classifier --data my.json --method pgd --steps 3 --epsilon 0.5
 //   text_classifier --dataset spamassassin --method all --csv results.csv
 //   text_classifier --method freelb --world-size 2   # two processes
+//   text_classifier --model lstm --embeddings glove --pwws-sample -1
 //
 // The program is one translation unit; its parts are headers, one room each:
 //   config.h    the Config and the command line
 //   dataset.h   labelled sentences from JSON, tokenizer, vocabulary, split
 //   email.h     e-mails to text (the SpamAssassin corpus)
 //   data.h      the data set loaded and split, and batches of token ids
-//   model.h     the classifier
+//   glove.h     pretrained word vectors (wink-embeddings JSON)
+//   wordnet.h   WordNet synonyms and stop words
+//   model.h     the classifier: bag of words, LSTM or transformer
 //   methods.h   the table of adversarial-training methods
 //   evaluate.h  accuracy and accuracy under the PGD attack
+//   pwws.h      the PWWS attack on any classifier of token strings
+//   robustness.h  PWWS on the trained model, accuracy against the budget
 //   report.h    the printed lines and the CSV rows
 //   workers.h   data-parallel training over several processes
 //   train.h     the training loop
@@ -31,6 +37,7 @@
 #include <torch/torch.h>
 
 #include <exception>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -58,9 +65,13 @@ int run(int argc, char** argv) {
   if (c.method == "all") {
     methods = method_names();
   }
+  const auto tuned = c.tuned.empty() ? std::map<std::string, std::string>{}
+                                     : read_tuned(c.tuned, c.dataset);
   std::vector<Outcome> outcomes;
   for (const auto& m : methods) {
-    outcomes.push_back(train(m, c, d, group));
+    const auto row = tuned.find(m);
+    outcomes.push_back(train(
+        m, row == tuned.end() ? c : with_options(c, row->second), d, group));
   }
 
   if (!c.reports()) {

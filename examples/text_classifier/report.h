@@ -7,12 +7,14 @@
 #include "config.h"
 #include "data.h"
 #include "evaluate.h"
+#include "robustness.h"
 
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <stdexcept>
@@ -35,6 +37,7 @@ struct Outcome {
   int64_t epochs = 0;
   double seconds = 0, passes_per_step = 0; // over all epochs
   Evaluation scores;
+  PWWSScores pwws; // texts == 0: not run
 };
 
 inline void print_data(const Config& c, const Data& d) {
@@ -49,6 +52,16 @@ inline void print_data(const Config& c, const Data& d) {
       d.test.size(),
       c.split_name(),
       d.vocab->size());
+  if (c.embeddings == "glove") {
+    fmt::print(
+        "embeddings: {}-d pretrained vectors for {} of {} words ({} added as "
+        "WordNet synonyms){}\n",
+        d.pretrained_dim,
+        d.pretrained.size(),
+        d.vocab->size(),
+        d.synonyms_added,
+        c.freeze_embeddings ? ", frozen" : "");
+  }
 }
 
 /// The line before a method's epochs.
@@ -83,6 +96,7 @@ inline void print_epoch(
       static_cast<double>(s.passes) / s.batches,
       100 * test_accuracy,
       s.seconds);
+  std::fflush(stdout); // progress, also when the output goes to a file
 }
 
 /// The two "result:" lines of a method's run.
@@ -106,24 +120,51 @@ inline void print_results(const Outcome& o, const Config& c) {
       o.method,
       c.split_name(),
       fmt::join(curve, "  "));
+  if (o.pwws.texts > 0) {
+    std::vector<std::string> budget;
+    for (size_t i = 0; i < c.pwws_budgets.size(); ++i) {
+      budget.push_back(fmt::format(
+          "{:g}: {:.1f}%", c.pwws_budgets[i], 100 * o.pwws.at_budget[i]));
+    }
+    fmt::print(
+        "result: method {}  PWWS (WordNet, budget {:g} of the words) on {} "
+        "{} texts: clean {:.1f}%  under attack {:.1f}%  success {:.1f}%  "
+        "words changed {:.1f}%  queries/text {:.0f}\n",
+        o.method,
+        c.pwws_budget,
+        o.pwws.texts,
+        c.split_name(),
+        100 * o.pwws.clean,
+        100 * o.pwws.accuracy,
+        100 * o.pwws.success,
+        100 * o.pwws.changed,
+        o.pwws.queries);
+    fmt::print(
+        "result: method {}  PWWS accuracy by budget  {}\n",
+        o.method,
+        fmt::join(budget, "  "));
+  }
+  std::fflush(stdout);
 }
 
 /// The table of several methods' runs.
 inline void print_summary(
     const std::vector<Outcome>& outcomes, const Config& c) {
   fmt::print(
-      "\n{:<8} {:>10} {:>14} {:>12} {:>10}\n",
+      "\n{:<8} {:>10} {:>14} {:>14} {:>12} {:>10}\n",
       "method",
       "clean acc",
       "acc under PGD",
+      "acc under PWWS",
       "passes/step",
       "train s");
   for (const auto& o : outcomes) {
     fmt::print(
-        "{:<8} {:>9.1f}% {:>13.1f}% {:>12.1f} {:>10.2f}\n",
+        "{:<8} {:>9.1f}% {:>13.1f}% {:>14} {:>12.1f} {:>10.2f}\n",
         o.method,
         100 * o.scores.clean,
         100 * o.scores.robust,
+        o.pwws.texts > 0 ? fmt::format("{:.1f}%", 100 * o.pwws.accuracy) : "-",
         o.passes_per_step,
         o.seconds);
   }
@@ -150,7 +191,12 @@ inline void write_csv(
     for (const double eps : c.eval_epsilons) {
       out << ",acc_eps_" << eps;
     }
-    out << ",epoch_seconds,passes_per_step\n";
+    out << ",epoch_seconds,passes_per_step,pwws_texts,pwws_clean_acc,pwws_acc,"
+           "pwws_success,pwws_changed,pwws_queries";
+    for (const double b : c.pwws_budgets) {
+      out << ",pwws_acc_budget_" << b;
+    }
+    out << ",model,embeddings\n";
   }
   for (const auto& o : outcomes) {
     out << c.dataset << ',' << c.split_name() << ',' << o.method << ','
@@ -161,7 +207,22 @@ inline void write_csv(
     }
     out << ','
         << fmt::format("{:.3f}", o.seconds / std::max<int64_t>(1, o.epochs))
-        << ',' << fmt::format("{:.2f}", o.passes_per_step) << '\n';
+        << ',' << fmt::format("{:.2f}", o.passes_per_step) << ','
+        << o.pwws.texts
+        << fmt::format(
+               ",{:.4f},{:.4f},{:.4f},{:.4f},{:.1f}",
+               o.pwws.clean,
+               o.pwws.accuracy,
+               o.pwws.success,
+               o.pwws.changed,
+               o.pwws.queries);
+    for (size_t k = 0; k < c.pwws_budgets.size(); ++k) {
+      out << ','
+          << fmt::format(
+                 "{:.4f}",
+                 k < o.pwws.at_budget.size() ? o.pwws.at_budget[k] : 0.0);
+    }
+    out << ',' << c.model << ',' << c.embeddings << '\n';
   }
   if (!out) {
     throw std::runtime_error("cannot write '" + path + "'");

@@ -139,25 +139,8 @@ expected=$((2 * $(echo $seeds | wc -w) * $(echo $methods | wc -w)))
 }
 
 # Mean and sample standard deviation over the seeds of every number column.
-awk -F, '
-  NR == 1 { n = split($0, head, ","); next }
-  { key = $1 "," $3 "," $4 "," $5  # data set, method, target, "options"
-    if (!(key in count)) order[++keys] = key
-    count[key]++
-    for (i = 7; i <= n; i++) { sum[key, i] += $i; sq[key, i] += $i * $i } }
-  END {
-    printf "dataset,method,target,options,seeds"
-    for (i = 7; i <= n; i++) printf ",%s_mean,%s_std", head[i], head[i]
-    printf "\n"
-    for (k = 1; k <= keys; k++) {
-      key = order[k]; c = count[key]; printf "%s,%d", key, c
-      for (i = 7; i <= n; i++) {
-        m = sum[key, i] / c
-        v = c > 1 ? (sq[key, i] - c * m * m) / (c - 1) : 0
-        printf ",%.6g,%.6g", m, (v > 0 ? sqrt(v) : 0)
-      }
-      printf "\n"
-    } }' "$out/results.csv" >"$out/summary.csv"
+awk -v key=dataset,method,target,options -v from=epochs \
+  -f "$here/mean_std.awk" "$out/results.csv" >"$out/summary.csv"
 
 # Markdown tables and the plot's data, one per data set.
 epsilons=$(head -1 "$out/results.csv" | tr ',' '\n' | sed -n 's/^acc_eps_//p' |

@@ -25,6 +25,26 @@
 
 namespace example {
 
+/// Sets the embedding rows of the words with pretrained vectors to them and
+/// draws the other rows (padding aside) from N(0, s^2), s the pretrained
+/// entries' standard deviation, so that all rows share one scale.
+inline void load_pretrained(Classifier& model, const Data& d, bool freeze) {
+  torch::NoGradGuard no_grad;
+  auto& w = model->embedding->weight;
+  const int64_t dim = w.size(1);
+  auto rows = torch::empty({static_cast<int64_t>(d.pretrained.size()), dim});
+  auto ids = torch::empty({rows.size(0)}, torch::kLong);
+  int64_t k = 0;
+  for (const auto& [id, v] : d.pretrained) {
+    rows[k] = torch::from_blob(const_cast<float*>(v.data()), {dim}).clone();
+    ids[k++] = id;
+  }
+  w.normal_(0.0, rows.std().item<double>());
+  w[Vocabulary::kPad].zero_();
+  w.index_copy_(0, ids, rows.to(w.dtype()));
+  w.requires_grad_(!freeze);
+}
+
 /// Trains a fresh model (initialized from the seed) with `method`. With
 /// several workers each trains on its share of every batch. Only a process
 /// that reports (Config::reports) evaluates the model and prints.
@@ -34,7 +54,19 @@ inline Outcome train(
     const Data& d,
     const Group& group) {
   torch::manual_seed(c.seed);
-  Classifier model(d.vocab->size(), c.dim, d.classes, c.dropout);
+  const int64_t dim = d.pretrained.empty() ? c.dim : d.pretrained_dim;
+  Classifier model(
+      d.vocab->size(),
+      dim,
+      d.classes,
+      c.dropout,
+      encoder_of(c.model),
+      std::max<int64_t>(c.max_len, 1));
+  if (!d.pretrained.empty()) {
+    load_pretrained(model, d, c.freeze_embeddings);
+  } else if (c.freeze_embeddings) {
+    model->embedding->weight.requires_grad_(false);
+  }
   torch::optim::Adam optimizer(
       model->parameters(), torch::optim::AdamOptions(c.lr));
   torch::Tensor current_ids; // the batch in training, for YOPO's first layer
@@ -132,6 +164,7 @@ inline Outcome train(
       static_cast<double>(all_passes) / std::max<int64_t>(1, all_batches);
   if (c.reports()) {
     o.scores = evaluate(model, test, c);
+    o.pwws = evaluate_pwws(model, d, c);
     print_results(o, c);
   }
   return o;

@@ -1,0 +1,144 @@
+#pragma once
+
+// Accuracy under word substitution: the PWWS attack (pwws.h) with WordNet's
+// synonyms (wordnet.h) on a trained model, over a fixed sample of the test
+// split, with accuracy against the budget of changed words.
+
+#include "config.h"
+#include "data.h"
+#include "model.h"
+#include "pwws.h"
+#include "wordnet.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace example {
+
+/// PWWS's scores on the attacked sample.
+struct PWWSScores {
+  int64_t texts = 0;   // the sample's size (0: no attack ran)
+  double clean = 0;    // accuracy on the sample
+  double accuracy = 0; // accuracy under the attack at --pwws-budget
+  double success = 0;  // share of the correctly classified texts flipped
+  double changed = 0;  // mean share of words changed in a successful attack
+  double queries = 0;  // mean model queries per attacked text
+  std::vector<double> at_budget; // accuracy at each of --pwws-budgets
+};
+
+/// The model as PWWS sees it: texts (token strings) to class probabilities,
+/// in eval mode, in batches of `chunk` texts.
+inline pwws::Classifier probabilities_of(
+    Classifier& model, const Vocabulary& vocab, int64_t chunk = 256) {
+  return [&model, &vocab, chunk](const std::vector<pwws::Text>& texts) {
+    torch::NoGradGuard no_grad;
+    model->eval();
+    std::vector<std::vector<double>> out;
+    for (size_t s = 0; s < texts.size(); s += static_cast<size_t>(chunk)) {
+      const size_t e = std::min(texts.size(), s + static_cast<size_t>(chunk));
+      size_t len = 1;
+      for (size_t i = s; i < e; ++i) {
+        len = std::max(len, texts[i].size());
+      }
+      auto ids = torch::zeros(
+          {static_cast<int64_t>(e - s), static_cast<int64_t>(len)},
+          torch::kLong);
+      auto a = ids.accessor<int64_t, 2>();
+      for (size_t i = s; i < e; ++i) {
+        for (size_t j = 0; j < texts[i].size(); ++j) {
+          a[static_cast<int64_t>(i - s)][static_cast<int64_t>(j)] =
+              vocab.id(texts[i][j]);
+        }
+      }
+      const auto p = torch::softmax(model->forward(ids), 1)
+                         .to(torch::kDouble)
+                         .contiguous();
+      const auto pa = p.accessor<double, 2>();
+      for (int64_t i = 0; i < p.size(0); ++i) {
+        out.emplace_back(pa[i].data(), pa[i].data() + p.size(1));
+      }
+    }
+    return out;
+  };
+}
+
+/// The texts PWWS attacks: the first --pwws-sample texts of the test split
+/// (all with -1), each cut to the words the model reads.
+inline std::vector<size_t> pwws_sample(const Data& d, const Config& c) {
+  std::vector<size_t> idx = d.test;
+  if (c.pwws_sample >= 0 && static_cast<size_t>(c.pwws_sample) < idx.size()) {
+    idx.resize(static_cast<size_t>(c.pwws_sample));
+  }
+  return idx;
+}
+
+/// Runs PWWS on the sample: substitutes are WordNet synonyms the vocabulary
+/// holds (others would read as the unknown token), stop words stay.
+inline PWWSScores evaluate_pwws(
+    Classifier& model, const Data& d, const Config& c) {
+  PWWSScores s;
+  if (c.pwws_sample == 0) {
+    return s;
+  }
+  static WordNet wordnet;
+  const Vocabulary& vocab = *d.vocab;
+  const auto classify = probabilities_of(model, vocab);
+  auto synonyms = [&vocab](const std::string& w) {
+    std::vector<std::string> in_vocab;
+    for (const auto& x : wordnet.synonyms(w)) {
+      if (vocab.contains(x)) {
+        in_vocab.push_back(x);
+      }
+    }
+    return in_vocab;
+  };
+  auto replaceable = [](const std::string& w) { return !is_stop_word(w); };
+  pwws::Options o;
+  o.budget = c.pwws_budget;
+  o.follow_to = c.pwws_budget;
+  for (const double b : c.pwws_budgets) {
+    o.follow_to = std::max(o.follow_to, b);
+  }
+  s.at_budget.assign(c.pwws_budgets.size(), 0.0);
+  int64_t correct = 0, flipped = 0, attacked_queries = 0;
+  double changed_share = 0;
+  for (const auto i : pwws_sample(d, c)) {
+    const auto& t = d.tokens[i];
+    const pwws::Text text(
+        t.begin(), t.begin() + std::min<int64_t>(c.max_len, t.size()));
+    const auto r = pwws::attack(
+        text, d.sentences[i].label, classify, synonyms, replaceable, o);
+    ++s.texts;
+    if (!r.correct) {
+      continue;
+    }
+    ++correct;
+    attacked_queries += r.queries;
+    if (r.success) {
+      ++flipped;
+      changed_share += static_cast<double>(r.changed) / r.words;
+    }
+    for (size_t k = 0; k < c.pwws_budgets.size(); ++k) {
+      const bool falls =
+          r.flip_after > 0 &&
+          r.flip_after <= pwws::max_changes(r.words, c.pwws_budgets[k]);
+      s.at_budget[k] += falls ? 0.0 : 1.0;
+    }
+  }
+  const double n = std::max<int64_t>(1, s.texts);
+  s.clean = correct / n;
+  s.accuracy = (correct - flipped) / n;
+  s.success = correct > 0 ? static_cast<double>(flipped) / correct : 0.0;
+  s.changed = flipped > 0 ? changed_share / flipped : 0.0;
+  s.queries = correct > 0 ? static_cast<double>(attacked_queries) / correct : 0;
+  for (auto& a : s.at_budget) {
+    a /= n;
+  }
+  return s;
+}
+
+} // namespace example
