@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <random>
@@ -260,7 +261,9 @@ TEST_CASE(
   CHECK_THROWS_WITH(
       example::read_word_vectors(dir + "/no_such.json", {"movie"}),
       Contains("fetch_data.sh glove"));
-  const std::string bad = "tiny_glove_bad.json";
+  const std::string bad =
+      (std::filesystem::temp_directory_path() / "advtrain_tiny_glove_bad.json")
+          .string();
   {
     std::ofstream out(bad);
     out << R"({"dimensions": 3, "vectors": {"movie": [1, 2]}})";
@@ -280,4 +283,5 @@ TEST_CASE(
   }
   CHECK_THROWS_WITH(
       example::read_word_vectors(bad, {"movie"}), Contains("dimensions"));
+  std::filesystem::remove(bad);
 }

@@ -111,12 +111,22 @@ inline Config with_options(Config c, const std::string& options) {
                                     : name == "replays"     ? &c.replays
                                     : name == "inner_steps" ? &c.inner_steps
                                                             : nullptr;
-    if (real != nullptr) {
-      *real = std::stod(value);
-    } else if (count != nullptr) {
-      *count = std::stoll(value);
-    } else {
+    if (real == nullptr && count == nullptr) {
       throw std::invalid_argument("unknown option '" + name + "'");
+    }
+    size_t used = 0;
+    try {
+      if (real != nullptr) {
+        *real = std::stod(value, &used);
+      } else {
+        *count = std::stoll(value, &used);
+      }
+    } catch (const std::logic_error&) {
+      used = 0;
+    }
+    if (used == 0 || used != value.size()) {
+      throw std::invalid_argument(
+          "option '" + name + "': '" + value + "' is not a number");
     }
   }
   return c;
@@ -133,6 +143,9 @@ inline std::map<std::string, std::string> read_tuned(
   std::map<std::string, std::string> out;
   std::string line;
   for (int row = 1; std::getline(in, line); ++row) {
+    if (!line.empty() && line.back() == '\r') { // a CSV saved on Windows
+      line.pop_back();
+    }
     const auto a = line.find(','), b = line.find(',', a + 1);
     if (a == std::string::npos || b == std::string::npos) {
       throw std::runtime_error(
@@ -237,7 +250,7 @@ inline std::optional<int> parse_command_line(
       "--tuned",
       c.tuned,
       "CSV of dataset,method,options (sweep.sh's tuned.csv): each method "
-      "runs with its row's options");
+      "runs with its row's options (over those of the command line)");
   app.add_option(
          "--epochs", c.epochs, "epochs (FreeAT: divided by its replays)")
       ->check(CLI::PositiveNumber)

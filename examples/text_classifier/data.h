@@ -88,12 +88,13 @@ inline std::vector<std::string> default_files(const std::string& dataset) {
       "data/sentiment/yelp.json"};
 }
 
-/// Adds to `d`'s vocabulary every word of its texts, and every WordNet
+/// Adds to `d`'s vocabulary every word of its train and test texts, and every
+/// WordNet
 /// synonym of those words, that has a vector in the file at `path`, and keeps
 /// the vectors of the vocabulary's words: substitutes of an attack are then
 /// real words with real vectors rather than the unknown token.
 inline void add_pretrained(Data& d, const std::string& path) {
-  WordNet wordnet;
+  WordNet& wordnet = shared_wordnet();
   std::vector<std::string> order; // words in the order they are met
   std::unordered_set<std::string> wanted;
   auto want = [&](const std::string& w) {
@@ -101,21 +102,25 @@ inline void add_pretrained(Data& d, const std::string& path) {
       order.push_back(w);
     }
   };
-  for (const auto& tokens : d.tokens) {
-    for (const auto& t : tokens) {
-      want(t);
+  // The texts of the two splits in use (under --validation the test split
+  // is not looked at, its words included).
+  for (const auto* split : {&d.train, &d.test}) {
+    for (const auto i : *split) {
+      for (const auto& t : d.tokens[i]) {
+        want(t);
+      }
     }
   }
   const size_t text_words = order.size();
   for (size_t i = 0; i < text_words; ++i) {
-    const auto& w = order[i];
+    const std::string w = order[i]; // `want` may grow `order`
     if (is_stop_word(w) || w.size() > 24 ||
         std::any_of(w.begin(), w.end(), [](char ch) {
           return std::isdigit(static_cast<unsigned char>(ch));
         })) {
       continue; // no synonyms in WordNet; e-mails have many such tokens
     }
-    for (const auto& s : wordnet.synonyms(order[i])) {
+    for (const auto& s : wordnet.synonyms(w)) {
       want(s);
     }
   }

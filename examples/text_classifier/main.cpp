@@ -57,6 +57,12 @@ int run(int argc, char** argv) {
   const Group group = join_group(c);
   torch::set_num_threads(static_cast<int>(c.threads));
 
+  // Problems with the options' file or WordNet show before any training.
+  const auto tuned = c.tuned.empty() ? std::map<std::string, std::string>{}
+                                     : read_tuned(c.tuned, c.dataset);
+  if (c.pwws_sample != 0 && c.reports()) {
+    shared_wordnet();
+  }
   const Data d = load(c);
   if (c.reports()) {
     print_data(c, d);
@@ -65,8 +71,6 @@ int run(int argc, char** argv) {
   if (c.method == "all") {
     methods = method_names();
   }
-  const auto tuned = c.tuned.empty() ? std::map<std::string, std::string>{}
-                                     : read_tuned(c.tuned, c.dataset);
   std::vector<Outcome> outcomes;
   for (const auto& m : methods) {
     const auto row = tuned.find(m);

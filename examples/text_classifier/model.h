@@ -71,7 +71,11 @@ struct ClassifierImpl : torch::nn::Module {
           "backward_lstm",
           torch::nn::LSTM(torch::nn::LSTMOptions(dim, dim).batch_first(true)));
     } else if (encoder == Encoder::kTransformer) {
-      TORCH_CHECK(dim % 4 == 0, "the transformer needs --dim divisible by 4");
+      TORCH_CHECK(
+          dim % 4 == 0,
+          "the transformer's 4 heads need an embedding size divisible by 4 "
+          "(--dim, or the pretrained vectors' size), got ",
+          dim);
       transformer = register_module(
           "transformer",
           torch::nn::TransformerEncoder(torch::nn::TransformerEncoderOptions(

@@ -84,10 +84,10 @@ inline PWWSScores evaluate_pwws(
   if (c.pwws_sample == 0) {
     return s;
   }
-  static WordNet wordnet;
+  WordNet& wordnet = shared_wordnet();
   const Vocabulary& vocab = *d.vocab;
   const auto classify = probabilities_of(model, vocab);
-  auto synonyms = [&vocab](const std::string& w) {
+  auto synonyms = [&vocab, &wordnet](const std::string& w) {
     std::vector<std::string> in_vocab;
     for (const auto& x : wordnet.synonyms(w)) {
       if (vocab.contains(x)) {

@@ -127,6 +127,10 @@ wait
 took=$(($(date +%s) - start))
 
 # One CSV of every run.
+compgen -G "$out/runs/*.csv" >/dev/null || {
+  echo "error: no run finished (logs: $out/logs/)" >&2
+  exit 1
+}
 first=$(ls "$out"/runs/*.csv | head -1)
 {
   head -1 "$first"

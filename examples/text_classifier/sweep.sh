@@ -87,7 +87,7 @@ to_args() {
 }
 
 start=$(date +%s)
-common=(--epochs "$epochs" --limit "$limit" --target "$target")
+common=(--epochs "$epochs" --limit "$limit" --target "$target" --pwws-sample 0)
 
 if [ "$grid" = 1 ]; then
   rm -f "$out/grid.csv"

@@ -128,4 +128,10 @@ class WordNet {
   std::unordered_map<std::string, std::vector<std::string>> cache_;
 };
 
+/// The process's one WordNet (opened on first use; its answers cached).
+inline WordNet& shared_wordnet() {
+  static WordNet wordnet;
+  return wordnet;
+}
+
 } // namespace example
