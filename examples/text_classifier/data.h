@@ -17,6 +17,7 @@
 #include <cctype>
 #include <filesystem>
 #include <memory>
+#include <numeric>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -88,12 +89,12 @@ inline std::vector<std::string> default_files(const std::string& dataset) {
       "data/sentiment/yelp.json"};
 }
 
-/// Adds to `d`'s vocabulary every word of its train and test texts, and every
-/// WordNet
+/// Adds to `d`'s vocabulary every word of its texts (under `validation`,
+/// of the training and validation splits only), and every WordNet
 /// synonym of those words, that has a vector in the file at `path`, and keeps
 /// the vectors of the vocabulary's words: substitutes of an attack are then
 /// real words with real vectors rather than the unknown token.
-inline void add_pretrained(Data& d, const std::string& path) {
+inline void add_pretrained(Data& d, const std::string& path, bool validation) {
   WordNet& wordnet = shared_wordnet();
   std::vector<std::string> order; // words in the order they are met
   std::unordered_set<std::string> wanted;
@@ -102,13 +103,15 @@ inline void add_pretrained(Data& d, const std::string& path) {
       order.push_back(w);
     }
   };
-  // The texts of the two splits in use (under --validation the test split
-  // is not looked at, its words included).
-  for (const auto* split : {&d.train, &d.test}) {
-    for (const auto i : *split) {
-      for (const auto& t : d.tokens[i]) {
-        want(t);
-      }
+  std::vector<size_t> texts(d.tokens.size());
+  std::iota(texts.begin(), texts.end(), 0);
+  if (validation) { // the test split is not looked at, its words included
+    texts = d.train;
+    texts.insert(texts.end(), d.test.begin(), d.test.end());
+  }
+  for (const auto i : texts) {
+    for (const auto& t : d.tokens[i]) {
+      want(t);
     }
   }
   const size_t text_words = order.size();
@@ -187,7 +190,7 @@ inline Data load(const Config& c) {
   }
   d.vocab = std::make_unique<Vocabulary>(train_tokens, c.min_count);
   if (c.embeddings == "glove") {
-    add_pretrained(d, c.glove);
+    add_pretrained(d, c.glove, c.validation);
   }
   return d;
 }
