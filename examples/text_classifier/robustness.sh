@@ -71,15 +71,8 @@ done
 }
 mkdir -p "$out/runs" "$out/logs"
 rm -f "$out"/runs/*.csv "$out"/logs/*.log
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295}
-
-data_args() { # data set -> the binary's data arguments
-  if [ "$1" = spamassassin ]; then
-    echo "--dataset spamassassin --data $spamassassin"
-  else
-    echo "--dataset sentiment --data ${sentiment//,/ }"
-  fi
-}
+# shellcheck source=common.sh
+source "$here/common.sh"
 epochs_of() { # model -> epochs
   local e
   e=$(echo "$epochs" | tr ' ' '\n' | sed -n "s/^$1=//p")

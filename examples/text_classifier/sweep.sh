@@ -50,15 +50,8 @@ while [ $# -gt 0 ]; do
 done
 [ -x "$bin" ] || { echo "error: no binary at $bin (build first)" >&2; exit 1; }
 mkdir -p "$out"
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295}
-
-data_args() { # data set -> the binary's data arguments
-  if [ "$1" = spamassassin ]; then
-    echo "--dataset spamassassin --data $spamassassin"
-  else
-    echo "--dataset sentiment --data ${sentiment//,/ }"
-  fi
-}
+# shellcheck source=common.sh
+source "$here/common.sh"
 
 # The grid: each method's main option (one setting per line); the others
 # follow from it or keep the library's defaults.

@@ -1,0 +1,14 @@
+# What sweep.sh and robustness.sh share; sourced, after they have read
+# their options into $sentiment and $spamassassin.
+
+# Small steps run far slower on fresh pages; every run gets this setting
+# (see "Performance" in the README).
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295}
+
+data_args() { # data set -> the binary's data arguments
+  if [ "$1" = spamassassin ]; then
+    echo "--dataset spamassassin --data $spamassassin"
+  else
+    echo "--dataset sentiment --data ${sentiment//,/ }"
+  fi
+}
