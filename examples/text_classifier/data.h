@@ -32,6 +32,26 @@ struct Batch {
   torch::Tensor labels; // [B]
 };
 
+/// Token ids [n, L] of texts `text(0)` .. `text(n - 1)` (each a vector of
+/// tokens), cut to `max_len` tokens and 0-padded to the longest.
+template <typename TextAt>
+torch::Tensor token_ids(
+    size_t n, const TextAt& text, const Vocabulary& vocab, int64_t max_len) {
+  int64_t len = 1;
+  for (size_t b = 0; b < n; ++b) {
+    len = std::max<int64_t>(len, std::min<int64_t>(max_len, text(b).size()));
+  }
+  auto ids = torch::zeros({static_cast<int64_t>(n), len}, torch::kLong);
+  auto a = ids.accessor<int64_t, 2>();
+  for (size_t b = 0; b < n; ++b) {
+    const auto& t = text(b);
+    for (int64_t j = 0; j < std::min<int64_t>(len, t.size()); ++j) {
+      a[static_cast<int64_t>(b)][j] = vocab.id(t[static_cast<size_t>(j)]);
+    }
+  }
+  return ids;
+}
+
 /// Token ids of sentences `idx` of `data`, cut to `max_len` tokens.
 inline Batch encode(
     const std::vector<std::vector<std::string>>& tokens,
@@ -39,20 +59,16 @@ inline Batch encode(
     const std::vector<size_t>& idx,
     const Vocabulary& vocab,
     int64_t max_len) {
-  int64_t len = 1;
-  for (const auto i : idx) {
-    len = std::max<int64_t>(len, std::min<int64_t>(max_len, tokens[i].size()));
-  }
-  auto ids =
-      torch::zeros({static_cast<int64_t>(idx.size()), len}, torch::kLong);
+  const auto ids = token_ids(
+      idx.size(),
+      [&](size_t b) -> const std::vector<std::string>& {
+        return tokens[idx[b]];
+      },
+      vocab,
+      max_len);
   auto labels = torch::empty({static_cast<int64_t>(idx.size())}, torch::kLong);
-  auto a = ids.accessor<int64_t, 2>();
   for (size_t b = 0; b < idx.size(); ++b) {
-    const auto& t = tokens[idx[b]];
-    for (int64_t j = 0; j < std::min<int64_t>(len, t.size()); ++j) {
-      a[b][j] = vocab.id(t[j]);
-    }
-    labels[b] = data[idx[b]].label;
+    labels[static_cast<int64_t>(b)] = data[idx[b]].label;
   }
   return {ids, labels};
 }

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -40,20 +41,12 @@ inline pwws::Classifier probabilities_of(
     std::vector<std::vector<double>> out;
     for (size_t s = 0; s < texts.size(); s += static_cast<size_t>(chunk)) {
       const size_t e = std::min(texts.size(), s + static_cast<size_t>(chunk));
-      size_t len = 1;
-      for (size_t i = s; i < e; ++i) {
-        len = std::max(len, texts[i].size());
-      }
-      auto ids = torch::zeros(
-          {static_cast<int64_t>(e - s), static_cast<int64_t>(len)},
-          torch::kLong);
-      auto a = ids.accessor<int64_t, 2>();
-      for (size_t i = s; i < e; ++i) {
-        for (size_t j = 0; j < texts[i].size(); ++j) {
-          a[static_cast<int64_t>(i - s)][static_cast<int64_t>(j)] =
-              vocab.id(texts[i][j]);
-        }
-      }
+      // The texts come cut to the words the model reads: no limit here.
+      const auto ids = token_ids(
+          e - s,
+          [&](size_t b) -> const pwws::Text& { return texts[s + b]; },
+          vocab,
+          std::numeric_limits<int64_t>::max());
       const auto p = torch::softmax(model->forward(ids), 1)
                          .to(torch::kDouble)
                          .contiguous();
