@@ -149,13 +149,26 @@ TEST_CASE(
   CHECK(torch::equal(model->embedding->weight, before));
 }
 
-TEST_CASE("Sparse embedding gradients are rejected clearly", "[attacker]") {
+TEST_CASE(
+    "Sparse gradients are refused clearly where the whole table moves",
+    "[attacker][sparse]") {
   torch::nn::Embedding emb(torch::nn::EmbeddingOptions(5, 3).sparse(true));
   emb(torch::tensor({0, 2}, torch::kLong)).sum().backward();
   REQUIRE(emb->weight.grad().is_sparse());
   const auto before = emb->weight.detach().clone();
+  advtrain::FreeAT freeat(*emb, "weight");
+  CHECK_THROWS_WITH(
+      freeat.attack(),
+      Contains("FreeAT: the gradient of weight is sparse") &&
+          Contains("needs a dense gradient"));
+  CHECK_THROWS_WITH(freeat.update_delta(), Contains("is sparse"));
+  CHECK_FALSE(freeat.is_perturbed());
+  CHECK(torch::equal(emb->weight, before));
+  // FGM moves the gradient's rows alone: it takes it.
   advtrain::FGM fgm(*emb, "weight");
-  CHECK_THROWS_WITH(fgm.attack(), Contains("sparse"));
+  fgm.attack();
+  CHECK_FALSE(torch::equal(emb->weight, before));
+  fgm.restore();
   CHECK(torch::equal(emb->weight, before));
 }
 

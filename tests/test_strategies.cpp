@@ -3,6 +3,7 @@
 // and projection bounds.
 
 #include "common.h"
+#include "strategies.h"
 
 #include <torch/script.h>
 #include <catch2/catch.hpp>
@@ -382,4 +383,155 @@ TEST_CASE(
   advtrain::FreeAT freeat(
       *model, "embedding", advtrain::FreeATOptions().replays(3));
   CHECK(run(freeat, false) == 3);
+}
+
+// Sparse table gradients (nn::EmbeddingOptions().sparse(true)): the
+// strategies that move only gradient rows take them and train exactly as on
+// the dense gradient (which the conformance tests hold to the official
+// code); the others refuse them and leave the model as it was.
+
+namespace {
+
+/// `model`'s table made sparse: its lookup's backward yields a sparse
+/// gradient.
+TinyNet sparse_model(uint64_t seed = 7) {
+  auto m = make_model(seed);
+  m->embedding->options.sparse(true);
+  return m;
+}
+
+/// Two batches, each leaving some rows of the table unused.
+std::vector<std::pair<torch::Tensor, torch::Tensor>> two_batches() {
+  return {
+      {batch_ids(), batch_labels()},
+      {torch::tensor({{6, 6, 1, 0, 1}, {1, 0, 0, 6, 1}}, torch::kLong),
+       torch::tensor({1, 0}, torch::kLong)}};
+}
+
+/// Trains `model` with `attacker` for two steps on each of the two batches;
+/// returns the parameters after each step.
+template <typename Opt>
+std::vector<std::vector<torch::Tensor>> train_steps(
+    TinyNet& model, advtrain::Attacker& attacker, Opt& opt) {
+  advtrain::Trainer trainer(opt, attacker);
+  std::vector<std::vector<torch::Tensor>> after;
+  for (int round = 0; round < 2; ++round) {
+    for (const auto& b : two_batches()) {
+      trainer.step(
+          [&] { return model->forward(b.first); },
+          [&](const torch::Tensor& out) {
+            return cross_entropy(out, b.second);
+          });
+      CHECK_FALSE(attacker.is_perturbed());
+      after.push_back(clone_all(model->parameters()));
+    }
+  }
+  return after;
+}
+
+bool takes_sparse(const std::string& name) {
+  return name == "FGSM" || name == "FGM" || name == "PGD" || name == "FreeLB" ||
+         name == "FreeLBLInf" || name == "AWP";
+}
+
+} // namespace
+
+TEST_CASE(
+    "Sparse table gradients train as the dense ones, or are refused",
+    "[sparse]") {
+  for (const auto& c : fixture::strategies()) {
+    if (!c.on_table) {
+      continue;
+    }
+    for (const std::string opt_name : {"SGD", "Adagrad"}) {
+      DYNAMIC_SECTION(c.name << " with " << opt_name) {
+        auto dense = make_model();
+        auto sparse = sparse_model();
+        const auto a_dense = c.on_table(*dense, "embedding", false);
+        const auto a_sparse = c.on_table(*sparse, "embedding", false);
+        const auto run = [&](TinyNet& m, advtrain::Attacker& a) {
+          if (opt_name == "SGD") {
+            torch::optim::SGD opt(
+                m->parameters(), torch::optim::SGDOptions(kLr));
+            return train_steps(m, a, opt);
+          }
+          torch::optim::Adagrad opt(
+              m->parameters(), torch::optim::AdagradOptions(kLr));
+          return train_steps(m, a, opt);
+        };
+        if (takes_sparse(c.name)) {
+          const auto want = run(dense, *a_dense);
+          const auto got = run(sparse, *a_sparse);
+          REQUIRE(got.size() == want.size());
+          for (size_t s = 0; s < want.size(); ++s) {
+            INFO("after step " << s + 1);
+            CHECK(max_diff_all(got[s], want[s]) < 1e-12);
+          }
+          // The table really moved and the gradient really was sparse.
+          CHECK_FALSE(torch::equal(
+              got.back()[0], make_model()->embedding->weight.detach()));
+          CHECK(sparse->embedding->weight.grad().is_sparse());
+        } else {
+          const auto before = clone_all(sparse->parameters());
+          CHECK_THROWS_WITH(
+              run(sparse, *a_sparse),
+              Catch::Contains("is sparse") &&
+                  Catch::Contains("needs a dense gradient"));
+          CHECK_FALSE(a_sparse->is_perturbed());
+          CHECK(equal_all(clone_all(sparse->parameters()), before));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE(
+    "README's own PGD loop on a sparse table equals the dense one",
+    "[sparse][loop]") {
+  const auto loop = [](TinyNet& m) {
+    advtrain::PGD pgd(
+        *m, "embedding", advtrain::PGDOptions().steps(3).epsilon(0.2));
+    torch::optim::SGD opt(m->parameters(), torch::optim::SGDOptions(kLr));
+    for (const auto& b : two_batches()) {
+      opt.zero_grad();
+      cross_entropy(m->forward(b.first), b.second).backward();
+      pgd.backup_grad();
+      for (int t = 0; t < 3; ++t) {
+        pgd.attack(t == 0);
+        if (t != 2) {
+          opt.zero_grad();
+        } else {
+          pgd.restore_grad();
+        }
+        cross_entropy(m->forward(b.first), b.second).backward();
+      }
+      pgd.restore();
+      opt.step();
+    }
+    return clone_all(m->parameters());
+  };
+  auto dense = make_model();
+  auto sparse = sparse_model();
+  CHECK(max_diff_all(loop(sparse), loop(dense)) < 1e-12);
+}
+
+TEST_CASE(
+    "On a sparse table the attacker holds the batch's rows alone", "[sparse]") {
+  torch::manual_seed(3);
+  torch::nn::Embedding table(
+      torch::nn::EmbeddingOptions(10000, kHidden).sparse(true));
+  table->to(torch::kDouble);
+  const auto before = table->weight.detach().clone();
+  advtrain::FGM fgm(*table, "weight");
+  const auto ids = batch_ids(); // rows 0-4
+  table->forward(ids).pow(2).sum().backward();
+  REQUIRE(table->weight.grad().is_sparse());
+  fgm.attack();
+  // Five rows of four doubles backed up, not 10,000.
+  CHECK(fgm.held_bytes() == 5 * kHidden * 8);
+  CHECK(std::abs(fgm.perturbation_norm() - 1.0) < 1e-12);
+  CHECK(torch::equal(
+      table->weight.detach().narrow(0, 5, 9995), before.narrow(0, 5, 9995)));
+  fgm.restore();
+  CHECK(bit_equal(table->weight.detach(), before));
 }

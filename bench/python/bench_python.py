@@ -86,18 +86,22 @@ class PGD:
 
 
 class BenchNet(nn.Module):
-    """Embedding -> transformer encoder layer -> mean -> linear."""
+    """Embedding -> (transformer encoder layer) -> mean -> tanh -> linear,
+    as advtrain_bench's model."""
 
-    def __init__(self, vocab, hidden):
+    def __init__(self, vocab, hidden, encoder=True):
         super().__init__()
         self.embedding = nn.Embedding(vocab, hidden)
         self.encoder = nn.TransformerEncoderLayer(
-            hidden, 4, dim_feedforward=4 * hidden, dropout=0.1)
+            hidden, 4, dim_feedforward=4 * hidden,
+            dropout=0.1) if encoder else None
         self.out = nn.Linear(hidden, 2)
 
     def forward(self, ids):
-        h = self.embedding(ids).transpose(0, 1)
-        return self.out(self.encoder(h).transpose(0, 1).mean(1))
+        h = self.embedding(ids)
+        if self.encoder is not None:
+            h = self.encoder(h.transpose(0, 1)).transpose(0, 1)
+        return self.out(torch.tanh(h.mean(1)))
 
 
 def main():
@@ -109,13 +113,20 @@ def main():
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bag", action="store_true",
+                   help="no encoder layer: embedding -> mean -> tanh -> linear")
+    p.add_argument("--runner", choices=["plain", "fgm", "pgd"],
+                   help="run this runner alone for --steps steps, untimed "
+                        "(for valgrind)")
+    p.add_argument("--steps", type=int, default=0)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"python: torch {torch.__version__}, {a.threads} threads")
+    if a.runner is None:
+        print(f"python: torch {torch.__version__}, {a.threads} threads")
 
     def setup():
         torch.manual_seed(1)
-        model = BenchNet(a.vocab, a.hidden)
+        model = BenchNet(a.vocab, a.hidden, encoder=not a.bag)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         x = torch.randint(a.vocab, (a.batch, a.length))
         y = torch.randint(2, (a.batch,))
@@ -152,9 +163,17 @@ def main():
     for name, fn, attacker in [("plain", plain_step, None),
                                ("fgm", fgm_step, FGM),
                                ("pgd", pgd_step, PGD)]:
+        if a.runner is not None and name != a.runner:
+            continue
         model, opt, x, y = setup()
         runners.append((name, fn, (model, opt, x, y,
                                    attacker(model) if attacker else None), []))
+    if a.runner is not None:
+        _, fn, args, _ = runners[0]
+        for _ in range(a.steps):
+            fn(*args)
+        print(f"ran {a.runner} x {a.steps}")
+        return
     for r in range(-a.warmup, a.repeats):
         for name, fn, args, times in runners:
             t0 = time.perf_counter()

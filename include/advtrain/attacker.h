@@ -253,7 +253,7 @@ class Attacker {
   int64_t held_bytes() const {
     int64_t n = extra_bytes() + target_->backup_bytes();
     for (const auto& t : grad_backup_) {
-      n += t.defined() ? static_cast<int64_t>(t.nbytes()) : 0;
+      n += detail::bytes_of(t);
     }
     return n;
   }
@@ -324,6 +324,12 @@ class Attacker {
   /// alone.
   virtual bool moves_gradient_rows_only() const {
     return false;
+  }
+  /// Whether the rule, given a sparse gradient, moves only its rows (then
+  /// the table backs up and moves those rows alone); the others refuse
+  /// sparse gradients.
+  virtual bool moves_sparse_rows_only() const {
+    return moves_gradient_rows_only();
   }
   /// Whether `attack()` moves along the gradient (and so needs one).
   virtual bool uses_gradient() const {
@@ -398,6 +404,7 @@ class Attacker {
     if (!g.defined()) {
       return std::nullopt;
     }
+    check_sparse(i, g, /*accepted=*/false);
     double gnorm = 0.0;
     if (target_->measures_gradient_norm()) {
       gnorm = detail::l2_norm(g);
@@ -409,6 +416,21 @@ class Attacker {
       }
     }
     return target_->geometry(i, gnorm);
+  }
+
+  /// Refuses a sparse gradient `g` of tensor `i` unless `accepted`.
+  void check_sparse(size_t i, const torch::Tensor& g, bool accepted) const {
+    TORCH_CHECK(
+        accepted || !g.defined() || !g.is_sparse(),
+        "advtrain: ",
+        kind_,
+        ": the gradient of ",
+        target_names()[i],
+        " is sparse (nn::EmbeddingOptions().sparse(true)); ",
+        kind_,
+        " moves the whole tensor, so it needs a dense gradient. Sparse "
+        "gradients work with FGSM, FGM, PGD, FreeLB and AWP on the table; "
+        "use a dense embedding here");
   }
 
   /// The `Trainer` step running now, if any.
@@ -458,12 +480,7 @@ class Attacker {
     for (size_t i = 0; i < ts.size(); ++i) {
       const torch::Tensor& g = ts[i].grad();
       if (g.defined()) {
-        TORCH_CHECK(
-            !g.is_sparse(),
-            "advtrain: the gradient of ",
-            names[i],
-            " is sparse (nn::EmbeddingOptions().sparse(true)); sparse "
-            "gradients are not supported: use a dense embedding");
+        check_sparse(i, g, moves_sparse_rows_only());
         TORCH_CHECK(
             g.sizes() == ts[i].sizes() &&
                 g.scalar_type() == ts[i].scalar_type() &&

@@ -60,13 +60,20 @@ class AWP : public Strategy<AWPOptions> {
       : Strategy(std::move(params), std::move(options)) {}
 
  protected:
+  /// On a sparse table gradient, only its rows move (the others would move
+  /// by 0, and their box holds them at their value).
+  bool moves_sparse_rows_only() const override {
+    return true;
+  }
+
   double perturb(
-      size_t /*i*/,
+      size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
       const Geometry& geo,
       const torch::Tensor& origin) override {
-    const double wnorm = detail::l2_norm(w);
+    // ‖w‖ of the whole tensor, also where `w` holds some rows of it.
+    const double wnorm = detail::l2_norm(data(i));
     w.add_(g, options_.alpha() / (geo.gnorm + 1e-6) * (wnorm + 1e-6));
     const torch::Tensor box = origin.abs() * options_.epsilon();
     at::clamp_out(w, w, origin - box, origin + box);

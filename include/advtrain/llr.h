@@ -89,6 +89,7 @@ class BasicLLR : public Strategy<LLROptions> {
         /*create_graph=*/true,
         /*allow_unused=*/true);
     for (size_t i = 0; i < n; ++i) {
+      check_sparse(i, grad_x[i], /*accepted=*/false);
       if (!grad_x[i].defined()) {
         grad_x[i] = torch::zeros_like(xs[i]);
       }

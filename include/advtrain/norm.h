@@ -19,6 +19,30 @@ inline torch::ScalarType norm_dtype(const torch::Tensor& t) {
   return t.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
 }
 
+/// Bytes `t` holds (a sparse tensor: its indices and values; 0 when
+/// undefined).
+inline int64_t bytes_of(const torch::Tensor& t) {
+  if (!t.defined()) {
+    return 0;
+  }
+  if (t.is_sparse()) {
+    return static_cast<int64_t>(t._indices().nbytes() + t._values().nbytes());
+  }
+  return static_cast<int64_t>(t.nbytes());
+}
+
+/// The rows of `g` ([V, ...]) with a nonzero entry, ascending: those whose
+/// magnitudes sum to nonzero (a sum of magnitudes is zero only when each
+/// is; a NaN row is kept). One pass over `g` and a matrix-vector product.
+inline torch::Tensor nonzero_rows(const torch::Tensor& g) {
+  const torch::Tensor mag = g.reshape({g.size(0), -1}).abs();
+  const bool blas =
+      mag.scalar_type() == torch::kFloat || mag.scalar_type() == torch::kDouble;
+  const torch::Tensor sums =
+      blas ? at::mv(mag, at::ones({mag.size(1)}, mag.options())) : mag.sum(1);
+  return sums.nonzero().view(-1);
+}
+
 /// ‖t‖₂ over the whole tensor, as a double (one host synchronization).
 inline double l2_norm(const torch::Tensor& t) {
   return at::linalg_vector_norm(t, 2, c10::nullopt, false, norm_dtype(t))

@@ -53,7 +53,7 @@ class ParameterTarget : public Target {
       size_t i,
       const torch::Tensor& g,
       bool uses_gradient,
-      bool rows_only,
+      bool /*rows_only: decided at the backup*/,
       bool untracked,
       const NormCheck& usable,
       const Rule& rule) override {
@@ -64,25 +64,36 @@ class ParameterTarget : public Target {
     if (!g.defined()) {
       return Move{true, 0.0};
     }
-    if (!row_wise(i, rows_only)) {
+    if (!rows_[i].defined()) { // backed up whole
       const double gnorm = detail::l2_norm(g);
       if (!usable(i, gnorm)) {
         return Move{gnorm == 0.0, 0.0};
       }
       return Move{false, rule(i, w, g, geometry(i, gnorm), backup_[i])};
     }
-    // Only the rows with a nonzero gradient move: back up, perturb and
-    // restore those alone (a batch touches few rows of a vocabulary).
-    const auto row_norms = at::linalg_vector_norm(
-        g.reshape({g.size(0), -1}), 2, {1}, false, detail::norm_dtype(g));
-    const double gnorm = row_norms.norm().item<double>();
+    // Only the rows with a gradient move: back up, perturb and restore those
+    // alone (a batch touches few rows of a vocabulary). A sparse gradient
+    // names its rows; a dense one is searched for them.
+    const bool sparse = g.is_sparse();
+    const torch::Tensor grad = sparse ? g.coalesce() : g; // duplicates summed
+    const torch::Tensor moved =
+        sparse ? grad.indices()[0] : detail::nonzero_rows(grad);
+    // Zero rows add nothing to ‖g‖: it is taken on the moved rows alone.
+    const torch::Tensor g_moved =
+        sparse ? grad.values() : grad.index_select(0, moved);
+    const double gnorm = detail::l2_norm(g_moved);
     if (!usable(i, gnorm)) {
       return Move{gnorm == 0.0, 0.0};
     }
-    const torch::Tensor& rows = add_rows(i, row_norms.nonzero().view(-1));
+    const bool first = rows_[i].numel() == 0; // then the rows are `moved`
+    const torch::Tensor& rows = add_rows(i, moved);
     torch::Tensor w_rows = w.index_select(0, rows);
-    const double n = rule(
-        i, w_rows, g.index_select(0, rows), geometry(i, gnorm), backup_[i]);
+    // The gradient on every backed-up row (zero where this one has none).
+    const torch::Tensor g_rows = first ? g_moved
+                                 : sparse
+                                     ? grad.index_select(0, rows).to_dense()
+                                     : grad.index_select(0, rows);
+    const double n = rule(i, w_rows, g_rows, geometry(i, gnorm), backup_[i]);
     w.index_copy_(0, rows, w_rows);
     last_rows_[i] = rows;
     return Move{false, n};
@@ -93,7 +104,8 @@ class ParameterTarget : public Target {
   torch::Tensor merge_gradient(
       size_t i, torch::Tensor earlier, torch::Tensor current) const override {
     const bool rows = i < last_rows_.size() && last_rows_[i].defined();
-    if (rows && earlier.defined() && current.defined()) {
+    if (rows && earlier.defined() && current.defined() &&
+        !current.is_sparse() && !earlier.is_sparse()) {
       return earlier.index_add_(
           0, last_rows_[i], current.index_select(0, last_rows_[i]));
     }
@@ -159,7 +171,12 @@ class ParameterTarget : public Target {
     rows_.assign(tensors_.size(), torch::Tensor());
     last_rows_.assign(tensors_.size(), torch::Tensor());
     for (size_t i = 0; i < tensors_.size(); ++i) {
-      if (row_wise(i, rows_only)) { // rows are backed up as they first move
+      // Row-wise where the rule moves gradient rows alone, and on a sparse
+      // gradient (the strategies that accept one move its rows alone).
+      const torch::Tensor& g = tensors_[i].grad();
+      if (tensors_[i].dim() >= 2 &&
+          (rows_only || (g.defined() && g.is_sparse()))) {
+        // rows are backed up as they first move
         rows_[i] = torch::empty(
             {0}, torch::dtype(torch::kLong).device(tensors_[i].device()));
         backup_.push_back(tensors_[i].detach().index_select(0, rows_[i]));
@@ -182,10 +199,6 @@ class ParameterTarget : public Target {
   }
 
  private:
-  bool row_wise(size_t i, bool rows_only) const {
-    return rows_only && tensors_[i].dim() >= 2;
-  }
-
   /// Backs up the rows of `rows` not backed up yet; returns all backed-up
   /// rows of tensor i (the rows `backup_[i]` holds, in its order).
   const torch::Tensor& add_rows(size_t i, const torch::Tensor& rows) {

@@ -134,6 +134,7 @@ class Regularizer : public Strategy<Options> {
       ++ctx.passes;
       torch::NoGradGuard no_grad;
       for (size_t i = 0; i < n && finite; ++i) {
+        this->check_sparse(i, grads[i], /*accepted=*/false);
         const double gnorm =
             grads[i].defined() ? detail::l2_norm(grads[i]) : 0.0;
         finite = this->usable_norm(i, gnorm) || gnorm == 0.0;
@@ -171,6 +172,11 @@ class Regularizer : public Strategy<Options> {
       loss = loss + extra;
     }
     loss.backward();
+    // Its noise covers the whole table: a sparse table gradient (R3F has no
+    // search to meet it earlier) is refused before the update.
+    for (size_t i = 0; i < n; ++i) {
+      this->check_sparse(i, this->targets()[i].grad(), /*accepted=*/false);
+    }
     ctx.step_optimizer();
     return r;
   }

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Instructions per training step, counted by valgrind's cachegrind: each
+# runner (a plain step; each method written by hand, its "floor"; the
+# library's Trainer::step; the library in the user's own loop; the Python
+# classes of bench/python/) runs as its own process for N and N + K steps,
+# and (I(N + K) - I(N)) / K is its cost per step. Unlike wall time on a shared
+# VM, the count does not move between runs: every runner runs in ROUNDS
+# rounds and the script reports how far they disagree.
+#
+#   bench/instructions.sh                      (after cmake --build build)
+#   bench/instructions.sh --methods fgm,pgd --rounds 1 --no-python
+#   bench/instructions.sh --tiny --methods fgm,pgd,freelb --guard 1.02
+#
+# Options:
+#   --methods LIST   comma-separated (default: every method of the bench)
+#   --tiny           a tiny model on a real vocabulary (V 30,000, H 16, batch
+#                    4 x 8), for the guard
+#   --shape "ARGS"   the model's bench arguments (default: --bag --vocab 30000
+#                    --hidden 64 --batch 16 --length 32)
+#   --steps N        the base step count (default 2)
+#   --extra K        the extra steps (default 10)
+#   --rounds R       rounds per runner (default 2)
+#   --jobs J         processes at once (default: the cores)
+#   --no-python      skip the Python runners
+#   --no-own         skip the own-loop runners
+#   --wall REPEATS   also time every runner (medians of REPEATS, interleaved)
+#   --guard RATIO    exit 1 when a method's library/floor ratio exceeds RATIO
+# Exits 77 (skipped) when valgrind is not installed.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+bench=${ADVTRAIN_BENCH:-$root/build/bench/advtrain_bench}
+python=${ADVTRAIN_PYTHON:-/usr/bin/python3}
+methods=fgsm,fgm,pgd,freeat,freelb,smart,vat,r3f,llr,awp,yopo
+shape="--bag --vocab 30000 --hidden 64 --batch 16 --length 32"
+steps=2 extra=10 rounds=2 jobs=$(nproc) use_python=1 use_own=1 wall=0 guard=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --methods) methods=$2; shift 2 ;;
+    --tiny) shape="--bag --vocab 30000 --hidden 16 --batch 4 --length 8"; shift ;;
+    --shape) shape=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
+    --extra) extra=$2; shift 2 ;;
+    --rounds) rounds=$2; shift 2 ;;
+    --jobs) jobs=$2; shift 2 ;;
+    --no-python) use_python=0; shift ;;
+    --no-own) use_own=0; shift ;;
+    --wall) wall=$2; shift 2 ;;
+    --guard) guard=$2; shift 2 ;;
+    *) echo "error: unknown option $1 (see the head of $0)" >&2; exit 2 ;;
+  esac
+done
+if ! command -v valgrind >/dev/null; then
+  echo "valgrind is not installed (apt-get install valgrind): skipped" >&2
+  exit 77
+fi
+[ -x "$bench" ] || { echo "error: build $bench first" >&2; exit 1; }
+if [ "$use_python" = 1 ] && ! "$python" -c 'import torch' 2>/dev/null; then
+  echo "note: $python has no torch (apt-get install python3-torch): no" \
+    "Python runners" >&2
+  use_python=0
+fi
+# The same allocator setting for every runner (see README, "Performance").
+export GLIBC_TUNABLES=${GLIBC_TUNABLES-glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295}
+
+runners="plain"
+for m in ${methods//,/ }; do
+  runners="$runners ${m}_floor $m"
+  case $m in fgsm | fgm | pgd) [ "$use_own" = 1 ] && runners="$runners ${m}_own" ;; esac
+  case $m in fgm | pgd) [ "$use_python" = 1 ] && runners="$runners ${m}_python" ;; esac
+done
+[ "$use_python" = 1 ] && runners="$runners plain_python"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+# One line per process: round runner steps.
+for r in $(seq "$rounds"); do
+  for name in $runners; do
+    for s in "$steps" $((steps + extra)); do echo "$r $name $s"; done
+  done
+done >"$work/jobs"
+total=$(wc -l <"$work/jobs")
+echo "cachegrind: $total processes, $jobs at a time ($shape, 1 thread," \
+  "GLIBC_TUNABLES=${GLIBC_TUNABLES:-(unset)})" >&2
+
+# Runs one process under cachegrind; prints "round runner steps instructions".
+count() {
+  local round=$1 name=$2 n=$3 cmd
+  case $name in
+    *_python) cmd=("$python" "$root/bench/python/bench_python.py" $shape
+                   --threads 1 --runner "${name%_python}" --steps "$n") ;;
+    *) cmd=("$bench" $shape --threads 1 --runner "$name" --steps "$n") ;;
+  esac
+  local log
+  log=$(valgrind --tool=cachegrind --cache-sim=no \
+    --cachegrind-out-file=/dev/null "${cmd[@]}" 2>&1) || {
+    echo "error: $name x $n failed:" >&2
+    echo "$log" | tail -5 >&2
+    return 1
+  }
+  local refs
+  refs=$(echo "$log" | sed -n 's/.*I *refs: *//p' | tr -d ,)
+  echo "$round $name $n $refs"
+  echo "  $name x $n (round $round): $refs instructions" >&2
+}
+export -f count
+export python root shape bench
+xargs -P "$jobs" -L 1 bash -c 'count "$@"' _ <"$work/jobs" >"$work/counts"
+
+# Wall time (optional): the bench's interleaved medians, and Python's.
+: >"$work/wall"
+if [ "$wall" -gt 0 ]; then
+  echo "wall time: $wall repeats, 1 thread" >&2
+  "$bench" $shape --threads 1 --methods "$methods" --repeats "$wall" --raw |
+    sed -n 's/^ms //p' >>"$work/wall"
+  if [ "$use_python" = 1 ]; then
+    "$python" "$root/bench/python/bench_python.py" $shape --threads 1 \
+      --repeats "$wall" | sed -n 's/^ms \([a-z]*\) /\1_python /p' |
+      sed 's/^plain_python/plain_python/' >>"$work/wall"
+  fi
+fi
+
+awk -v steps="$steps" -v extra="$extra" -v methods="$methods" \
+  -v guard="$guard" -v shape="$shape" '
+  FILENAME == ARGV[1] { c[$1 " " $2 " " $3] = $4; seen[$2] = 1; rr[$1] = 1; next }
+  { ms[$1] = $2 }
+  function per_step(name,   r, a, n, lo, hi, v) {
+    n = 0; a = 0; lo = -1; hi = -1
+    for (r in rr) {
+      v = (c[r " " name " " steps + extra] - c[r " " name " " steps]) / extra
+      a += v; n++
+      if (lo < 0 || v < lo) lo = v
+      if (hi < 0 || v > hi) hi = v
+    }
+    spread[name] = n > 1 ? 100 * (hi - lo) / lo : 0
+    if (spread[name] > worst) worst = spread[name]
+    return a / n
+  }
+  function mi(v) { return v > 0 ? sprintf("%.2f", v / 1e6) : "-" }
+  function ratio(a, b) { return a > 0 && b > 0 ? sprintf("%.3f", a / b) : "-" }
+  function wall(name) { return (name in ms) ? sprintf("%.2f", ms[name]) : "-" }
+  END {
+    for (name in seen) i[name] = per_step(name)
+    printf "instructions per step (M), %s, 1 thread; (I(%d) - I(%d)) / %d\n",
+      shape, steps + extra, steps, extra
+    printf "%-8s %8s %8s %8s %8s %8s %10s %10s %10s %8s %8s %8s\n",
+      "method", "plain", "floor", "library", "own", "python",
+      "lib/floor", "lib/plain", "lib/python", "ms floor", "ms lib", "ms py"
+    n = split(methods, m, ",")
+    bad = 0
+    for (k = 1; k <= n; k++) {
+      name = m[k]
+      printf "%-8s %8s %8s %8s %8s %8s %10s %10s %10s %8s %8s %8s\n", name,
+        mi(i["plain"]), mi(i[name "_floor"]), mi(i[name]), mi(i[name "_own"]),
+        mi(i[name "_python"]), ratio(i[name], i[name "_floor"]),
+        ratio(i[name], i["plain"]), ratio(i[name], i[name "_python"]),
+        wall(name "_floor"), wall(name), wall(name "_python")
+      if (guard != "" && i[name] / i[name "_floor"] > guard + 0) {
+        printf "GUARD: %s library/floor %.4f > %s\n", name,
+          i[name] / i[name "_floor"], guard
+        bad = 1
+      }
+    }
+    if ("plain_python" in i)
+      printf "python plain step: %s M (library plain / python plain %s)\n",
+        mi(i["plain_python"]), ratio(i["plain"], i["plain_python"])
+    printf "largest disagreement between rounds: %.3f %%\n", worst
+    exit bad
+  }' "$work/counts" "$work/wall"
