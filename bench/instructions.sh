@@ -9,12 +9,10 @@
 #
 #   bench/instructions.sh                      (after cmake --build build)
 #   bench/instructions.sh --methods fgm,pgd --rounds 1 --no-python
-#   bench/instructions.sh --tiny --methods fgm,pgd,freelb --guard 1.02
+#   bench/instructions.sh --methods fgm,pgd,freelb --guard 1.02 --rounds 1
 #
 # Options:
 #   --methods LIST   comma-separated (default: every method of the bench)
-#   --tiny           a tiny model on a real vocabulary (V 30,000, H 16, batch
-#                    4 x 8), for the guard
 #   --shape "ARGS"   the model's bench arguments (default: --bag --vocab 30000
 #                    --hidden 64 --batch 16 --length 32)
 #   --steps N        the base step count (default 2)
@@ -36,7 +34,6 @@ steps=2 extra=10 rounds=2 jobs=$(nproc) use_python=1 use_own=1 wall=0 guard=
 while [ $# -gt 0 ]; do
   case $1 in
     --methods) methods=$2; shift 2 ;;
-    --tiny) shape="--bag --vocab 30000 --hidden 16 --batch 4 --length 8"; shift ;;
     --shape) shape=$2; shift 2 ;;
     --steps) steps=$2; shift 2 ;;
     --extra) extra=$2; shift 2 ;;

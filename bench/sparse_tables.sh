@@ -10,7 +10,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bench=${ADVTRAIN_BENCH:-$root/build/bench/advtrain_bench}
-steps=${STEPS:-12}
+steps=${STEPS:-30}
 threads=${THREADS:-2}
 vocabs=${VOCABS:-30000 1000000}
 hidden=${HIDDEN:-256}
@@ -34,7 +34,7 @@ for v in $vocabs; do
       # "ran R x N: median step X ms (steps 3-), peak RSS Y MiB, attacker
       # peak Z MiB"
       echo "$line" | awk -v v="$v" -v g="$grad" -v r="$runner" '{
-        printf "%-9s %-7s %-7s %10s %12s %14s\n", v, g, r, $7, $14, $18 }'
+        printf "%-9s %-7s %-7s %10s %12s %14s\n", v, g, r, $7, $13, $17 }'
     done
   done
 done

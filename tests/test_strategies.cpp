@@ -9,6 +9,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <limits>
 #include <map>
 #include <string>
 #include <vector>
@@ -534,4 +535,31 @@ TEST_CASE(
       table->weight.detach().narrow(0, 5, 9995), before.narrow(0, 5, 9995)));
   fgm.restore();
   CHECK(bit_equal(table->weight.detach(), before));
+}
+
+TEST_CASE(
+    "The row search finds exactly the rows with a nonzero entry",
+    "[attacker][sparse]") {
+  // Against a plain elementwise test, in each dtype a table may have, across
+  // the search's block boundary (2^16 rows), with NaN, infinite and tiny
+  // entries and rows whose entries cancel in a plain sum.
+  torch::manual_seed(11);
+  for (const auto dtype :
+       {torch::kFloat, torch::kDouble, torch::kHalf, torch::kBFloat16}) {
+    for (const int64_t rows : {int64_t{7}, int64_t{70000}}) {
+      INFO("dtype " << dtype << ", " << rows << " rows");
+      torch::Tensor g = torch::zeros({rows, 3}, torch::kDouble);
+      const auto picked = torch::randint(rows, {20}, torch::kLong);
+      g.index_put_({picked}, torch::randn({20, 3}, torch::kDouble));
+      g[rows - 1][2] = std::numeric_limits<double>::quiet_NaN();
+      g[1][0] = 1.0; // cancels in a plain sum
+      g[1][1] = -1.0;
+      g[rows / 2][0] = -std::numeric_limits<double>::infinity();
+      g[rows / 3][1] = 1e-30; // stays nonzero in float and double
+      g = g.to(dtype);
+      const auto want = g.ne(0).any(1).nonzero().view(-1);
+      const auto got = advtrain::detail::nonzero_rows(g);
+      CHECK(torch::equal(got, want));
+    }
+  }
 }
