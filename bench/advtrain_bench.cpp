@@ -93,11 +93,12 @@ double median(std::vector<double> v) {
 
 /// A model, its optimizer and one batch.
 struct Setup {
-  BenchNet model;
+  BenchNet model{nullptr};
   std::unique_ptr<torch::optim::Optimizer> opt;
   Tensor x, y;
-  Setup(const Shape& s, torch::Device device, uint64_t seed) : model(s) {
-    torch::manual_seed(seed);
+  Setup(const Shape& s, torch::Device device, uint64_t seed) {
+    torch::manual_seed(seed); // every runner starts from the same weights
+    model = BenchNet(s);
     model->to(device);
     if (s.optimizer == "sgd") {
       opt = std::make_unique<torch::optim::SGD>(
@@ -125,10 +126,18 @@ struct Setup {
   Tensor& table() {
     return model->emb->weight;
   }
+  /// Drops every gradient (as `Trainer` does: the next backward writes a
+  /// fresh one instead of adding to zeros; LibTorch 1.13's `zero_grad()`
+  /// fills them with zeros).
+  void clear() {
+    for (auto& p : model->parameters()) {
+      p.mutable_grad() = Tensor();
+    }
+  }
   /// `passes` forward+backward passes of loss * scale, then one optimizer
   /// step; nothing else.
   void passes(int passes, double scale = 1.0) {
-    opt->zero_grad();
+    clear();
     for (int p = 0; p < passes; ++p) {
       (loss() * scale).backward();
     }
@@ -156,7 +165,7 @@ Tensor per_example_unit(const Tensor& g, double floor = 1e-12) {
 /// FGSM (ε = 0.01) and FGM (ε = 1): clean pass, move, adversarial pass,
 /// restore, step.
 void single(Setup& s, bool sign) {
-  s.opt->zero_grad();
+  s.clear();
   s.loss().backward();
   Tensor w = s.table().detach();
   const Tensor backup = w.clone();
@@ -176,7 +185,7 @@ void single(Setup& s, bool sign) {
 
 /// PGD, K = 3, α = 0.3, ε = 1, as the widely copied class and its loop.
 void pgd(Setup& s) {
-  s.opt->zero_grad();
+  s.clear();
   s.loss().backward();
   const auto params = s.model->parameters();
   std::vector<Tensor> grads;
@@ -190,16 +199,15 @@ void pgd(Setup& s) {
       torch::NoGradGuard no_grad;
       if (const double n = usable_norm(s.table().grad()); n > 0) {
         w.add_(s.table().grad(), 0.3 / n);
-        Tensor r = w - backup;
+        const Tensor r = w - backup;
         const double rn = r.norm().item<double>();
-        if (rn > 1.0) {
-          r.mul_(1.0 / rn);
+        if (rn > 1.0) { // onto the ball of radius ε = 1
+          w.copy_(backup + r * (1.0 / rn));
         }
-        w.copy_(backup + r);
       }
     }
     if (t != 2) {
-      s.opt->zero_grad();
+      s.clear();
     } else {
       for (size_t k = 0; k < params.size(); ++k) {
         params[k].mutable_grad() = grads[k];
@@ -220,7 +228,7 @@ void freeat(Setup& s, Tensor& delta) {
   for (int j = 0; j < 4; ++j) {
     const Tensor backup = w.clone();
     w.add_(delta);
-    s.opt->zero_grad();
+    s.clear();
     s.loss().backward();
     {
       torch::NoGradGuard no_grad;
@@ -234,7 +242,7 @@ void freeat(Setup& s, Tensor& delta) {
 /// FreeLB on the table, K = 3, α = 0.1, unbounded: each ascent step moves
 /// along that pass's table gradient; the parameter gradients add up.
 void freelb(Setup& s) {
-  s.opt->zero_grad();
+  s.clear();
   Tensor w = s.table().detach();
   const Tensor backup = w.clone();
   for (int t = 1; t <= 3; ++t) {
@@ -262,7 +270,7 @@ void freelb(Setup& s) {
 /// AWP on every parameter named "weight", α = 1, ε = 1e-4, one step, as the
 /// widely copied class and its loop.
 void awp(Setup& s) {
-  s.opt->zero_grad();
+  s.clear();
   s.loss().backward();
   std::vector<Tensor> ws, backups;
   for (const auto& item : s.model->named_parameters()) {
@@ -284,7 +292,7 @@ void awp(Setup& s) {
       }
     }
   }
-  s.opt->zero_grad();
+  s.clear();
   s.loss().backward();
   for (size_t k = 0; k < ws.size(); ++k) {
     ws[k].detach().copy_(backups[k]);
@@ -292,20 +300,21 @@ void awp(Setup& s) {
   s.opt->step();
 }
 
-/// SMART per example, K = 1, α = 1e-3, noise variance 1e-5, weight 1.
+/// SMART per example, K = 1, α = 1e-3, noise N(0, 1)·1e-5, weight 1 (as
+/// mt-dnn's `SmartPerturbation`: δ ← δ + α·g, each token's vector divided by
+/// its max-abs value + 1e-6).
 void smart(Setup& s) {
-  s.opt->zero_grad();
+  s.clear();
   const Tensor e = s.lookup();
   const Tensor logits = s.model->head(e);
-  Tensor noise = (torch::randn_like(e) * std::sqrt(1e-5)).requires_grad_();
+  Tensor noise = (torch::randn_like(e) * 1e-5).requires_grad_();
   const Tensor adv = advtrain::stable_kl(
       s.model->head(e.detach() + noise), logits.detach(), false);
-  Tensor g = torch::autograd::grad({adv}, {noise})[0];
+  const Tensor g = torch::autograd::grad({adv}, {noise})[0];
   {
     torch::NoGradGuard no_grad;
-    const Tensor inf = g.abs().flatten(1).amax(1).view({-1, 1, 1});
-    noise = noise.detach() + g * (1e-3 / (inf + 1e-6));
-    noise = noise / (noise.abs().flatten(1).amax(1).view({-1, 1, 1}) + 1e-6);
+    noise = noise.detach() + g * 1e-3;
+    noise = noise / (noise.abs().amax(-1, true) + 1e-6);
   }
   const Tensor loss = F::cross_entropy(logits, s.y) +
                       advtrain::sym_kl(s.model->head(e + noise), logits);
@@ -315,7 +324,7 @@ void smart(Setup& s) {
 
 /// VAT per example, ε = 5, ξ = 0.1, one power iteration, weight 1.
 void vat(Setup& s) {
-  s.opt->zero_grad();
+  s.clear();
   const Tensor e = s.lookup();
   const Tensor logits = s.model->head(e);
   Tensor d = (per_example_unit(torch::randn_like(e)) * 0.1).requires_grad_();
@@ -331,12 +340,13 @@ void vat(Setup& s) {
 
 /// R3F per example, uniform noise σ = 1e-5, weight 1.
 void r3f(Setup& s) {
-  s.opt->zero_grad();
+  s.clear();
   const Tensor e = s.lookup();
   const Tensor logits = s.model->head(e);
   const Tensor noise = torch::empty_like(e).uniform_(-1e-5, 1e-5);
-  const Tensor loss = F::cross_entropy(logits, s.y) +
-                      advtrain::symmetric_kl(s.model->head(e + noise), logits);
+  const Tensor loss =
+      F::cross_entropy(logits, s.y) +
+      advtrain::symmetric_kl(s.model->head(e.detach() + noise), logits);
   loss.backward();
   s.opt->step();
 }
@@ -415,7 +425,7 @@ std::function<void()> own_loop(
     const std::string& m, Setup& s, advtrain::Attacker& a) {
   if (m == "fgm" || m == "fgsm") {
     return [&s, &a] {
-      s.opt->zero_grad();
+      s.clear();
       s.loss().backward();
       a.attack();
       s.loss().backward();
@@ -425,13 +435,13 @@ std::function<void()> own_loop(
   }
   if (m == "pgd") {
     return [&s, &a] {
-      s.opt->zero_grad();
+      s.clear();
       s.loss().backward();
       a.backup_grad();
       for (int t = 0; t < 3; ++t) {
         a.attack(t == 0);
         if (t != 2) {
-          s.opt->zero_grad();
+          s.clear();
         } else {
           a.restore_grad();
         }
@@ -617,13 +627,14 @@ void methods_table(
   const double base = median(runners[0].ms);
   const double table = mib(shape.vocab * shape.hidden * 4);
   fmt::print(
-      "\nV = {}, H = {}, batch {} x {}, {}Adam, {} repeats (median), plain "
+      "\nV = {}, H = {}, batch {} x {}, {}{}, {} repeats (median), plain "
       "step {:.1f} ms\n",
       shape.vocab,
       shape.hidden,
       shape.batch,
       shape.length,
       shape.encoder ? "transformer encoder layer, " : "",
+      shape.optimizer,
       repeats,
       base);
   fmt::print(

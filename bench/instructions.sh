@@ -111,8 +111,8 @@ if [ "$wall" -gt 0 ]; then
     sed -n 's/^ms //p' >>"$work/wall"
   if [ "$use_python" = 1 ]; then
     "$python" "$root/bench/python/bench_python.py" $shape --threads 1 \
-      --repeats "$wall" | sed -n 's/^ms \([a-z]*\) /\1_python /p' |
-      sed 's/^plain_python/plain_python/' >>"$work/wall"
+      --repeats "$wall" | sed -n 's/^ms \([a-z]*\) /\1_python /p' \
+      >>"$work/wall"
   fi
 fi
 
@@ -121,14 +121,15 @@ awk -v steps="$steps" -v extra="$extra" -v methods="$methods" \
   FILENAME == ARGV[1] { c[$1 " " $2 " " $3] = $4; seen[$2] = 1; rr[$1] = 1; next }
   { ms[$1] = $2 }
   function per_step(name,   r, a, n, lo, hi, v) {
-    n = 0; a = 0; lo = -1; hi = -1
+    n = 0; a = 0
     for (r in rr) {
       v = (c[r " " name " " steps + extra] - c[r " " name " " steps]) / extra
-      a += v; n++
-      if (lo < 0 || v < lo) lo = v
-      if (hi < 0 || v > hi) hi = v
+      a += v
+      if (n == 0 || v < lo) lo = v
+      if (n == 0 || v > hi) hi = v
+      n++
     }
-    spread[name] = n > 1 ? 100 * (hi - lo) / lo : 0
+    spread[name] = n > 1 && lo > 0 ? 100 * (hi - lo) / lo : 0
     if (spread[name] > worst) worst = spread[name]
     return a / n
   }
@@ -151,9 +152,9 @@ awk -v steps="$steps" -v extra="$extra" -v methods="$methods" \
         mi(i[name "_python"]), ratio(i[name], i[name "_floor"]),
         ratio(i[name], i["plain"]), ratio(i[name], i[name "_python"]),
         wall(name "_floor"), wall(name), wall(name "_python")
-      if (guard != "" && i[name] / i[name "_floor"] > guard + 0) {
-        printf "GUARD: %s library/floor %.4f > %s\n", name,
-          i[name] / i[name "_floor"], guard
+      if (guard != "" && !(i[name "_floor"] > 0 && i[name] / i[name "_floor"] <= guard + 0)) {
+        printf "GUARD: %s library/floor %s > %s\n", name,
+          ratio(i[name], i[name "_floor"]), guard
         bad = 1
       }
     }

@@ -563,3 +563,84 @@ TEST_CASE(
     }
   }
 }
+
+TEST_CASE(
+    "Sparse tables: new rows in later attacks, AWP on every weight, "
+    "accumulated micro-batches",
+    "[sparse]") {
+  const auto batches = two_batches();
+  SECTION("PGD's second attack meets rows the first did not") {
+    // Batch 2 uses row 6, which batch 1 does not: the backup grows.
+    const auto loop = [&](TinyNet& m) {
+      const auto before = clone_all(m->parameters());
+      advtrain::PGD pgd(
+          *m, "embedding", advtrain::PGDOptions().alpha(0.5).epsilon(0.6));
+      std::vector<torch::Tensor> moved;
+      for (size_t k = 0; k < batches.size(); ++k) {
+        m->zero_grad();
+        cross_entropy(m->forward(batches[k].first), batches[k].second)
+            .backward();
+        pgd.attack(k == 0);
+        moved.push_back(m->embedding->weight.detach().clone());
+      }
+      pgd.restore();
+      CHECK(equal_all(clone_all(m->parameters()), before));
+      return moved;
+    };
+    auto dense = make_model();
+    auto sparse = sparse_model();
+    const auto want = loop(dense), got = loop(sparse);
+    CHECK(max_diff_all(got, want) < 1e-12);
+    // Row 6 moved only in the second attack.
+    CHECK(torch::equal(got[0][6], make_model()->embedding->weight[6]));
+    CHECK_FALSE(torch::equal(got[1][6], make_model()->embedding->weight[6]));
+  }
+  SECTION("AWP, two steps, on every weight (sparse table, dense layer)") {
+    const auto run = [&](TinyNet& m) {
+      advtrain::AWP awp(
+          *m, "weight", advtrain::AWPOptions().epsilon(0.05).steps(2));
+      torch::optim::SGD opt(m->parameters(), torch::optim::SGDOptions(kLr));
+      return train_steps(m, awp, opt);
+    };
+    auto dense = make_model();
+    auto sparse = sparse_model();
+    const auto want = run(dense), got = run(sparse);
+    for (size_t s = 0; s < want.size(); ++s) {
+      CHECK(max_diff_all(got[s], want[s]) < 1e-12);
+    }
+  }
+  SECTION("FGM over two accumulated micro-batches") {
+    const auto run = [&](TinyNet& m) {
+      advtrain::FGM fgm(*m, "embedding");
+      torch::optim::Adagrad opt(
+          m->parameters(), torch::optim::AdagradOptions(kLr));
+      advtrain::Trainer trainer(opt, fgm);
+      for (const auto& b : batches) {
+        trainer.accumulate(
+            [&] { return m->forward(b.first); },
+            [&](const torch::Tensor& out) {
+              return cross_entropy(out, b.second) * 0.5;
+            });
+      }
+      opt.step();
+      return clone_all(m->parameters());
+    };
+    auto dense = make_model();
+    auto sparse = sparse_model();
+    CHECK(max_diff_all(run(sparse), run(dense)) < 1e-12);
+  }
+  SECTION("A refusal with several targets leaves FreeAT's delta alone") {
+    auto m = sparse_model();
+    // The dense layer first: its δ would move before the table refuses.
+    advtrain::FreeAT freeat(
+        std::vector<torch::Tensor>{m->fc->weight, m->embedding->weight});
+    torch::optim::SGD opt(m->parameters(), torch::optim::SGDOptions(kLr));
+    const auto before = clone_all(m->parameters());
+    CHECK_THROWS_WITH(
+        train_steps(m, freeat, opt), Catch::Contains("is sparse"));
+    for (const auto& d : freeat.deltas()) {
+      CHECK((!d.defined() || d.abs().max().item<double>() == 0.0));
+    }
+    CHECK(equal_all(clone_all(m->parameters()), before));
+  }
+}

@@ -420,8 +420,21 @@ class Attacker {
 
   /// Refuses a sparse gradient `g` of tensor `i` unless `accepted`.
   void check_sparse(size_t i, const torch::Tensor& g, bool accepted) const {
+    if (!g.defined() || !g.is_sparse()) {
+      return;
+    }
     TORCH_CHECK(
-        accepted || !g.defined() || !g.is_sparse(),
+        g.sparse_dim() == 1,
+        "advtrain: ",
+        kind_,
+        ": the sparse gradient of ",
+        target_names()[i],
+        " has ",
+        g.sparse_dim(),
+        " sparse dimensions; only row-sparse gradients (one sparse "
+        "dimension, as an embedding's) are supported");
+    TORCH_CHECK(
+        accepted,
         "advtrain: ",
         kind_,
         ": the gradient of ",

@@ -57,6 +57,9 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   /// keep their δ.
   void update_delta() {
     target().sync(kind());
+    for (size_t i = 0; i < targets().size(); ++i) { // before δ changes
+      check_sparse(i, targets()[i].grad(), /*accepted=*/false);
+    }
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < targets().size(); ++i) {
       const torch::Tensor& g = targets()[i].grad();

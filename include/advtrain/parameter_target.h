@@ -65,11 +65,13 @@ class ParameterTarget : public Target {
       return Move{true, 0.0};
     }
     if (!rows_[i].defined()) { // backed up whole
-      const double gnorm = detail::l2_norm(g);
+      // (A sparse gradient here met a tensor backed up before it had one.)
+      const torch::Tensor dense = g.is_sparse() ? g.to_dense() : g;
+      const double gnorm = detail::l2_norm(dense);
       if (!usable(i, gnorm)) {
         return Move{gnorm == 0.0, 0.0};
       }
-      return Move{false, rule(i, w, g, geometry(i, gnorm), backup_[i])};
+      return Move{false, rule(i, w, dense, geometry(i, gnorm), backup_[i])};
     }
     // Only the rows with a gradient move: back up, perturb and restore those
     // alone (a batch touches few rows of a vocabulary). A sparse gradient
