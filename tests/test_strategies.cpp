@@ -644,3 +644,36 @@ TEST_CASE(
     CHECK(equal_all(clone_all(m->parameters()), before));
   }
 }
+
+TEST_CASE(
+    "Per example, every strategy trains on a sparse table as on a dense one",
+    "[sparse]") {
+  // δ's gradient is dense; only the table's own gradient is sparse.
+  for (const auto& c : fixture::strategies()) {
+    if (!c.per_example) {
+      continue;
+    }
+    DYNAMIC_SECTION(c.name) {
+      const auto run = [&](bool sparse) {
+        auto m = make_act();
+        m->embedding->options.sparse(sparse);
+        const auto a = c.per_example(m->embedding, false);
+        torch::optim::SGD opt(m->parameters(), torch::optim::SGDOptions(kLr));
+        advtrain::Trainer trainer(opt, *a);
+        torch::manual_seed(5); // the same draws on both sides
+        for (int s = 0; s < 2; ++s) {
+          trainer.step(
+              [&] { return m->forward(padded_ids()); },
+              [&](const torch::Tensor& out) {
+                return cross_entropy(out, batch_labels());
+              });
+        }
+        if (sparse) {
+          CHECK(m->embedding->weight.grad().is_sparse());
+        }
+        return clone_all(m->parameters());
+      };
+      CHECK(max_diff_all(run(true), run(false)) < 1e-12);
+    }
+  }
+}
