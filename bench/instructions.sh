@@ -16,7 +16,8 @@
 #   --shape "ARGS"   the model's bench arguments (default: --bag --vocab 30000
 #                    --hidden 64 --batch 16 --length 32)
 #   --steps N        the base step count (default 2)
-#   --extra K        the extra steps (default 10)
+#   --extra K        the extra steps (default 30: identical processes differ
+#                    by up to a few M instructions, which K steps divide)
 #   --rounds R       rounds per runner (default 2)
 #   --jobs J         processes at once (default: the cores)
 #   --no-python      skip the Python runners
@@ -30,7 +31,7 @@ bench=${ADVTRAIN_BENCH:-$root/build/bench/advtrain_bench}
 python=${ADVTRAIN_PYTHON:-/usr/bin/python3}
 methods=fgsm,fgm,pgd,freeat,freelb,smart,vat,r3f,llr,awp,yopo
 shape="--bag --vocab 30000 --hidden 64 --batch 16 --length 32"
-steps=2 extra=10 rounds=2 jobs=$(nproc) use_python=1 use_own=1 wall=0 guard=
+steps=2 extra=30 rounds=2 jobs=$(nproc) use_python=1 use_own=1 wall=0 guard=
 while [ $# -gt 0 ]; do
   case $1 in
     --methods) methods=$2; shift 2 ;;
