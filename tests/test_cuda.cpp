@@ -13,6 +13,10 @@
 #include <iostream>
 #include <memory>
 
+#if defined(ADVTRAIN_SYNC_DEBUG)
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
 using namespace fixture;
 
 namespace {
@@ -76,6 +80,95 @@ TEST_CASE("Each strategy per example: CUDA equals CPU", "[cuda]") {
     CHECK(max_diff_all(cpu, gpu) < 1e-9);
   }
 }
+
+#if defined(ADVTRAIN_SYNC_DEBUG)
+// CUDA's own count: with the sync debug mode set to warn, every operation
+// that waits for the device (a copy to the host, `.item()`, `nonzero`)
+// warns "called a synchronizing CUDA operation". Built where the LibTorch
+// has c10_cuda (ADVTRAIN_SYNC_DEBUG).
+
+namespace {
+
+/// The sync debug mode set to warn while alive.
+struct SyncWarnings {
+  SyncWarnings() {
+    c10::cuda::warning_state().set_sync_debug_mode(
+        c10::cuda::SyncDebugMode::L_WARN);
+  }
+  ~SyncWarnings() {
+    c10::cuda::warning_state().set_sync_debug_mode(
+        c10::cuda::SyncDebugMode::L_DISABLED);
+  }
+};
+
+/// Synchronizations with the device in each of `steps` Trainer steps after
+/// a first one.
+template <typename Forward>
+std::vector<size_t> syncs_per_step(
+    advtrain::Attacker& attacker,
+    torch::optim::Optimizer& opt,
+    const Forward& forward,
+    const torch::Tensor& y,
+    int steps) {
+  advtrain::Trainer trainer(opt, attacker);
+  const auto loss = [&](const torch::Tensor& out) {
+    return cross_entropy(out, y);
+  };
+  trainer.step(forward, loss); // first use: allocations, kernels loaded
+  std::vector<size_t> counts;
+  for (int s = 0; s < steps; ++s) {
+    WarningCapture warnings;
+    const SyncWarnings on;
+    trainer.step(forward, loss);
+    counts.push_back(warnings.count("synchronizing"));
+  }
+  return counts;
+}
+
+} // namespace
+
+TEST_CASE(
+    "Each strategy's Trainer::step waits for the device once", "[cuda][sync]") {
+  const std::vector<size_t> once(3, 1);
+  for (const auto& c : strategies()) {
+    for (const bool share : {false, true}) {
+      CAPTURE(c.name, share);
+      {
+        auto model = make_model();
+        model->to(torch::kCUDA);
+        const auto attacker = c.on_table(*model, "embedding", share);
+        torch::optim::Adam opt(model->parameters());
+        const auto x = batch_ids().cuda();
+        const auto counts = syncs_per_step(
+            *attacker,
+            opt,
+            [&] { return model->forward(x); },
+            batch_labels().cuda(),
+            3);
+        std::cout << c.name << " table share=" << share << " syncs/step "
+                  << counts[0] << ' ' << counts[1] << ' ' << counts[2] << '\n';
+        CHECK(counts == once);
+      }
+      if (c.per_example) {
+        auto model = make_act();
+        model->to(torch::kCUDA);
+        const auto attacker = c.per_example(model->embedding, share);
+        torch::optim::Adam opt(model->parameters());
+        const auto x = padded_ids().cuda();
+        const auto counts = syncs_per_step(
+            *attacker,
+            opt,
+            [&] { return model->forward(x); },
+            torch::tensor({0, 1, 2}, torch::kLong).cuda(),
+            3);
+        std::cout << c.name << " per example share=" << share << " syncs/step "
+                  << counts[0] << ' ' << counts[1] << ' ' << counts[2] << '\n';
+        CHECK(counts == once);
+      }
+    }
+  }
+}
+#endif
 
 int main(int argc, char** argv) {
   if (!torch::cuda::is_available()) {

@@ -253,8 +253,13 @@ TEST_CASE(
         return ++calls == 1 ? out : out * inf;
       },
       [&](const torch::Tensor& out) { return cross_entropy(out, y); });
-  CHECK(calls == 2); // clean + one ascent pass, then the skip
+  // Clean, the ascent pass and the perturbed pass (no pass waits for the
+  // device to say the ascent failed); the regularizer is then left out.
+  CHECK(calls == 3);
+  CHECK(r.passes == 3);
   CHECK(warnings.count("non-finite") == 1);
+  CHECK(smart.nonfinite_gradients() == 1);
+  CHECK(r.regularizer == 0.0);
   CHECK(r.adv_loss == 0.0);
   CHECK(r.perturbation_norm == 0.0);
   for (const auto& p : model->parameters()) {
@@ -262,6 +267,59 @@ TEST_CASE(
   }
   // The step is the task loss's alone.
   CHECK(max_diff(model, sgd(p0, plain_grads(p0, x, y))) < kTol);
+}
+
+TEST_CASE(
+    "After a non-finite search gradient SMART and VAT keep delta finite",
+    "[smart][vat]") {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const std::string name : {"SMART", "VAT"}) {
+    for (const bool per_example : {false, true}) {
+      INFO(name << (per_example ? " per example" : " on the table"));
+      auto table = make_model();
+      auto act = make_act();
+      const auto x = per_example ? padded_ids() : batch_ids();
+      const auto y =
+          per_example ? torch::tensor({0, 1, 2}, torch::kLong) : batch_labels();
+      std::unique_ptr<advtrain::Attacker> a;
+      if (name == "SMART") {
+        const auto o = advtrain::SMARTOptions().steps(2);
+        a = per_example
+                ? std::make_unique<advtrain::SMART>(act->embedding, o)
+                : std::make_unique<advtrain::SMART>(*table, "embedding", o);
+      } else {
+        const auto o = advtrain::VATOptions().power_iterations(2);
+        a = per_example
+                ? std::make_unique<advtrain::VAT>(act->embedding, o)
+                : std::make_unique<advtrain::VAT>(*table, "embedding", o);
+      }
+      torch::optim::SGD opt(
+          per_example ? act->parameters() : table->parameters(),
+          torch::optim::SGDOptions(kLr));
+      advtrain::Trainer trainer(opt, *a);
+      int calls = 0;
+      bool finite = true;
+      WarningCapture warnings;
+      const auto r = trainer.step(
+          [&] {
+            const auto out = per_example ? act->forward(x) : table->forward(x);
+            finite = finite && torch::isfinite(out).all().item<bool>();
+            // Every pass after the clean one blows up.
+            return ++calls == 1 ? out : out * inf;
+          },
+          [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+      // Clean, two search passes (the second at the δ kept), the final one.
+      CHECK(calls == 4);
+      CHECK(finite);
+      CHECK(a->nonfinite_gradients() == 1);
+      CHECK(warnings.count("non-finite") == 1);
+      CHECK(r.regularizer == 0.0);
+      for (const auto& p :
+           per_example ? act->parameters() : table->parameters()) {
+        CHECK(torch::isfinite(p).all().item<bool>());
+      }
+    }
+  }
 }
 
 TEST_CASE("stable_kl and sym_kl against hand-derived values", "[smart]") {
@@ -585,13 +643,13 @@ class NoiseReg : public advtrain::Regularizer<NoiseRegOptions> {
   double weight() const override {
     return options_.weight();
   }
-  double perturb(
+  torch::Tensor perturb(
       size_t,
       torch::Tensor&,
       const torch::Tensor&,
       const advtrain::Geometry&,
       const torch::Tensor&) override {
-    return 0.0; // no search
+    return {}; // no search
   }
 };
 

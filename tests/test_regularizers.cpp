@@ -83,7 +83,8 @@ TEST_CASE("VAT's scale_l2 against a loop, per example and whole", "[vat]") {
   const auto x = torch::randn({2, 3, 4}, torch::kDouble);
   x[1].mul_(1e-3);
   const auto mask = torch::ones({2, 3, 1}, torch::kDouble);
-  const auto per = advtrain::detail::scale_l2(x, 2.5, {mask, 0.0});
+  const auto per =
+      advtrain::detail::scale_l2(x, 2.5, advtrain::Geometry{mask, {}, {}});
   const auto whole = advtrain::detail::scale_l2(x, 2.5, {});
   // _scale_l2: a = max|x| + 1e-12, ‖x‖ = a·sqrt(Σ(x/a)² + 1e-6).
   auto expected = [](const torch::Tensor& v, double n) {
@@ -272,7 +273,9 @@ TEST_CASE(
   torch::manual_seed(8);
   const auto d = torch::randn({2, 4, kHidden}, torch::kDouble);
   const auto rv = advtrain::detail::scale_l2(
-      d, eps, {torch::ones({2, 4, 1}, torch::kDouble), 0.0});
+      d,
+      eps,
+      advtrain::Geometry{torch::ones({2, 4, 1}, torch::kDouble), {}, {}});
   const auto m = mask_of(u);
   auto head = [&](const torch::Tensor& e) {
     return torch::nn::functional::linear(

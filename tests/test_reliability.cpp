@@ -9,10 +9,14 @@
 
 #include <catch2/catch.hpp>
 
+#include <ATen/record_function.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <memory>
 #include <random>
+#include <set>
 #include <string>
 
 using namespace fixture;
@@ -515,4 +519,241 @@ TEST_CASE("Every strategy trains a bfloat16 model on CPU", "[bf16]") {
     }
     CHECK_FALSE(equal_all(clone_all(model->parameters()), before));
   }
+}
+
+namespace {
+
+/// Counts the ATen ops run on this thread that read a tensor's values to
+/// the host (on CUDA each waits for the device): `item` and
+/// `_local_scalar_dense`, the ops whose output's size depends on values
+/// (`nonzero`, `masked_select`, `unique`), and those answering with a host
+/// bool (`is_nonzero`, `equal`, `allclose`). The library's own read of a
+/// step's figures copies them to the CPU in `detail::to_host`, which counts
+/// itself in `detail::host_reads()`.
+class HostReadOps {
+ public:
+  HostReadOps()
+      : handle_(at::addThreadLocalCallback(
+            at::RecordFunctionCallback(&enter).scopes(
+                {at::RecordScope::FUNCTION}))) {
+    seen().clear();
+  }
+  ~HostReadOps() {
+    at::removeCallback(handle_);
+  }
+  HostReadOps(const HostReadOps&) = delete;
+  HostReadOps& operator=(const HostReadOps&) = delete;
+
+  /// The reading ops seen since construction (or `clear`), by name.
+  static std::vector<std::string>& seen() {
+    thread_local std::vector<std::string> names;
+    return names;
+  }
+
+ private:
+  static std::unique_ptr<at::ObserverContext> enter(
+      const at::RecordFunction& fn) {
+    static const std::set<std::string> reads = {
+        "aten::item",
+        "aten::_local_scalar_dense",
+        "aten::nonzero",
+        "aten::nonzero_numpy",
+        "aten::argwhere",
+        "aten::masked_select",
+        "aten::_unique",
+        "aten::_unique2",
+        "aten::unique_dim",
+        "aten::unique_consecutive",
+        "aten::is_nonzero",
+        "aten::equal",
+        "aten::allclose"};
+    const std::string name = fn.name();
+    if (reads.count(name) > 0) {
+      seen().push_back(name);
+    }
+    return nullptr;
+  }
+
+  at::CallbackHandle handle_;
+};
+
+/// Sets `detail::force_sync_free()` while alive: the CPU takes the paths a
+/// CUDA device takes.
+struct SyncFree {
+  SyncFree() {
+    advtrain::detail::force_sync_free() = true;
+  }
+  ~SyncFree() {
+    advtrain::detail::force_sync_free() = false;
+  }
+};
+
+/// Runs `steps` Trainer steps with `attacker`, on the sync-free path (what a
+/// device takes) or the CPU's own; on the sync-free path counts reading ops
+/// and the library's host reads and checks one read per step and no reading
+/// op. Returns the parameters after the steps.
+template <typename Forward>
+std::vector<torch::Tensor> check_one_read(
+    advtrain::Attacker& attacker,
+    torch::optim::Optimizer& opt,
+    const Forward& forward,
+    const torch::Tensor& y,
+    int steps,
+    bool sync_free = true) {
+  advtrain::Trainer trainer(opt, attacker);
+  advtrain::detail::force_sync_free() = sync_free;
+  const HostReadOps ops;
+  const int64_t before = advtrain::detail::host_reads();
+  for (int s = 0; s < steps; ++s) {
+    const auto r = trainer.step(forward, [&](const torch::Tensor& out) {
+      return cross_entropy(out, y);
+    });
+    CHECK(std::isfinite(r.loss));
+    CHECK(r.loss > 0.0);
+  }
+  advtrain::detail::force_sync_free() = false;
+  if (sync_free) {
+    CHECK(advtrain::detail::host_reads() - before == steps);
+    CHECK(HostReadOps::seen() == std::vector<std::string>{});
+  }
+  std::vector<torch::Tensor> params;
+  for (const auto& group : opt.param_groups()) {
+    for (const auto& p : group.params()) {
+      params.push_back(p.detach().clone());
+    }
+  }
+  return params;
+}
+
+} // namespace
+
+TEST_CASE("The counter sees the reads it looks for", "[sync]") {
+  // (So that the tests below can fail: each of these reads the device.)
+  const auto t = torch::tensor({0.0, 2.0, 0.0}, torch::kDouble);
+  const HostReadOps ops;
+  const auto& seen = HostReadOps::seen();
+  const auto saw = [&](const char* name) {
+    const auto n = std::count(seen.begin(), seen.end(), name);
+    HostReadOps::seen().clear();
+    return n;
+  };
+  CHECK(t.sum().item<double>() == 2.0);
+  CHECK(saw("aten::_local_scalar_dense") >= 1);
+  CHECK(t.nonzero().numel() == 1);
+  CHECK(saw("aten::nonzero") == 1);
+  CHECK(t.masked_select(t > 1).numel() == 1);
+  CHECK(saw("aten::masked_select") == 1);
+  CHECK(torch::equal(t, t));
+  CHECK(saw("aten::equal") == 1);
+  CHECK(t.sum().to(torch::kDouble).numel() == 1); // no read
+  CHECK(seen.empty());
+  // On the CPU the table searches its gradient for rows (`nonzero`); the
+  // sync-free path does not.
+  auto model = make_model();
+  advtrain::FGM fgm(*model, "embedding");
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, fgm);
+  trainer.step(
+      [&] { return model->forward(batch_ids()); },
+      [&](const torch::Tensor& out) {
+        return cross_entropy(out, batch_labels());
+      });
+  CHECK(saw("aten::nonzero") == 1);
+}
+
+TEST_CASE(
+    "Each strategy's Trainer::step reads the device once, on the table and "
+    "per example",
+    "[sync]") {
+  // Each also against the CPU's own path (which reads gradient norms and
+  // searches rows), from the same seed: the same steps.
+  for (const auto& c : strategies()) {
+    for (const bool share : {false, true}) {
+      INFO(c.name << ", share_dropout_mask " << share);
+      std::vector<torch::Tensor> on_path[2];
+      for (const bool sync_free : {true, false}) {
+        torch::manual_seed(5);
+        auto model = make_model();
+        const auto attacker = c.on_table(*model, "embedding", share);
+        torch::optim::Adam opt(model->parameters());
+        const auto x = batch_ids();
+        on_path[sync_free] = check_one_read(
+            *attacker,
+            opt,
+            [&] { return model->forward(x); },
+            batch_labels(),
+            3,
+            sync_free);
+      }
+      CHECK(max_diff_all(on_path[0], on_path[1]) < 1e-12);
+      if (c.per_example) {
+        for (const bool sync_free : {true, false}) {
+          torch::manual_seed(5);
+          auto model = make_act();
+          const auto attacker = c.per_example(model->embedding, share);
+          torch::optim::Adam opt(model->parameters());
+          const auto x = padded_ids();
+          on_path[sync_free] = check_one_read(
+              *attacker,
+              opt,
+              [&] { return model->forward(x); },
+              torch::tensor({0, 1, 2}, torch::kLong),
+              3,
+              sync_free);
+        }
+        CHECK(max_diff_all(on_path[0], on_path[1]) < 1e-12);
+      }
+    }
+  }
+  // YOPO, on its split model.
+  SplitNet model;
+  advtrain::YOPO yopo(model->embedding, [&](const torch::Tensor& e) {
+    return model->first(e);
+  });
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  const auto x = padded_ids();
+  check_one_read(
+      yopo,
+      opt,
+      [&] { return model->rest(yopo.first(model->embedding(x)), x); },
+      torch::tensor({0, 1, 2}, torch::kLong),
+      3);
+}
+
+TEST_CASE(
+    "A non-finite gradient is still counted and warned about with one read "
+    "per step",
+    "[sync]") {
+  auto model = make_model();
+  auto& W = model->embedding->weight;
+  advtrain::FGM fgm(*model, "embedding");
+  // (The table is not stepped: its gradient is NaN.)
+  torch::optim::SGD opt(model->fc->parameters(), torch::optim::SGDOptions(kLr));
+  const auto before = W.detach().clone();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const auto hook =
+      W.register_hook([nan](const torch::Tensor& g) { return g * nan; });
+  advtrain::Trainer trainer(opt, fgm);
+  WarningCapture warnings;
+  {
+    const SyncFree sync_free;
+    const HostReadOps ops;
+    const int64_t reads = advtrain::detail::host_reads();
+    for (int s = 0; s < 2; ++s) {
+      const auto r = trainer.step(
+          [&] { return model->forward(batch_ids()); },
+          [&](const torch::Tensor& out) {
+            return cross_entropy(out, batch_labels());
+          });
+      CHECK(std::isfinite(r.loss));
+      CHECK(r.perturbation_norm == 0.0);
+      CHECK(r.adv_loss == Approx(r.loss).epsilon(1e-12)); // nothing moved
+    }
+    CHECK(advtrain::detail::host_reads() - reads == 2);
+    CHECK(HostReadOps::seen() == std::vector<std::string>{});
+  }
+  W.remove_hook(hook);
+  CHECK(fgm.nonfinite_gradients() == 2);
+  CHECK(warnings.count("non-finite") == 1);
+  CHECK(torch::equal(W, before));
 }

@@ -62,8 +62,8 @@ class ActivationTarget : public Target {
     }
   }
 
-  Geometry geometry(size_t i, double gnorm) const override {
-    return Geometry{slots_[i]->expanded_mask(), gnorm};
+  Geometry geometry(size_t i) const override {
+    return Geometry{slots_[i]->expanded_mask(), {}, {}};
   }
 
   Move move(
@@ -78,7 +78,7 @@ class ActivationTarget : public Target {
       return Move{};
     }
     torch::Tensor w = data(i, untracked);
-    return Move{false, rule(i, w, g, geometry(i, 0.0), backup_[i])};
+    return Move{rule(i, w, g, geometry(i), backup_[i])};
   }
 
   /// δ's gradient is the attacker's own: used up by the attack.
@@ -89,15 +89,14 @@ class ActivationTarget : public Target {
   }
 
   /// ‖δ‖ over the slots' current δ.
-  double norm() const override {
-    double sq = 0.0;
+  torch::Tensor norm() const override {
+    std::vector<torch::Tensor> norms;
     for (const auto& slot : slots_) {
       if (slot->delta().defined()) {
-        const double n = detail::l2_norm(slot->delta().detach());
-        sq += n * n;
+        norms.push_back(detail::l2_norm(slot->delta().detach()));
       }
     }
-    return std::sqrt(sq);
+    return detail::combined_norm(norms);
   }
 
   /// The slots forget δ, so the step's first forward makes a new one.

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -69,9 +70,14 @@ class Attacker {
     }
     backup();
     try {
-      const auto usable = [this](size_t i, double gnorm) {
-        return usable_norm(i, gnorm);
-      };
+      const auto usable =
+          [this](size_t i, const torch::Tensor& gnorm, bool on_device) {
+            if (!on_device) {
+              note_norm(i, gnorm);
+              return torch::Tensor();
+            }
+            return usable_norm(i, gnorm);
+          };
       const auto rule = [this](
                             size_t i,
                             torch::Tensor& w,
@@ -80,11 +86,21 @@ class Attacker {
                             const torch::Tensor& origin) {
         return perturb(i, w, g, geo, origin);
       };
-      double sq = 0.0;
-      // Whether every gradient is exactly zero: the sign of a zero_grad()
-      // between the backward and attack(). (Per example, δ is no optimizer
-      // or module parameter, so zero_grad() does not touch its gradient.)
-      bool all_zero = target_->measures_gradient_norm();
+      std::vector<torch::Tensor> norms;
+      // The gradient norms this attack measures form one group: all zero is
+      // the sign of a zero_grad() between the backward and attack(), counted
+      // when the step is read. (Per example nothing is measured: δ is no
+      // optimizer or module parameter, so zero_grad() does not touch its
+      // gradient.)
+      struct Group {
+        int64_t& group;
+        Group(int64_t& g, int64_t id) : group(g) {
+          group = id;
+        }
+        ~Group() {
+          group = -1;
+        }
+      } in_group{group_, uses_gradient() ? ++attacks_ : -1};
       for (size_t i = 0; i < grads.size(); ++i) {
         const Move m = target_->move(
             i,
@@ -94,18 +110,17 @@ class Attacker {
             untracked_writes(),
             usable,
             rule);
-        all_zero = all_zero && m.zero_gradient;
-        sq += m.norm * m.norm;
+        norms.push_back(std::move(m.norm));
       }
-      if (uses_gradient() && all_zero) {
-        note_zero_gradients();
-      }
-      perturbation_norm_ = std::sqrt(sq);
+      perturbation_norm_ = detail::combined_norm(norms);
       peak_bytes_ = std::max(peak_bytes_, held_bytes());
       target_->consume_gradients();
     } catch (...) {
       restore();
       throw;
+    }
+    if (running_step() == nullptr) {
+      settle(); // an own loop: counted and warned at once
     }
   }
 
@@ -153,7 +168,9 @@ class Attacker {
 
   /// Runs the strategy's protocol for one batch in `ctx` (what
   /// `Trainer::step` calls): the target's step begins, `run_step` runs, the
-  /// step ends however it leaves, and a completed step is counted.
+  /// step ends however it leaves, and a completed step is counted. Its
+  /// figures, with the counts of zero and non-finite gradients, are read to
+  /// the host once (`ctx.read_figures`), when `run_step` has not read them.
   StepResult run(StepContext& ctx) {
     target_->begin_step(ctx);
     struct EndStep { // however the step ends: no hook outlives `ctx`
@@ -163,9 +180,8 @@ class Attacker {
       }
     } end_step{*target_};
     on_new_step();
-    StepResult r;
     try {
-      r = run_step(ctx);
+      run_step(ctx);
     } catch (...) {
       try {
         restore();    // while the step's δ is still known
@@ -174,7 +190,10 @@ class Attacker {
       throw;
     }
     ++steps_done_;
-    return r;
+    if (!ctx.figures_read()) {
+      read_step(ctx);
+    }
+    return ctx.result();
   }
 
   /// Writes the state that outlives a batch (FreeAT's δ, the step counter)
@@ -236,9 +255,11 @@ class Attacker {
   bool is_perturbed() const noexcept {
     return target_->is_perturbed();
   }
-  /// ‖δ‖ of the last `attack()` (all tensors together).
-  double perturbation_norm() const noexcept {
-    return perturbation_norm_;
+  /// ‖δ‖ of the last `attack()` (all tensors together), read to the host.
+  double perturbation_norm() const {
+    return perturbation_norm_.defined()
+               ? detail::to_host({perturbation_norm_}).front()
+               : 0.0;
   }
   /// Batches (or micro-batches) a `Trainer` completed with this attacker.
   int64_t steps_done() const noexcept {
@@ -276,13 +297,14 @@ class Attacker {
   virtual bool share_dropout_mask() const {
     return false;
   }
-  /// How many times a gradient with a non-finite norm was met (and skipped).
+  /// How many times a gradient with a non-finite norm was met (and skipped),
+  /// as of the last step's (or own-loop `attack()`'s) host read.
   int64_t nonfinite_gradients() const noexcept {
     return nonfinite_gradients_;
   }
   /// How many times `attack()` found every target's gradient exactly zero
   /// (nothing moved; typically `zero_grad()` ran between the backward and
-  /// `attack()`).
+  /// `attack()`), as of the last host read.
   int64_t zero_gradients() const noexcept {
     return zero_gradients_;
   }
@@ -300,20 +322,23 @@ class Attacker {
 
   /// The rule: moves tensor `i` (`w`, its data, or the rows of it that
   /// moved) along its gradient `g`; `geo` says where norms are taken (on a
-  /// parameter, `geo.gnorm` = ‖g‖, positive and finite); `origin` is its
-  /// backed-up value (per example δ = 0). Returns ‖δᵢ‖ after the move. Runs
-  /// under NoGradGuard. Where `uses_gradient()` is false, `g` is undefined.
-  virtual double perturb(
+  /// parameter, `geo.gnorm` = ‖g‖, and where ‖g‖ is zero or not finite `g`
+  /// is zero and `geo.gnorm` 1); `origin` is its backed-up value (per
+  /// example δ = 0). Returns ‖δᵢ‖ after the move, a 0-dim tensor on the
+  /// device (undefined: not measured); nothing in it may read the device to
+  /// the host. Runs under NoGradGuard. Where `uses_gradient()` is false, `g`
+  /// is undefined.
+  virtual torch::Tensor perturb(
       size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
       const Geometry& geo,
       const torch::Tensor& origin) = 0;
 
-  /// The protocol for one batch (docs/design.md, "Protocols"); called by
-  /// `run`, whose caller (`Trainer`) restores weights and gradients if it
-  /// throws.
-  virtual StepResult run_step(StepContext& ctx) = 0;
+  /// The protocol for one batch (docs/design.md, "Protocols"), reporting in
+  /// `ctx.figures`; called by `run`, whose caller (`Trainer`) restores
+  /// weights and gradients if it throws.
+  virtual void run_step(StepContext& ctx) = 0;
 
   /// State beyond the base's.
   virtual void save_state(torch::serialize::OutputArchive& /*archive*/) const {}
@@ -371,51 +396,62 @@ class Attacker {
     return target_->origin(i);
   }
 
-  /// Whether a gradient norm measured on a whole tensor gives a step: false
-  /// when it is zero or not finite (the latter warns, once per attacker, and
-  /// is counted).
-  bool usable_norm(size_t i, double gnorm) {
-    if (std::isfinite(gnorm)) {
-      return gnorm > 0.0;
-    }
-    ++nonfinite_gradients_;
-    if (!warned_nonfinite_) {
-      warned_nonfinite_ = true;
-      TORCH_WARN(
-          "advtrain: ",
-          kind_,
-          ": the gradient of ",
-          target_names()[i],
-          " has a non-finite norm (",
-          gnorm,
-          "); no perturbation from it, training goes on (warned once per "
-          "attacker; see nonfinite_gradients())");
-    }
-    return false;
+  /// Whether a gradient norm measured on a whole tensor gives a step (0-dim
+  /// bool, on the device): not when it is zero or not finite. The norm is
+  /// kept, and read with the step: non-finite ones are then counted and
+  /// warned about (once per attacker).
+  torch::Tensor usable_norm(size_t i, const torch::Tensor& gnorm) {
+    note_norm(i, gnorm);
+    // (NaN compares false both ways.)
+    return gnorm.gt(0).logical_and_(gnorm.lt(kInf));
+  }
+
+  /// Keeps tensor i's gradient norm `gnorm` (0-dim) to be read with the
+  /// step: a non-finite one is counted, once per step where `once` (a
+  /// regularizer's search, which stops moving at the first).
+  void note_norm(size_t i, const torch::Tensor& gnorm, bool once = false) {
+    pending_.push_back(Pending{i, group_, once});
+    pending_norms_.push_back(gnorm);
   }
 
   /// The geometry of a step of tensor `i` along its gradient `g`, or none
-  /// when `g` cannot give one: undefined, or (where the target measures
-  /// norms on the host) a zero or non-finite ‖g‖, the latter warned once and
-  /// counted; per example, such examples are left in place by the step
-  /// itself, on the device. `measured` receives the norm measured, if any.
-  std::optional<Geometry> step_geometry(
-      size_t i, const torch::Tensor& g, double* measured = nullptr) {
+  /// when `g` is undefined. Where the target measures norms on whole
+  /// tensors, ‖g‖ is measured and checked (`usable_norm`): where it is zero
+  /// or not finite, `g` is replaced by zeros, so the step moves by 0; per
+  /// example, such examples are left in place by the step itself.
+  std::optional<Geometry> step_geometry(size_t i, torch::Tensor& g) {
     if (!g.defined()) {
       return std::nullopt;
     }
     check_sparse(i, g, /*accepted=*/false);
-    double gnorm = 0.0;
-    if (target_->measures_gradient_norm()) {
-      gnorm = detail::l2_norm(g);
-      if (measured != nullptr) {
-        *measured = gnorm;
-      }
-      if (!usable_norm(i, gnorm)) {
+    if (!target_->measures_gradient_norm()) {
+      return target_->geometry(i);
+    }
+    const torch::Tensor gnorm = detail::l2_norm(g);
+    if (!detail::sync_free(g)) { // host memory: a read waits for nothing
+      note_norm(i, gnorm);
+      const double n = gnorm.item<double>();
+      if (!(n > 0.0 && std::isfinite(n))) {
         return std::nullopt;
       }
+      Geometry geo{torch::Tensor(), gnorm, torch::Tensor()};
+      geo.host_gnorm = n;
+      return geo;
     }
-    return target_->geometry(i, gnorm);
+    return detail::whole_tensor(g, gnorm, usable_norm(i, gnorm));
+  }
+
+  /// Reads the step's figures (`ctx.figures`), the 0-dim tensors `extra`
+  /// and the attacker's counts of zero and non-finite gradients to the host
+  /// in one copy; counts and warns; returns extra's values.
+  std::vector<double> read_step(
+      StepContext& ctx, const std::vector<torch::Tensor>& extra = {}) {
+    std::vector<torch::Tensor> all = extra;
+    const size_t counts = append_counts(all);
+    std::vector<double> values = ctx.read_figures(all);
+    take_counts(values.data() + extra.size(), counts);
+    values.resize(extra.size());
+    return values;
   }
 
   /// Refuses a sparse gradient `g` of tensor `i` unless `accepted`.
@@ -451,25 +487,87 @@ class Attacker {
     return target_->step_context();
   }
 
-  /// Records ‖δ‖ of a move made outside `attack()`.
-  void set_perturbation_norm(double norm) noexcept {
-    perturbation_norm_ = norm;
+  /// Records ‖δ‖ (0-dim) of a move made outside `attack()`.
+  void set_perturbation_norm(torch::Tensor norm) noexcept {
+    perturbation_norm_ = std::move(norm);
+  }
+  /// ‖δ‖ of the last move (0-dim, on the device; undefined: 0).
+  const torch::Tensor& last_perturbation_norm() const noexcept {
+    return perturbation_norm_;
+  }
+
+  /// Reads the pending counts now (outside a `Trainer` step): one host read,
+  /// none when nothing is pending.
+  void settle() {
+    std::vector<torch::Tensor> counts;
+    const size_t n = append_counts(counts);
+    if (n > 0) {
+      take_counts(detail::to_host(counts).data(), n);
+    }
   }
 
   /// The protocol of FGSM and FGM: clean pass, one attack, adversarial pass,
   /// restore, optimizer step.
-  StepResult run_single_attack(StepContext& ctx) {
-    StepResult r;
-    r.loss = ctx.pass().item<double>();
+  void run_single_attack(StepContext& ctx) {
+    ctx.figures.loss = ctx.pass();
     attack();
-    r.perturbation_norm = perturbation_norm_;
-    r.adv_loss = ctx.pass().item<double>();
+    ctx.figures.perturbation_norm = perturbation_norm_;
+    ctx.figures.adv_loss = ctx.pass();
     restore();
     ctx.step_optimizer();
-    return r;
   }
 
  private:
+  /// Appends the gradient norms kept since the last read to `values`;
+  /// returns how many.
+  size_t append_counts(std::vector<torch::Tensor>& values) const {
+    values.insert(values.end(), pending_norms_.begin(), pending_norms_.end());
+    return pending_norms_.size();
+  }
+
+  /// Takes the `n` values `append_counts` appended: counts the non-finite
+  /// norms and the attacks whose norms were all zero, warns, and forgets
+  /// them.
+  void take_counts(const double* values, size_t n) {
+    TORCH_INTERNAL_ASSERT(n == pending_.size());
+    bool once_counted = false;
+    for (size_t k = 0; k < n; ++k) {
+      const Pending& p = pending_[k];
+      if (!std::isfinite(values[k]) && !(p.once && once_counted)) {
+        once_counted = once_counted || p.once;
+        note_nonfinite(p.target);
+      }
+      // A group is one attack's norms, in order: all zero?
+      const bool last_of_group =
+          p.group >= 0 && (k + 1 == n || pending_[k + 1].group != p.group);
+      if (last_of_group) {
+        bool zero = true;
+        for (size_t j = k + 1; j-- > 0 && pending_[j].group == p.group;) {
+          zero = zero && values[j] == 0.0;
+        }
+        if (zero) {
+          note_zero_gradients();
+        }
+      }
+    }
+    pending_.clear();
+    pending_norms_.clear();
+  }
+
+  void note_nonfinite(size_t i) {
+    ++nonfinite_gradients_;
+    if (!warned_nonfinite_) {
+      warned_nonfinite_ = true;
+      TORCH_WARN(
+          "advtrain: ",
+          kind_,
+          ": the gradient of ",
+          target_names()[i],
+          " has a non-finite norm; no perturbation from it, training goes on "
+          "(warned once per attacker; see nonfinite_gradients())");
+    }
+  }
+
   void note_zero_gradients() {
     ++zero_gradients_;
     if (!warned_zero_) {
@@ -527,7 +625,19 @@ class Attacker {
   const char* kind_;
   std::vector<torch::Tensor> watched_;
   std::vector<torch::Tensor> grad_backup_;
-  double perturbation_norm_ = 0.0;
+  torch::Tensor perturbation_norm_; // 0-dim; undefined: 0
+  /// A gradient norm kept to be read with the step: its tensor, the attack
+  /// that measured it (-1: none), and whether a non-finite one counts once.
+  struct Pending {
+    size_t target;
+    int64_t group;
+    bool once;
+  };
+  std::vector<Pending> pending_;
+  std::vector<torch::Tensor> pending_norms_; // not yet read, as pending_
+  int64_t group_ = -1;                       // the attack measuring now
+  int64_t attacks_ = 0;
+  static constexpr double kInf = std::numeric_limits<double>::infinity();
   int64_t steps_done_ = 0;
   int64_t peak_bytes_ = 0;
   int64_t nonfinite_gradients_ = 0;

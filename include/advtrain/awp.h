@@ -66,32 +66,34 @@ class AWP : public Strategy<AWPOptions> {
     return true;
   }
 
-  double perturb(
+  torch::Tensor perturb(
       size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
       const Geometry& geo,
       const torch::Tensor& origin) override {
     // ‖w‖ of the whole tensor, also where `w` holds some rows of it.
-    const double wnorm = detail::l2_norm(data(i));
-    w.add_(g, options_.alpha() / (geo.gnorm + 1e-6) * (wnorm + 1e-6));
+    const torch::Tensor wnorm = detail::l2_norm(data(i)).to(torch::kDouble);
+    detail::add_scaled(
+        w,
+        g,
+        (geo.gnorm.to(torch::kDouble) + 1e-6).reciprocal() * options_.alpha() *
+            (wnorm + 1e-6));
     const torch::Tensor box = origin.abs() * options_.epsilon();
     at::clamp_out(w, w, origin - box, origin + box);
     return detail::l2_norm(w - origin);
   }
 
-  StepResult run_step(StepContext& ctx) override {
-    StepResult r;
-    r.loss = ctx.pass().item<double>();
+  void run_step(StepContext& ctx) override {
+    ctx.figures.loss = ctx.pass();
     for (int64_t s = 0; s < options_.steps(); ++s) {
       attack();
       ctx.clear_grads();
-      r.adv_loss = ctx.pass().item<double>();
+      ctx.figures.adv_loss = ctx.pass();
     }
-    r.perturbation_norm = perturbation_norm();
+    ctx.figures.perturbation_norm = last_perturbation_norm();
     restore();
     ctx.step_optimizer();
-    return r;
   }
 };
 

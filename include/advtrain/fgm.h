@@ -19,7 +19,7 @@ class FastGradient : public Strategy<Options> {
   using Strategy<Options>::Strategy;
 
  protected:
-  double perturb(
+  torch::Tensor perturb(
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
@@ -28,8 +28,8 @@ class FastGradient : public Strategy<Options> {
     return detail::first_step<Norm>(w, g, this->options_.epsilon(), geo);
   }
 
-  StepResult run_step(StepContext& ctx) override {
-    return this->run_single_attack(ctx);
+  void run_step(StepContext& ctx) override {
+    this->run_single_attack(ctx);
   }
 
   bool moves_gradient_rows_only() const override {

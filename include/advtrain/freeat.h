@@ -62,11 +62,14 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
     }
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < targets().size(); ++i) {
-      const torch::Tensor& g = targets()[i].grad();
+      torch::Tensor g = targets()[i].grad();
       if (const auto geo = step_geometry(i, g)) {
         detail::step_and_project<Norm>(
             delta(i, g), g, options_.alpha(), options_.epsilon(), *geo);
       }
+    }
+    if (running_step() == nullptr) {
+      settle(); // an own loop: counted and warned at once
     }
   }
 
@@ -93,7 +96,7 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
     return n;
   }
 
-  double perturb(
+  torch::Tensor perturb(
       size_t i,
       torch::Tensor& w,
       const torch::Tensor& /*g*/,
@@ -113,16 +116,16 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
 
   /// m times: apply δ, forward+backward, update δ from that gradient,
   /// restore, optimizer step, clear the gradients (not after the last).
-  StepResult run_step(StepContext& ctx) override {
+  void run_step(StepContext& ctx) override {
     TORCH_CHECK(
         !ctx.accumulating,
         "advtrain: FreeAT steps the optimizer once per replay, so it cannot "
         "accumulate gradients over micro-batches; use Trainer::step");
-    StepResult r;
+    StepFigures& r = ctx.figures;
     const int64_t m = options_.replays();
     for (int64_t j = 0; j < m; ++j) {
       target().restart(this, kind()); // δ from the persistent one
-      const double loss = ctx.pass().item<double>();
+      const torch::Tensor loss = ctx.pass();
       r.perturbation_norm = target().norm();
       if (j == 0) {
         r.loss = loss;
@@ -136,7 +139,6 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
         ctx.clear_grads();
       }
     }
-    return r;
   }
 
   void save_state(torch::serialize::OutputArchive& archive) const override {

@@ -73,8 +73,8 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
   /// targets' gradient of this pass alone (the sum of the earlier passes is
   /// set aside during the pass and added back after the ascent). Restore,
   /// step.
-  StepResult run_step(StepContext& ctx) override {
-    StepResult r;
+  void run_step(StepContext& ctx) override {
+    StepFigures& r = ctx.figures;
     const int64_t k = this->options_.steps();
     const double scale = 1.0 / static_cast<double>(k);
     const size_t n = this->targets().size();
@@ -86,7 +86,7 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
           this->targets()[i].mutable_grad() = torch::Tensor();
         }
       }
-      const double loss = ctx.pass(scale).item<double>();
+      const torch::Tensor loss = ctx.pass(scale);
       if (t == 1) {
         r.loss = loss;
         r.start_norm = this->target().norm();
@@ -95,7 +95,7 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
       r.adv_loss = loss;
       if (t < k) {
         this->attack();
-        r.perturbation_norm = this->perturbation_norm();
+        r.perturbation_norm = this->last_perturbation_norm();
         for (size_t i = 0; i < n; ++i) {
           torch::Tensor& grad = this->targets()[i].mutable_grad();
           grad = this->target().merge_gradient(
@@ -105,7 +105,6 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
     }
     this->restore();
     ctx.step_optimizer();
-    return r;
   }
 
   /// Per example, `Norm`'s random start of magnitude init_mag.

@@ -63,7 +63,7 @@ class BasicLLR : public Strategy<LLROptions> {
   }
 
   /// A projected step along ∇_δ γ.
-  double perturb(
+  torch::Tensor perturb(
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
@@ -73,11 +73,11 @@ class BasicLLR : public Strategy<LLROptions> {
         w, g, options_.alpha(), options_.epsilon(), origin, geo);
   }
 
-  StepResult run_step(StepContext& ctx) override {
-    StepResult r;
+  void run_step(StepContext& ctx) override {
+    StepFigures& r = ctx.figures;
     const torch::Tensor clean = ctx.loss_of(ctx.run_forward());
     ++ctx.passes;
-    r.loss = clean.item<double>();
+    r.loss = clean.detach();
     target().sync(kind());
     const std::vector<torch::Tensor> xs = targets();
     const size_t n = xs.size();
@@ -132,28 +132,27 @@ class BasicLLR : public Strategy<LLROptions> {
           /*create_graph=*/false,
           /*allow_unused=*/true);
       torch::NoGradGuard no_grad;
-      double sq = 0.0;
+      std::vector<torch::Tensor> moved(n);
       for (size_t i = 0; i < n; ++i) {
-        if (const auto geo = step_geometry(i, grads[i])) {
+        torch::Tensor g = grads[i];
+        if (const auto geo = step_geometry(i, g)) {
           torch::Tensor w = data(i);
-          const double moved = perturb(i, w, grads[i], *geo, origin(i));
-          sq += moved * moved;
+          moved[i] = perturb(i, w, g, *geo, origin(i));
         }
       }
-      set_perturbation_norm(std::sqrt(sq));
+      set_perturbation_norm(detail::combined_norm(moved));
     }
     const torch::Tensor adv = ctx.loss_of(ctx.run_forward());
     ++ctx.passes;
-    r.adv_loss = adv.item<double>();
+    r.adv_loss = adv.detach();
     const auto terms = gamma(adv, /*search=*/false);
-    r.regularizer = terms.first.template item<double>();
+    r.regularizer = terms.first.detach();
     r.perturbation_norm = target().norm();
     const torch::Tensor loss = clean + options_.weight() * terms.first +
                                options_.grad_weight() * terms.second;
     restore();
     loss.backward();
     ctx.step_optimizer();
-    return r;
   }
 };
 

@@ -55,10 +55,64 @@ inline torch::Tensor nonzero_rows(const torch::Tensor& g) {
   return sums.nonzero().view(-1);
 }
 
-/// ‖t‖₂ over the whole tensor, as a double (one host synchronization).
-inline double l2_norm(const torch::Tensor& t) {
-  return at::linalg_vector_norm(t, 2, c10::nullopt, false, norm_dtype(t))
-      .item<double>();
+/// ‖t‖₂ over the whole tensor, as a 0-dim tensor on t's device (float64
+/// for float64 tensors, float32 otherwise): nothing is read to the host.
+inline torch::Tensor l2_norm(const torch::Tensor& t) {
+  return at::linalg_vector_norm(t, 2, c10::nullopt, false, norm_dtype(t));
+}
+
+/// sqrt(Σ nᵢ²) of 0-dim norms (undefined ones count as 0), on the device;
+/// undefined when there is none.
+inline torch::Tensor combined_norm(const std::vector<torch::Tensor>& norms) {
+  std::vector<torch::Tensor> defined;
+  for (const auto& n : norms) {
+    if (n.defined()) {
+      defined.push_back(n);
+    }
+  }
+  if (defined.size() <= 1) {
+    return defined.empty() ? torch::Tensor() : defined.front(); // (>= 0)
+  }
+  const auto device = defined.front().device();
+  for (auto& n : defined) {
+    n = n.to(device, torch::kDouble);
+  }
+  return at::linalg_vector_norm(at::stack(defined), 2);
+}
+
+/// `w += g * scale` in place, `scale` a 0-dim tensor; in float32 for 16-bit
+/// `w` (as an `add_` with a scalar computes), so neither the scale nor the
+/// product is rounded to 16 bits first.
+inline void add_scaled(
+    torch::Tensor& w, const torch::Tensor& g, const torch::Tensor& scale) {
+  if (w.scalar_type() == torch::kHalf || w.scalar_type() == torch::kBFloat16) {
+    w.copy_(w.to(torch::kFloat).addcmul_(g.to(torch::kFloat), scale));
+  } else {
+    w.addcmul_(g, scale);
+  }
+}
+
+/// `t *= factor` in place, `factor` a 0-dim tensor; in float32 for 16-bit
+/// `t`, like `add_scaled`.
+inline void scale_by(torch::Tensor& t, const torch::Tensor& factor) {
+  if (t.scalar_type() == torch::kHalf || t.scalar_type() == torch::kBFloat16) {
+    t.copy_(t.to(torch::kFloat).mul_(factor));
+  } else {
+    t.mul_(factor);
+  }
+}
+
+/// `count += flag` (0-dim, on the device); an undefined `count` starts at
+/// `flag`.
+inline void add_count(torch::Tensor& count, const torch::Tensor& flag) {
+  count = count.defined() ? count.add(flag.to(count.device()))
+                          : flag.to(torch::kLong);
+}
+
+/// `t` where `keep` (a 0-dim bool tensor) holds, else 0; on the device.
+inline torch::Tensor zero_unless(
+    const torch::Tensor& keep, const torch::Tensor& t) {
+  return at::where(keep, t, 0);
 }
 
 /// `t` ([B, ...]) as rows [B, n], one per example, to reduce with `dim` 1.
@@ -98,23 +152,66 @@ inline std::pair<torch::Tensor, torch::Tensor> masked_finite(
 /// Where a perturbation's norms are taken, as its target lays it out: per
 /// example over all dimensions but the first, masked positions left out
 /// (`mask`, broadcast against δ: the activation target; zero and non-finite
-/// norms are handled on the device), or over the whole tensor (no mask: a
-/// parameter target, whose gradient norm `gnorm` the attacker has measured,
-/// positive and finite).
+/// norms are handled per example by the step itself), or over the whole
+/// tensor (no mask: a parameter target). On a whole tensor the target has
+/// measured the gradient's norm, on the device: `usable` (0-dim bool) says
+/// whether it is positive and finite, and where it is not, the gradient the
+/// rule gets is zero and `gnorm` is 1, so a rule that steps along g moves
+/// by 0 (one whose step from a zero gradient is not zero keeps δ with
+/// `detail::add_if_usable`).
 struct Geometry {
   torch::Tensor mask;
-  double gnorm = 0.0;
+  /// ‖g‖ (0-dim; 1 where not `usable`); whole tensors only.
+  torch::Tensor gnorm;
+  /// Whether ‖g‖ is positive and finite (0-dim bool); whole tensors only.
+  torch::Tensor usable;
+  /// ‖g‖ read to the host, where the tensor lives in host memory (a read
+  /// waits for no device): then it is positive and finite, and `usable` is
+  /// not set (0: not read).
+  double host_gnorm = 0.0;
   bool per_example() const noexcept {
     return mask.defined();
   }
 };
 
-/// What a norm policy's `project` did.
+namespace detail {
+
+/// The geometry of a whole tensor whose gradient `g` has the norm `gnorm`,
+/// `usable` (0-dim bool) or not: where not, `g` is replaced by zeros and the
+/// norm by 1, so any rule moves by 0, decided on the device.
+inline Geometry whole_tensor(
+    torch::Tensor& g, const torch::Tensor& gnorm, const torch::Tensor& usable) {
+  g = at::where(usable, g, 0);
+  return Geometry{torch::Tensor(), at::where(usable, gnorm, 1), usable};
+}
+
+} // namespace detail
+
+namespace detail {
+
+/// ‖g‖ of a whole tensor: the geometry's, or measured here when the caller
+/// gave none (a rule called outside a target's move).
+inline torch::Tensor whole_norm(const torch::Tensor& g, const Geometry& geo) {
+  return geo.gnorm.defined() ? geo.gnorm : l2_norm(g);
+}
+
+/// `geo.usable`, or (none given) whether `gnorm` is positive and finite.
+inline torch::Tensor usable_or_true(
+    const Geometry& geo, const torch::Tensor& gnorm) {
+  return geo.usable.defined() ? geo.usable
+                              : torch::isfinite(gnorm).logical_and(gnorm > 0);
+}
+
+} // namespace detail
+
+/// What a norm policy's `project` did, on the device.
 struct Projection {
-  /// ‖δ‖₂ after the projection (per example not measured: 0).
-  double norm = 0.0;
-  /// Whether δ may have changed (false when it was inside the ball).
-  bool changed = false;
+  /// ‖δ‖₂ after the projection (0-dim; per example not measured:
+  /// undefined).
+  torch::Tensor norm;
+  /// Whether δ changed (0-dim bool: false when it was inside the ball);
+  /// undefined: it may have.
+  torch::Tensor changed;
 };
 
 /// Norm policy: L2 (Frobenius over the whole tensor). The steepest-ascent step
@@ -123,24 +220,30 @@ struct L2 {
   static constexpr const char* name = "L2";
 
   /// Adds the step `alpha * g / ‖g‖` to `w` in place. On a whole tensor
-  /// ‖g‖ is `geo.gnorm` (positive and finite: callers check it) and the
-  /// step's norm, `alpha`, is returned. Per example i (first dimension):
+  /// ‖g‖ is `geo.gnorm` and the step's norm, `alpha` (0 where not
+  /// `geo.usable`), is returned. Per example i (first dimension):
   /// `w_i += alpha * g_i / max(‖g_i‖, floor)`, `g` masked first, examples
-  /// with a non-finite ‖g_i‖ left in place, norms on the device (returns
-  /// 0). The floor is FreeLB's 1e-8 (its fairseq YOPO uses 1e-10).
-  static double step(
+  /// with a non-finite ‖g_i‖ left in place (returns undefined: not
+  /// measured). The floor is FreeLB's 1e-8 (its fairseq YOPO uses 1e-10).
+  /// Everything stays on the device.
+  static torch::Tensor step(
       torch::Tensor& w,
       const torch::Tensor& g,
       double alpha,
       const Geometry& geo,
       double floor = 1e-8) {
     if (!geo.per_example()) {
-      w.add_(g, alpha / geo.gnorm);
-      return alpha;
+      if (geo.host_gnorm > 0) {
+        w.add_(g, alpha / geo.host_gnorm);
+        return at::scalar_tensor(alpha, g.options().dtype(torch::kDouble));
+      }
+      const torch::Tensor gnorm = detail::whole_norm(g, geo);
+      detail::add_scaled(w, g, gnorm.reciprocal().mul_(alpha));
+      return detail::usable_or_true(geo, gnorm).mul(alpha);
     }
     const auto gn = detail::masked_finite(g, geo.mask);
     w.add_((gn.first * (alpha / gn.second.clamp_min(floor))).to(w.dtype()));
-    return 0.0;
+    return {};
   }
 
   /// FreeLB's L2 random start of a per-example δ ([B, L, H], zero):
@@ -154,21 +257,20 @@ struct L2 {
   }
 
   /// Projects `delta` in place onto ‖delta‖ ≤ eps (`eps * delta / ‖delta‖`
-  /// when it lies outside). Per example: each example with ‖delta_i‖ > eps
-  /// is rescaled onto eps, on the device (`norm` is not measured: 0).
+  /// when it lies outside; left bit for bit when inside), on the device. Per
+  /// example: each example with ‖delta_i‖ > eps is rescaled onto eps.
   static Projection project(
       torch::Tensor& delta, double eps, const Geometry& geo = {}) {
     if (geo.per_example()) {
       const auto n = detail::example_norms(delta);
       delta.mul_((eps / n.clamp_min(eps)).to(delta.dtype()));
-      return {0.0, true};
+      return {};
     }
-    const double n = detail::l2_norm(delta);
-    if (n > eps) {
-      delta.mul_(eps / n);
-      return {eps, true};
-    }
-    return {n, false};
+    const torch::Tensor n = detail::l2_norm(delta);
+    const torch::Tensor outside = n > eps;
+    // (eps / n is not used where n <= eps, n = 0 included.)
+    detail::scale_by(delta, at::where(outside, n.reciprocal().mul_(eps), 1));
+    return {n.clamp_max(eps), outside};
   }
 };
 
@@ -177,21 +279,21 @@ struct L2 {
 struct LInf {
   static constexpr const char* name = "LInf";
 
-  /// Adds `alpha * sign(g)` to `w` in place. On a whole tensor (‖g‖ =
-  /// `geo.gnorm` positive and finite: callers check it) returns the step's
-  /// L2 norm. Per example: over the unmasked positions, examples with a
-  /// non-finite ‖g_i‖ left in place (returns 0).
-  static double step(
+  /// Adds `alpha * sign(g)` to `w` in place. On a whole tensor returns the
+  /// step's L2 norm (0 where not `geo.usable`, whose `g` is zero). Per
+  /// example: over the unmasked positions, examples with a non-finite
+  /// ‖g_i‖ left in place (returns undefined).
+  static torch::Tensor step(
       torch::Tensor& w,
       const torch::Tensor& g,
       double alpha,
       const Geometry& geo) {
     if (geo.per_example()) {
       w.add_(detail::masked_finite(g, geo.mask).first.sign(), alpha);
-      return 0.0;
+      return {};
     }
     w.add_(g.sign(), alpha);
-    return alpha * std::sqrt(g.count_nonzero().item<double>());
+    return g.count_nonzero().to(torch::kDouble).sqrt() * alpha;
   }
 
   /// The L∞ random start of a per-example δ: `U(-mag, mag) * mask`.
@@ -202,7 +304,7 @@ struct LInf {
   }
 
   /// Clamps `delta` in place to [-eps, eps], element-wise (the same per
-  /// example; there `norm` is not measured: 0).
+  /// example; there `norm` is not measured).
   static Projection project(
       torch::Tensor& delta, double eps, const Geometry& geo = {}) {
     if (delta.scalar_type() == torch::kHalf && delta.device().is_cpu()) {
@@ -211,7 +313,10 @@ struct LInf {
     } else {
       delta.clamp_(-eps, eps);
     }
-    return {geo.per_example() ? 0.0 : detail::l2_norm(delta), true};
+    if (geo.per_example()) {
+      return {};
+    }
+    return {detail::l2_norm(delta), torch::Tensor()};
   }
 };
 
@@ -225,25 +330,27 @@ struct LInfScaled {
   static constexpr const char* name = "LInfScaled";
 
   /// Adds `alpha * g / max(‖g‖∞, 1e-8)` to `w` in place. On a whole tensor
-  /// (‖g‖ = `geo.gnorm` positive and finite, so ‖g‖∞ is too) returns the
-  /// step's L2 norm. Per example: ‖g_i‖∞ per example, `g` masked first,
-  /// examples with a non-finite ‖g_i‖ left in place (returns 0).
-  static double step(
+  /// returns the step's L2 norm (0 where not `geo.usable`). Per example:
+  /// ‖g_i‖∞ per example, `g` masked first, examples with a non-finite
+  /// ‖g_i‖ left in place (returns undefined).
+  static torch::Tensor step(
       torch::Tensor& w,
       const torch::Tensor& g,
       double alpha,
       const Geometry& geo) {
     if (!geo.per_example()) {
-      const double top =
-          std::max(g.abs().max().to(torch::kDouble).item<double>(), 1e-8);
-      w.add_(g, alpha / top);
-      return alpha * geo.gnorm / top;
+      const torch::Tensor scale =
+          g.abs().max().to(torch::kDouble).clamp_min(1e-8).reciprocal() * alpha;
+      detail::add_scaled(w, g, scale);
+      const torch::Tensor gnorm = detail::whole_norm(g, geo);
+      return detail::zero_unless(
+          detail::usable_or_true(geo, gnorm), gnorm.to(torch::kDouble) * scale);
     }
     const torch::Tensor gm = detail::masked_finite(g, geo.mask).first;
     const auto top =
         detail::per_example(detail::example_rows(gm.abs()).amax(1), gm);
     w.add_((gm * (alpha / top.clamp_min(1e-8))).to(w.dtype()));
-    return 0.0;
+    return {};
   }
 
   /// `LInf`'s clamp.
@@ -260,22 +367,23 @@ struct LInfScaled {
 namespace detail {
 
 /// One step of `Norm` of size alpha along g from the origin (δ = 0 before:
-/// FGSM, FGM). Returns ‖δ‖.
+/// FGSM, FGM). Returns ‖δ‖ (0-dim, on the device).
 template <typename Norm>
-double first_step(
+torch::Tensor first_step(
     torch::Tensor& w,
     const torch::Tensor& g,
     double alpha,
     const Geometry& geo) {
-  const double n = Norm::step(w, g, alpha, geo);
+  const torch::Tensor n = Norm::step(w, g, alpha, geo);
   return geo.per_example() ? l2_norm(w) : n;
 }
 
 /// A step of `Norm` of size alpha along g, then δ = w − origin back into
-/// the ball of radius eps (skipped when eps <= 0). Per example the origin is
-/// δ = 0, so w is δ. Returns ‖δ‖.
+/// the ball of radius eps (skipped when eps <= 0); w is written only where
+/// the projection changed δ. Per example the origin is δ = 0, so w is δ.
+/// Returns ‖δ‖ (0-dim, on the device).
 template <typename Norm>
-double projected_step(
+torch::Tensor projected_step(
     torch::Tensor& w,
     const torch::Tensor& g,
     double alpha,
@@ -294,7 +402,15 @@ double projected_step(
     return l2_norm(delta);
   }
   const Projection p = Norm::project(delta, eps);
-  if (p.changed) {
+  // Written where the projection changed δ, and not at all where the
+  // gradient gave no step (`geo.usable`).
+  torch::Tensor write = p.changed;
+  if (geo.usable.defined()) {
+    write = write.defined() ? write.logical_and(geo.usable) : geo.usable;
+  }
+  if (write.defined()) {
+    w.copy_(at::where(write, origin + delta, w));
+  } else {
     at::add_out(w, origin, delta);
   }
   return p.norm;
@@ -314,8 +430,9 @@ void step_and_project(
 }
 
 /// Writes the perturbation `d` onto its target `w`: `origin + d` on a whole
-/// tensor, `d * mask` per example (whose origin is 0). Returns ‖δ‖.
-inline double place(
+/// tensor, `d * mask` per example (whose origin is 0). Returns ‖δ‖ (0-dim,
+/// on the device).
+inline torch::Tensor place(
     torch::Tensor& w,
     const torch::Tensor& origin,
     const torch::Tensor& d,
@@ -326,6 +443,24 @@ inline double place(
   }
   at::add_out(w, origin, d);
   return l2_norm(d);
+}
+
+/// `w = origin + d`, except where `geo.usable` is false (when set), where w
+/// is kept bit for bit: for rules whose step from a zero gradient is not
+/// zero (SMART normalizes δ, VAT rescales it). Returns ‖δ‖ (0-dim).
+inline torch::Tensor add_if_usable(
+    torch::Tensor& w,
+    const torch::Tensor& origin,
+    const torch::Tensor& d,
+    const Geometry& geo) {
+  if (!geo.usable.defined()) {
+    at::add_out(w, origin, d);
+    return l2_norm(d);
+  }
+  const torch::Tensor n =
+      at::where(geo.usable, l2_norm(d), l2_norm(w - origin));
+  w.copy_(at::where(geo.usable, origin + d, w));
+  return n;
 }
 
 /// `t * mask` per example; `t` on a whole tensor.

@@ -10,6 +10,8 @@
 #include <fmt/format.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -45,8 +47,8 @@ class ParameterTarget : public Target {
   bool measures_gradient_norm() const noexcept override {
     return true;
   }
-  Geometry geometry(size_t /*i*/, double gnorm) const override {
-    return Geometry{torch::Tensor(), gnorm};
+  Geometry geometry(size_t /*i*/) const override {
+    return Geometry{};
   }
 
   Move move(
@@ -59,19 +61,19 @@ class ParameterTarget : public Target {
       const Rule& rule) override {
     torch::Tensor w = data(i, untracked);
     if (!uses_gradient) {
-      return Move{false, rule(i, w, g, geometry(i, 0.0), backup_[i])};
+      return Move{rule(i, w, g, geometry(i), backup_[i])};
     }
     if (!g.defined()) {
-      return Move{true, 0.0};
+      return Move{};
     }
     if (!rows_[i].defined()) { // backed up whole
       // (A sparse gradient here met a tensor backed up before it had one.)
-      const torch::Tensor dense = g.is_sparse() ? g.to_dense() : g;
-      const double gnorm = detail::l2_norm(dense);
-      if (!usable(i, gnorm)) {
-        return Move{gnorm == 0.0, 0.0};
+      torch::Tensor dense = g.is_sparse() ? g.to_dense() : g;
+      const auto geo = checked(i, dense, detail::l2_norm(dense), usable);
+      if (!geo) {
+        return Move{};
       }
-      return Move{false, rule(i, w, dense, geometry(i, gnorm), backup_[i])};
+      return Move{rule(i, w, dense, *geo, backup_[i])};
     }
     // Only the rows with a gradient move: back up, perturb and restore those
     // alone (a batch touches few rows of a vocabulary). A sparse gradient
@@ -83,22 +85,32 @@ class ParameterTarget : public Target {
     // Zero rows add nothing to ‖g‖: it is taken on the moved rows alone.
     const torch::Tensor g_moved =
         sparse ? grad.values() : grad.index_select(0, moved);
-    const double gnorm = detail::l2_norm(g_moved);
-    if (!usable(i, gnorm)) {
-      return Move{gnorm == 0.0, 0.0};
-    }
+    const torch::Tensor gnorm = detail::l2_norm(g_moved);
     const bool first = rows_[i].numel() == 0; // then the rows are `moved`
+    const bool host = !detail::sync_free(w);
+    // On the device the rows move by 0 where ‖g‖ is not usable; in host
+    // memory such a gradient moves nothing.
+    torch::Tensor g_rows;
+    auto geo = checked(i, g_rows, gnorm, usable, /*defer=*/true);
+    if (!geo) {
+      return Move{};
+    }
     const torch::Tensor& rows = add_rows(i, moved);
+    if (rows.numel() == 0) { // no row has had a gradient: nothing moves
+      return Move{};
+    }
     torch::Tensor w_rows = w.index_select(0, rows);
     // The gradient on every backed-up row (zero where this one has none).
-    const torch::Tensor g_rows = first ? g_moved
-                                 : sparse
-                                     ? grad.index_select(0, rows).to_dense()
-                                     : grad.index_select(0, rows);
-    const double n = rule(i, w_rows, g_rows, geometry(i, gnorm), backup_[i]);
+    g_rows = first    ? g_moved
+             : sparse ? grad.index_select(0, rows).to_dense()
+                      : grad.index_select(0, rows);
+    if (!host) {
+      *geo = detail::whole_tensor(g_rows, gnorm, geo->usable);
+    }
+    torch::Tensor n = rule(i, w_rows, g_rows, *geo, backup_[i]);
     w.index_copy_(0, rows, w_rows);
     last_rows_[i] = rows;
-    return Move{false, n};
+    return Move{std::move(n)};
   }
 
   /// The rows of the last move hold every nonzero of `current`: only they
@@ -114,20 +126,19 @@ class ParameterTarget : public Target {
     return Target::merge_gradient(i, std::move(earlier), std::move(current));
   }
 
-  double norm() const override {
+  torch::Tensor norm() const override {
     if (!is_perturbed()) {
-      return 0.0;
+      return {};
     }
     torch::NoGradGuard no_grad;
-    double sq = 0.0;
+    std::vector<torch::Tensor> norms;
     for (size_t i = 0; i < tensors_.size(); ++i) {
       const torch::Tensor now =
           rows_[i].defined() ? tensors_[i].detach().index_select(0, rows_[i])
                              : tensors_[i].detach();
-      const double n = detail::l2_norm(now - backup_[i]);
-      sq += n * n;
+      norms.push_back(detail::l2_norm(now - backup_[i]));
     }
-    return std::sqrt(sq);
+    return detail::combined_norm(norms);
   }
 
   void set_start(Start start, bool random) override {
@@ -175,9 +186,12 @@ class ParameterTarget : public Target {
     for (size_t i = 0; i < tensors_.size(); ++i) {
       // Row-wise where the rule moves gradient rows alone, and on a sparse
       // gradient (the strategies that accept one move its rows alone).
+      // Searching a dense gradient for its rows waits for the device
+      // (`nonzero`): off the CPU the whole tensor is backed up and moved.
       const torch::Tensor& g = tensors_[i].grad();
+      const bool sparse = g.defined() && g.is_sparse();
       if (tensors_[i].dim() >= 2 &&
-          (rows_only || (g.defined() && g.is_sparse()))) {
+          ((rows_only && !detail::sync_free(tensors_[i])) || sparse)) {
         // rows are backed up as they first move
         rows_[i] = torch::empty(
             {0}, torch::dtype(torch::kLong).device(tensors_[i].device()));
@@ -201,6 +215,33 @@ class ParameterTarget : public Target {
   }
 
  private:
+  /// The geometry of a step of tensor i along `g` with norm `gnorm`. In host
+  /// memory ‖g‖ is read (a read waits for no device) and a zero or
+  /// non-finite one gives none; on a device it is checked there
+  /// (`whole_tensor`, at once unless `defer`: the caller applies it).
+  std::optional<Geometry> checked(
+      size_t i,
+      torch::Tensor& g,
+      const torch::Tensor& gnorm,
+      const NormCheck& usable,
+      bool defer = false) const {
+    if (!detail::sync_free(tensors_[i])) {
+      usable(i, gnorm, /*on_device=*/false);
+      const double n = gnorm.item<double>();
+      if (!(n > 0.0 && std::isfinite(n))) {
+        return std::nullopt;
+      }
+      Geometry geo{torch::Tensor(), gnorm, torch::Tensor()};
+      geo.host_gnorm = n;
+      return geo;
+    }
+    const torch::Tensor ok = usable(i, gnorm, /*on_device=*/true);
+    if (defer) {
+      return Geometry{torch::Tensor(), gnorm, ok};
+    }
+    return detail::whole_tensor(g, gnorm, ok);
+  }
+
   /// Backs up the rows of `rows` not backed up yet; returns all backed-up
   /// rows of tensor i (the rows `backup_[i]` holds, in its order).
   const torch::Tensor& add_rows(size_t i, const torch::Tensor& rows) {

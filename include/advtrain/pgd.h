@@ -36,7 +36,7 @@ class ProjectedAscent : public Strategy<Options> {
   using Strategy<Options>::Strategy;
 
  protected:
-  double perturb(
+  torch::Tensor perturb(
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
@@ -75,9 +75,8 @@ class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
   /// Clean pass; then K times: attack, clear the grads (the clean ones are
   /// set aside after the first attack and put back before the last pass),
   /// adversarial pass. Restore, step.
-  StepResult run_step(StepContext& ctx) override {
-    StepResult r;
-    r.loss = ctx.pass().item<double>();
+  void run_step(StepContext& ctx) override {
+    ctx.figures.loss = ctx.pass();
     const int64_t k = this->options_.steps();
     std::vector<torch::Tensor> clean;
     for (int64_t t = 0; t < k; ++t) {
@@ -90,12 +89,11 @@ class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
       if (t == k - 1) {
         ctx.put_grads(std::move(clean));
       }
-      r.adv_loss = ctx.pass().item<double>();
+      ctx.figures.adv_loss = ctx.pass();
     }
-    r.perturbation_norm = this->perturbation_norm();
+    ctx.figures.perturbation_norm = this->last_perturbation_norm();
     this->restore();
     ctx.step_optimizer();
-    return r;
   }
 };
 

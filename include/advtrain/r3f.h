@@ -78,13 +78,13 @@ class R3F : public Regularizer<R3FOptions> {
         "R3F: the noise is drawn, not found along a gradient, so there is no "
         "attack(); train with Trainer::step");
   }
-  double perturb(
+  torch::Tensor perturb(
       size_t /*i*/,
       torch::Tensor& /*w*/,
       const torch::Tensor& /*g*/,
       const Geometry& /*geo*/,
       const torch::Tensor& /*origin*/) override {
-    return 0.0; // never called: no search, no attack()
+    return {}; // never called: no search, no attack()
   }
   torch::Tensor search_objective(
       const torch::Tensor& /*adv*/,

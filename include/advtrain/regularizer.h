@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace advtrain {
@@ -21,10 +22,13 @@ namespace advtrain {
 ///     perturbation, the gradient `g` of `search_objective(adv, clean)` with
 ///     respect to δ by `torch::autograd::grad` (nothing accumulates into
 ///     `.grad`), and `perturb(i, w, g, geometry, origin(i))` moves each
-///     tensor along it. A non-finite gradient ends the search, warned once
-///     and counted, and the batch is trained on the task loss alone;
+///     tensor along it. A gradient with a non-finite norm is counted and
+///     warned about (once), and the batch is trained on the task loss alone:
+///     the remaining passes still run (no pass waits for the device), and
+///     the decision is taken at the step's one host read;
 ///  4. a pass at the final δ: `loss = task + weight() * penalty(adv, clean)`;
-///  5. `restore()`, one backward, the optimizer step.
+///  5. `restore()`, the step's figures read to the host (once), one
+///     backward, the optimizer step.
 /// The clean pass's graph stays alive while the target is perturbed, so it
 /// is written without bumping its autograd version and is restored before
 /// the backward. `StepResult`: `regularizer` is the penalty, `adv_loss` the
@@ -72,20 +76,19 @@ class Regularizer : public Strategy<Options> {
 
   /// A term added to the loss once the target is restored, from the
   /// labeled batch's clean output (SMART's proximal point); undefined: none.
-  /// It may run forward passes (counted in `ctx.passes`) and report in `r`.
+  /// It may run forward passes (counted in `ctx.passes`) and report in
+  /// `ctx.figures`.
   virtual torch::Tensor extra_term(
-      StepContext& /*ctx*/,
-      const torch::Tensor& /*labeled*/,
-      StepResult& /*r*/) {
+      StepContext& /*ctx*/, const torch::Tensor& /*labeled*/) {
     return {};
   }
 
-  StepResult run_step(StepContext& ctx) override {
-    StepResult r;
+  void run_step(StepContext& ctx) override {
+    StepFigures& r = ctx.figures;
     const torch::Tensor labeled = ctx.run_forward();
     torch::Tensor clean = labeled;
     torch::Tensor loss = ctx.loss_of(clean);
-    r.loss = loss.item<double>();
+    r.loss = loss.detach();
     ++ctx.passes;
     const bool unlabeled = static_cast<bool>(ctx.unlabeled);
     const auto forward = [&ctx, unlabeled] {
@@ -97,7 +100,7 @@ class Regularizer : public Strategy<Options> {
     }
     this->backup(); // per example: takes the δ the clean forward made
     const size_t n = this->targets().size();
-    double norm = 0.0;
+    torch::Tensor norm;
     search_step_ = 0;
     {
       torch::NoGradGuard no_grad;
@@ -120,8 +123,12 @@ class Regularizer : public Strategy<Options> {
       } detached{this->target(), detached_perturbed_passes()};
       return forward();
     };
-    bool finite = true;
-    for (; search_step_ < search_steps() && finite; ++search_step_) {
+    // Whether every search gradient so far had a finite norm (0-dim bool,
+    // on the device). Once one has not, what follows is discarded: the
+    // regularizer is left out of the loss, decided at the step's one host
+    // read, before the backward.
+    torch::Tensor finite;
+    for (; search_step_ < search_steps(); ++search_step_) {
       const torch::Tensor objective =
           search_objective(perturbed(), clean.detach());
       const auto grads = torch::autograd::grad(
@@ -133,41 +140,58 @@ class Regularizer : public Strategy<Options> {
           /*allow_unused=*/true);
       ++ctx.passes;
       torch::NoGradGuard no_grad;
-      for (size_t i = 0; i < n && finite; ++i) {
-        this->check_sparse(i, grads[i], /*accepted=*/false);
-        const double gnorm =
-            grads[i].defined() ? detail::l2_norm(grads[i]) : 0.0;
-        finite = this->usable_norm(i, gnorm) || gnorm == 0.0;
-      }
-      if (!finite) {
-        break;
-      }
-      double sq = 0.0;
+      std::vector<torch::Tensor> moved(n);
       for (size_t i = 0; i < n; ++i) {
+        this->check_sparse(i, grads[i], /*accepted=*/false);
         torch::Tensor w = this->data(i);
-        const torch::Tensor g =
-            grads[i].defined() ? grads[i] : torch::zeros_like(w);
-        const double moved =
-            this->perturb(i, w, g, this->target().geometry(i), this->origin(i));
-        sq += moved * moved;
+        torch::Tensor g = grads[i].defined() ? grads[i] : torch::zeros_like(w);
+        if (grads[i].defined()) {
+          const torch::Tensor gnorm = detail::l2_norm(g);
+          // (Counted once a step: the search stops moving at the first.)
+          this->note_norm(i, gnorm, /*once=*/true);
+          torch::Tensor ok = gnorm.lt(kInf); // NaN: false
+          finite = finite.defined()
+                       ? finite.logical_and_(ok.to(finite.device()))
+                       : std::move(ok);
+        }
+        Geometry geo = this->target().geometry(i);
+        if (finite.defined()) { // once not finite, δ stays where it is
+          const torch::Tensor usable = finite.to(g.device());
+          g = at::where(usable, g, at::zeros({}, g.options()));
+          geo.usable = usable;
+        }
+        moved[i] = this->perturb(i, w, g, geo, this->origin(i));
       }
-      norm = std::sqrt(sq);
+      norm = detail::combined_norm(moved);
     }
     this->set_perturbation_norm(norm);
-    if (finite) {
-      const torch::Tensor adv = perturbed();
-      const torch::Tensor reg = penalty(adv, clean);
-      ++ctx.passes;
-      r.regularizer = reg.item<double>();
-      r.perturbation_norm = norm;
-      if (!unlabeled) {
-        torch::NoGradGuard no_grad;
-        r.adv_loss = ctx.loss_fn(adv).item<double>();
-      }
-      loss = loss + weight() * reg;
+    const torch::Tensor adv = perturbed();
+    const torch::Tensor reg = penalty(adv, clean);
+    ++ctx.passes;
+    r.regularizer = reg.detach();
+    r.perturbation_norm = norm;
+    if (!unlabeled) {
+      torch::NoGradGuard no_grad;
+      r.adv_loss = ctx.loss_fn(adv).detach();
     }
     this->restore();
-    const torch::Tensor extra = extra_term(ctx, labeled, r);
+    const torch::Tensor extra = extra_term(ctx, labeled);
+    // The step's one host read; the search's finiteness decides whether the
+    // regularizer joins the loss.
+    bool keep = true;
+    if (finite.defined()) {
+      keep = this->read_step(ctx, {finite}).front() != 0.0;
+    } else {
+      this->read_step(ctx);
+    }
+    if (keep) {
+      loss = loss + weight() * reg;
+    } else {
+      StepResult& result = ctx.result();
+      result.regularizer = 0.0;
+      result.adv_loss = 0.0;
+      result.perturbation_norm = 0.0;
+    }
     if (extra.defined()) {
       loss = loss + extra;
     }
@@ -178,10 +202,10 @@ class Regularizer : public Strategy<Options> {
       this->check_sparse(i, this->targets()[i].grad(), /*accepted=*/false);
     }
     ctx.step_optimizer();
-    return r;
   }
 
  private:
+  static constexpr double kInf = std::numeric_limits<double>::infinity();
   int64_t search_step_ = 0;
 };
 

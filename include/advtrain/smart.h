@@ -96,16 +96,23 @@ class SMART : public Regularizer<SMARTOptions> {
 
  protected:
   /// `δ ← N(δ + α * g)` with δ = w − origin.
-  double perturb(
+  torch::Tensor perturb(
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
       const Geometry& geo,
       const torch::Tensor& origin) override {
-    torch::Tensor delta = w - origin;
-    delta.add_(g, options_.alpha());
+    torch::Tensor delta = at::add(w - origin, g, options_.alpha());
     normalize(delta);
-    return detail::place(w, origin, delta, geo);
+    if (!geo.per_example()) {
+      return detail::add_if_usable(w, origin, delta, geo);
+    }
+    // (Per example the origin is 0: w is δ, kept where not usable.)
+    return detail::place(
+        w,
+        origin,
+        geo.usable.defined() ? at::where(geo.usable, delta, w) : delta,
+        geo);
   }
 
   /// The start: Gaussian noise `N(0, 1) * noise_var` (masked per example).
@@ -144,7 +151,7 @@ class SMART : public Regularizer<SMARTOptions> {
 
   /// The proximal term, at the teacher (none when off).
   torch::Tensor extra_term(
-      StepContext& ctx, const torch::Tensor& labeled, StepResult& r) override {
+      StepContext& ctx, const torch::Tensor& labeled) override {
     if (options_.proximal_weight() == 0) {
       return {};
     }
@@ -191,18 +198,17 @@ class SMART : public Regularizer<SMARTOptions> {
     }
     ++ctx.passes;
     const torch::Tensor term = penalty(labeled, teacher_out); // symmetric
-    r.proximal = term.item<double>();
+    ctx.figures.proximal = term.detach();
     return options_.proximal_weight() * term;
   }
 
   /// The regularizer's step, then the teacher's moving average (when the
   /// step ran the optimizer).
-  StepResult run_step(StepContext& ctx) override {
-    StepResult r = Regularizer::run_step(ctx);
+  void run_step(StepContext& ctx) override {
+    Regularizer::run_step(ctx);
     if (options_.proximal_weight() > 0 && !ctx.accumulating) {
       update_teacher(detail::optimizer_parameters(ctx.optimizer));
     }
-    return r;
   }
 
   void save_state(torch::serialize::OutputArchive& archive) const override {

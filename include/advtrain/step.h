@@ -1,6 +1,7 @@
 // One training step as a strategy's protocol sees it: the closures it runs
-// (`ForwardFunction`, `LossFunction`), what it reports (`StepResult`), and
-// `StepContext`, the passes, gradients and optimizer step of one batch.
+// (`ForwardFunction`, `LossFunction`), what it reports (`StepFigures` on the
+// device, `StepResult` once read), and `StepContext`, the passes, gradients,
+// optimizer step and the one host read of one batch.
 #pragma once
 
 #include <advtrain/detail/rng_replay.h>
@@ -50,6 +51,59 @@ struct StepResult {
   int64_t passes = 0;
 };
 
+/// `StepResult`'s figures as a protocol produces them: 0-dim tensors on the
+/// device (undefined: 0), read to the host once, when the step ends
+/// (`StepContext::read_figures`), so no pass waits for the device.
+struct StepFigures {
+  torch::Tensor loss;
+  torch::Tensor start_norm;
+  torch::Tensor adv_loss;
+  torch::Tensor perturbation_norm;
+  torch::Tensor regularizer;
+  torch::Tensor proximal;
+};
+
+namespace detail {
+
+/// Host reads the library has made on this thread (`to_host`).
+inline int64_t& host_reads() {
+  thread_local int64_t n = 0;
+  return n;
+}
+
+/// The values of 0-dim tensors, read to the host in one copy (none when
+/// `values` is empty); every value the library reads to the host during a
+/// step goes through here, and is counted in `host_reads()`.
+inline std::vector<double> to_host(const std::vector<torch::Tensor>& values) {
+  if (values.empty()) {
+    return {};
+  }
+  const torch::Tensor& first = values.front();
+  bool alike = true;
+  for (const auto& v : values) {
+    alike = alike && v.scalar_type() == first.scalar_type() &&
+            v.device() == first.device();
+  }
+  torch::Tensor all;
+  if (alike) {
+    all = at::stack(values);
+  } else {
+    std::vector<torch::Tensor> flat;
+    flat.reserve(values.size());
+    for (const auto& v : values) {
+      flat.push_back(v.reshape({1}).to(first.device(), torch::kDouble));
+    }
+    all = at::cat(flat);
+  }
+  const torch::Tensor host =
+      all.detach().to(torch::kCPU, torch::kDouble).contiguous();
+  ++host_reads();
+  const double* p = host.data_ptr<double>();
+  return {p, p + host.numel()};
+}
+
+} // namespace detail
+
 /// One batch's worth of work for a strategy's protocol — the extension point
 /// of every protocol: a strategy's `run_step(StepContext&)` runs its passes
 /// through it (`pass`, `run_forward`, `loss_of`), sets gradients aside and
@@ -91,6 +145,52 @@ struct StepContext {
   /// Forward passes run so far (`pass` counts them; protocols that run
   /// passes another way add theirs).
   int64_t passes = 0;
+  /// What the protocol reports, on the device until `read_figures`.
+  StepFigures figures;
+
+  /// Reads `figures`, and the 0-dim tensors `extra`, to the host in one copy
+  /// (the step's one host read) into `result()`; returns extra's values.
+  /// Once per step: at its end, or where the protocol must decide on a value
+  /// (a regularizer, before its backward).
+  std::vector<double> read_figures(
+      const std::vector<torch::Tensor>& extra = {}) {
+    TORCH_CHECK(!read_, "advtrain: a step's figures are read once");
+    double* out[] = {
+        &result_.loss,
+        &result_.start_norm,
+        &result_.adv_loss,
+        &result_.perturbation_norm,
+        &result_.regularizer,
+        &result_.proximal};
+    const torch::Tensor* in[] = {
+        &figures.loss,
+        &figures.start_norm,
+        &figures.adv_loss,
+        &figures.perturbation_norm,
+        &figures.regularizer,
+        &figures.proximal};
+    std::vector<torch::Tensor> all = extra;
+    for (const torch::Tensor* t : in) {
+      if (t->defined()) {
+        all.push_back(*t);
+      }
+    }
+    const std::vector<double> values = detail::to_host(all);
+    size_t k = extra.size();
+    for (size_t f = 0; f < 6; ++f) {
+      *out[f] = in[f]->defined() ? values[k++] : 0.0;
+    }
+    read_ = true;
+    return {values.begin(), values.begin() + extra.size()};
+  }
+  /// Whether `read_figures` has run.
+  bool figures_read() const noexcept {
+    return read_;
+  }
+  /// The figures as read (`passes` is set by `Trainer`).
+  StepResult& result() noexcept {
+    return result_;
+  }
 
   /// The protocol's optimizer step, between the two hooks (none while
   /// accumulating micro-batches).
@@ -191,6 +291,10 @@ struct StepContext {
       p.mutable_grad() = torch::Tensor();
     }
   }
+
+ private:
+  StepResult result_;
+  bool read_ = false;
 };
 
 } // namespace advtrain

@@ -22,14 +22,27 @@
 
 namespace advtrain {
 
-/// What one `Target::move` did to one tensor.
+namespace detail {
+
+/// Set (per thread) to take the sync-free paths on every device, as a CUDA
+/// device does; tests set it to count host reads on the CPU.
+inline bool& force_sync_free() {
+  thread_local bool on = false;
+  return on;
+}
+
+/// Whether work on `t` avoids ops whose output's size depends on its values
+/// (`nonzero`, `masked_select`: each waits for the device on CUDA).
+inline bool sync_free(const torch::Tensor& t) {
+  return !t.device().is_cpu() || force_sync_free();
+}
+
+} // namespace detail
+
+/// What one `Target::move` did to one tensor, on the device.
 struct Move {
-  /// The gradient was measured and is exactly zero, or missing (the sign of
-  /// a `zero_grad()` between the backward and `attack()`); never set where
-  /// norms are taken on the device (per example).
-  bool zero_gradient = false;
-  /// ‖δᵢ‖ after the move; 0 when the tensor did not move.
-  double norm = 0.0;
+  /// ‖δᵢ‖ after the move (0-dim); undefined when the tensor did not move.
+  torch::Tensor norm;
 };
 
 /// The tensors an attacker perturbs, and everything that depends on their
@@ -40,16 +53,19 @@ class Target {
  public:
   /// A strategy's rule for one tensor: moves `w` (the tensor's data, written
   /// in place) along `g` as `geo` says, from the backed-up `origin`; returns
-  /// ‖δᵢ‖. Runs under NoGradGuard.
-  using Rule = std::function<double(
+  /// ‖δᵢ‖ (0-dim, on the device; undefined: not measured). Runs under
+  /// NoGradGuard.
+  using Rule = std::function<torch::Tensor(
       size_t i,
       torch::Tensor& w,
       const torch::Tensor& g,
       const Geometry& geo,
       const torch::Tensor& origin)>;
-  /// Whether a gradient norm measured on a whole tensor gives a step (the
-  /// attacker's: it warns about and counts non-finite ones).
-  using NormCheck = std::function<bool(size_t i, double gnorm)>;
+  /// Keeps a gradient norm measured on a whole tensor (the attacker's: it
+  /// counts non-finite ones when the step is read) and, `on_device`,
+  /// returns whether it gives a step as a 0-dim bool (else undefined).
+  using NormCheck = std::function<torch::Tensor(
+      size_t i, const torch::Tensor& gnorm, bool on_device)>;
   /// Fills the start of tensor i's perturbation `d` (zero before; `mask`
   /// broadcast against it per example, undefined on a parameter).
   using Start =
@@ -159,12 +175,12 @@ class Target {
     return n;
   }
 
-  /// Where tensor i's norms are taken; `gnorm`: its gradient's norm where
-  /// measured on the whole tensor.
-  virtual Geometry geometry(size_t i, double gnorm = 0.0) const = 0;
-  /// Whether gradient norms are measured on the host (whole tensors) rather
-  /// than on the device (per example, where zero and non-finite examples are
-  /// left in place by the step itself).
+  /// Where tensor i's norms are taken (per example: its mask; on a whole
+  /// tensor the gradient's norm is added by the move that measures it).
+  virtual Geometry geometry(size_t i) const = 0;
+  /// Whether gradient norms are measured on whole tensors (then zero and
+  /// non-finite ones are counted) rather than per example (where such
+  /// examples are left in place by the step itself).
   virtual bool measures_gradient_norm() const noexcept = 0;
 
   /// Moves tensor i (backed up) by `rule` along its gradient `g` (undefined
@@ -194,8 +210,9 @@ class Target {
     return earlier.defined() ? std::move(earlier) : std::move(current);
   }
 
-  /// ‖δ‖ in place now, over all tensors (0 when none).
-  virtual double norm() const = 0;
+  /// ‖δ‖ in place now, over all tensors (0-dim, on the device; undefined
+  /// when none).
+  virtual torch::Tensor norm() const = 0;
 
   /// The step a `Trainer` runs now begins (`step`) or ends (null).
   virtual void begin_step(StepContext& step) {

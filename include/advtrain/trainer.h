@@ -129,9 +129,11 @@ class Trainer {
     try {
       StepResult r;
       if (warmup_left_ > 0) { // a plain step
-        r.loss = ctx.pass().item<double>();
+        ctx.figures.loss = ctx.pass();
         ctx.step_optimizer();
         --warmup_left_;
+        ctx.read_figures();
+        r = ctx.result();
       } else {
         r = attacker_.run(ctx);
       }

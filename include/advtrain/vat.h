@@ -90,7 +90,7 @@ class VAT : public Regularizer<VATOptions> {
 
   /// `d ← g`, scaled: to ξ for the next power iteration, to ε after the
   /// last (and in an own-loop `attack()`, which is one such last step).
-  double perturb(
+  torch::Tensor perturb(
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
@@ -98,9 +98,7 @@ class VAT : public Regularizer<VATOptions> {
       const torch::Tensor& origin) override {
     const bool last = running_step() == nullptr ||
                       search_step() + 1 == options_.power_iterations();
-    const torch::Tensor d = next(g, geo, last);
-    at::add_out(w, origin, d);
-    return detail::l2_norm(d);
+    return detail::add_if_usable(w, origin, next(g, geo, last), geo);
   }
 
   int64_t search_steps() const override {

@@ -90,7 +90,7 @@ class YOPO : public Strategy<YOPOOptions> {
   }
 
  protected:
-  double perturb(
+  torch::Tensor perturb(
       size_t /*i*/,
       torch::Tensor& w,
       const torch::Tensor& g,
@@ -113,14 +113,14 @@ class YOPO : public Strategy<YOPOOptions> {
         /*random=*/true);
   }
 
-  StepResult run_step(StepContext& ctx) override {
-    StepResult r;
+  void run_step(StepContext& ctx) override {
+    StepFigures& r = ctx.figures;
     const int64_t m = options_.steps();
     inner_passes_ = 0;
     first_mark_.reset();
     for (int64_t j = 0; j < m; ++j) {
       z0_ = torch::Tensor();
-      const double loss = ctx.pass(1.0 / static_cast<double>(m)).item<double>();
+      const torch::Tensor loss = ctx.pass(1.0 / static_cast<double>(m));
       if (j == 0) {
         r.loss = loss;
         r.start_norm = target().norm();
@@ -153,13 +153,12 @@ class YOPO : public Strategy<YOPOOptions> {
             perturb(0, w, g, target().geometry(0), torch::Tensor()));
       }
       delta.mutable_grad() = torch::Tensor();
-      r.perturbation_norm = perturbation_norm();
+      r.perturbation_norm = last_perturbation_norm();
     }
     z0_ = torch::Tensor();
     first_mark_.reset();
     restore();
     ctx.step_optimizer();
-    return r;
   }
 
  private:
