@@ -430,13 +430,7 @@ class Attacker {
     const torch::Tensor gnorm = detail::l2_norm(g);
     if (!detail::sync_free(g)) { // host memory: a read waits for nothing
       note_norm(i, gnorm);
-      const double n = gnorm.item<double>();
-      if (!(n > 0.0 && std::isfinite(n))) {
-        return std::nullopt;
-      }
-      Geometry geo{torch::Tensor(), gnorm, torch::Tensor()};
-      geo.host_gnorm = n;
-      return geo;
+      return detail::read_geometry(gnorm);
     }
     return detail::whole_tensor(g, gnorm, usable_norm(i, gnorm));
   }

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -185,9 +186,18 @@ inline Geometry whole_tensor(
   return Geometry{torch::Tensor(), at::where(usable, gnorm, 1), usable};
 }
 
-} // namespace detail
-
-namespace detail {
+/// The geometry of a whole tensor in host memory whose gradient has the
+/// norm `gnorm`: ‖g‖ is read (a read there waits for no device), and a
+/// zero or non-finite one gives none (the step skips the tensor).
+inline std::optional<Geometry> read_geometry(const torch::Tensor& gnorm) {
+  const double n = gnorm.item<double>();
+  if (!(n > 0.0 && std::isfinite(n))) {
+    return std::nullopt;
+  }
+  Geometry geo{torch::Tensor(), gnorm, torch::Tensor()};
+  geo.host_gnorm = n;
+  return geo;
+}
 
 /// ‖g‖ of a whole tensor: the geometry's, or measured here when the caller
 /// gave none (a rule called outside a target's move).

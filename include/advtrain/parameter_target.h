@@ -227,13 +227,7 @@ class ParameterTarget : public Target {
       bool defer = false) const {
     if (!detail::sync_free(tensors_[i])) {
       usable(i, gnorm, /*on_device=*/false);
-      const double n = gnorm.item<double>();
-      if (!(n > 0.0 && std::isfinite(n))) {
-        return std::nullopt;
-      }
-      Geometry geo{torch::Tensor(), gnorm, torch::Tensor()};
-      geo.host_gnorm = n;
-      return geo;
+      return detail::read_geometry(gnorm);
     }
     const torch::Tensor ok = usable(i, gnorm, /*on_device=*/true);
     if (defer) {
