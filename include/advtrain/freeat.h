@@ -126,12 +126,14 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
     for (int64_t j = 0; j < m; ++j) {
       target().restart(this, kind()); // δ from the persistent one
       const torch::Tensor loss = ctx.pass();
-      r.perturbation_norm = target().norm();
-      if (j == 0) {
+      if (j == 0) { // the figures report the first replay and the last
         r.loss = loss;
-        r.start_norm = r.perturbation_norm;
+        r.start_norm = target().norm();
       }
-      r.adv_loss = loss;
+      if (j == m - 1) {
+        r.perturbation_norm = j == 0 ? r.start_norm : target().norm();
+        r.adv_loss = loss;
+      }
       update_delta();
       restore();
       ctx.step_optimizer();
