@@ -14,6 +14,21 @@
 namespace advtrain {
 namespace detail {
 
+/// Set (per thread) to take the sync-free paths on every device, as a CUDA
+/// device does; tests set it to count host reads on the CPU.
+inline bool& force_sync_free() {
+  thread_local bool on = false;
+  return on;
+}
+
+/// Whether work on `t` avoids ops whose output's size depends on its values
+/// (`nonzero`, `masked_select`: each waits for the device on CUDA) and
+/// reads to the host (`item`). In host memory a read waits for no device,
+/// and a branch on it skips work that `where` would do on every element.
+inline bool sync_free(const torch::Tensor& t) {
+  return !t.device().is_cpu() || force_sync_free();
+}
+
 /// Norms are taken in float64 for float64 tensors and in float32 otherwise,
 /// so half-precision tables neither overflow nor lose the sum.
 inline torch::ScalarType norm_dtype(const torch::Tensor& t) {
@@ -222,6 +237,9 @@ struct Projection {
   /// Whether δ changed (0-dim bool: false when it was inside the ball);
   /// undefined: it may have.
   torch::Tensor changed;
+  /// δ is known to be unchanged (read on the host, where δ lives in host
+  /// memory): nothing needs writing back.
+  bool kept = false;
 };
 
 /// Norm policy: L2 (Frobenius over the whole tensor). The steepest-ascent step
@@ -278,6 +296,13 @@ struct L2 {
     }
     const torch::Tensor n = detail::l2_norm(delta);
     const torch::Tensor outside = n > eps;
+    if (!detail::sync_free(delta)) { // host memory: a read waits for nothing
+      if (!outside.item<bool>()) {
+        return {n, outside, /*kept=*/true};
+      }
+      detail::scale_by(delta, n.reciprocal().mul_(eps));
+      return {n.clamp_max(eps), outside};
+    }
     // (eps / n is not used where n <= eps, n = 0 included.)
     detail::scale_by(delta, at::where(outside, n.reciprocal().mul_(eps), 1));
     return {n.clamp_max(eps), outside};
@@ -412,6 +437,9 @@ torch::Tensor projected_step(
     return l2_norm(delta);
   }
   const Projection p = Norm::project(delta, eps);
+  if (p.kept) { // w already holds origin + δ
+    return p.norm;
+  }
   // Written where the projection changed δ, and not at all where the
   // gradient gave no step (`geo.usable`).
   torch::Tensor write = p.changed;

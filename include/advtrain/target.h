@@ -22,23 +22,6 @@
 
 namespace advtrain {
 
-namespace detail {
-
-/// Set (per thread) to take the sync-free paths on every device, as a CUDA
-/// device does; tests set it to count host reads on the CPU.
-inline bool& force_sync_free() {
-  thread_local bool on = false;
-  return on;
-}
-
-/// Whether work on `t` avoids ops whose output's size depends on its values
-/// (`nonzero`, `masked_select`: each waits for the device on CUDA).
-inline bool sync_free(const torch::Tensor& t) {
-  return !t.device().is_cpu() || force_sync_free();
-}
-
-} // namespace detail
-
 /// What one `Target::move` did to one tensor, on the device.
 struct Move {
   /// ‖δᵢ‖ after the move (0-dim); undefined when the tensor did not move.
