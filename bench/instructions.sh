@@ -59,6 +59,9 @@ if [ "$use_python" = 1 ] && ! "$python" -c 'import torch' 2>/dev/null; then
 fi
 # The same allocator setting for every runner (see README, "Performance").
 export GLIBC_TUNABLES=${GLIBC_TUNABLES-glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295}
+# One OpenBLAS thread, as --threads 1 gives LibTorch one: OpenBLAS 0.3.29
+# (Debian trixie) keeps idle threads spinning, which cachegrind counts.
+export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS-1}
 
 runners="plain"
 for m in ${methods//,/ }; do

@@ -209,6 +209,18 @@ inline std::vector<torch::Tensor> clone_all(
   return out;
 }
 
+/// Per example: g masked, over max(‖g_i‖, 1e-8).
+inline torch::Tensor unit(const torch::Tensor& g, const torch::Tensor& m) {
+  const auto gm = g * m;
+  return gm / gm.flatten(1).norm(2, 1).clamp_min(1e-8).view({-1, 1, 1});
+}
+
+/// Per example: onto ‖δ_i‖ ≤ eps.
+inline torch::Tensor proj(const torch::Tensor& d, double eps) {
+  const auto n = d.flatten(1).norm(2, 1).view({-1, 1, 1});
+  return d * (eps / n.clamp_min(eps));
+}
+
 /// Same dtype, shape and bytes (NaN payloads included).
 inline bool bit_equal(const torch::Tensor& a, const torch::Tensor& b) {
   if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) {
@@ -238,13 +250,15 @@ inline bool equal_all(
 /// Collects LibTorch warnings (TORCH_WARN) while it lives, instead of
 /// printing them.
 class WarningCapture : public c10::WarningHandler {
+#if TORCH_VERSION_MAJOR >= 2
+  // (LibTorch 2 moved the handler's setters from c10::Warning.)
+  using Handlers = c10::WarningUtils::WarningHandlerGuard;
+#else
+  using Handlers = c10::Warning::WarningHandlerGuard;
+#endif
+
  public:
-  WarningCapture() : previous_(c10::Warning::get_warning_handler()) {
-    c10::Warning::set_warning_handler(this);
-  }
-  ~WarningCapture() override {
-    c10::Warning::set_warning_handler(previous_);
-  }
+  WarningCapture() : handlers_(this) {}
 #if TORCH_VERSION_MAJOR >= 2
   void process(const c10::Warning& w) override {
     messages.push_back(w.msg());
@@ -268,7 +282,7 @@ class WarningCapture : public c10::WarningHandler {
   std::vector<std::string> messages;
 
  private:
-  c10::WarningHandler* previous_;
+  Handlers handlers_; // this handler while alive, the previous one after
 };
 
 inline std::vector<torch::Tensor> grads_of(

@@ -11,7 +11,7 @@
 #include <advtrain/advtrain.h>
 
 #include <torch/torch.h>
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <cstdint>
 #include <functional>

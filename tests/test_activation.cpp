@@ -3,13 +3,13 @@
 
 #include "common.h"
 
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <cmath>
 #include <sstream>
 
 using namespace fixture;
-using Catch::Matchers::Contains;
+using fixture::matchers::Contains;
 
 namespace {
 
@@ -36,18 +36,6 @@ std::vector<torch::Tensor> grads_at(
        b = p.b.clone().requires_grad_(), d = delta.clone().requires_grad_();
   return torch::autograd::grad(
       {plain_loss_at({W, A, b}, x, y, d)}, {W, A, b, d});
-}
-
-/// Per example: g masked, over max(‖g_i‖, 1e-8).
-torch::Tensor unit(const torch::Tensor& g, const torch::Tensor& m) {
-  const auto gm = g * m;
-  return gm / gm.flatten(1).norm(2, 1).clamp_min(1e-8).view({-1, 1, 1});
-}
-
-/// Per example: onto ‖δ_i‖ ≤ eps.
-torch::Tensor proj(const torch::Tensor& d, double eps) {
-  const auto n = d.flatten(1).norm(2, 1).view({-1, 1, 1});
-  return d * (eps / n.clamp_min(eps));
 }
 
 /// SGD with the parameter gradients of `grads_at` ({W, A, b, ...}).

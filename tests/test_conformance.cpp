@@ -6,8 +6,8 @@
 
 #include "common.h"
 
-#include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
+#include "catch.h"
 
 #include <fstream>
 #include <functional>

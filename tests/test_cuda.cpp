@@ -4,7 +4,7 @@
 // Catch's runner is compiled where catch.hpp is first included
 // (strategies.h includes it too).
 #define CATCH_CONFIG_RUNNER
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include "common.h"
 #include "distributed_case.h"

@@ -8,7 +8,7 @@
 
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
 
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <spawn.h>
 #include <sys/wait.h>
@@ -179,16 +179,16 @@ TEST_CASE("DataParallel refuses bad input", "[distributed][errors]") {
     CHECK_THROWS_WITH(
         advtrain::DataParallel(
             group, {w}, advtrain::DataParallelOptions().root(1)),
-        Catch::Matchers::Contains("Invalid root: 1"));
+        fixture::matchers::Contains("Invalid root: 1"));
     CHECK_THROWS_WITH(
         advtrain::DataParallel(group, {torch::zeros({3})}),
-        Catch::Matchers::Contains("require grad"));
+        fixture::matchers::Contains("require grad"));
     advtrain::DataParallel dp(group, {w});
     w.mutable_grad() = torch::eye(3).to_sparse();
     CHECK_THROWS_WITH(
-        dp.all_reduce_gradients(), Catch::Matchers::Contains("sparse"));
+        dp.all_reduce_gradients(), fixture::matchers::Contains("sparse"));
     CHECK_THROWS_WITH(
         advtrain::make_gloo_group(c10::make_intrusive<c10d::HashStore>(), 2, 2),
-        Catch::Matchers::Contains("Invalid rank: 2"));
+        fixture::matchers::Contains("Invalid rank: 2"));
   });
 }

@@ -3,7 +3,7 @@
 
 #include "common.h"
 
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <advtrain/version.h>
 
@@ -12,7 +12,7 @@
 #include <string>
 
 using namespace fixture;
-using Catch::Matchers::Contains;
+using fixture::matchers::Contains;
 
 namespace {
 

@@ -4,14 +4,14 @@
 
 #include "email.h"
 
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <filesystem>
 #include <fstream>
 
-using Catch::Matchers::Contains;
 using example::mail::email_to_text;
 using example::mail::read_file;
+using fixture::matchers::Contains;
 
 namespace {
 

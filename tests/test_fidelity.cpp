@@ -7,7 +7,7 @@
 #include "common.h"
 #include "strategies.h"
 
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <cmath>
 #include <cstdio>
@@ -18,7 +18,7 @@
 #include <vector>
 
 using namespace fixture;
-using Catch::Matchers::Contains;
+using fixture::matchers::Contains;
 
 namespace {
 

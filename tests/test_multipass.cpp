@@ -4,7 +4,7 @@
 #include "common.h"
 #include "strategies.h"
 
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <cmath>
 #include <cstdio>
@@ -13,7 +13,7 @@
 #include <string>
 
 using namespace fixture;
-using Catch::Matchers::Contains;
+using fixture::matchers::Contains;
 
 namespace {
 

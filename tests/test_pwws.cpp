@@ -7,7 +7,7 @@
 #include "pwws.h"
 #include "wordnet.h"
 
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,8 +17,8 @@
 #include <random>
 #include <set>
 
-using Catch::Matchers::Contains;
 using example::pwws::Text;
+using fixture::matchers::Contains;
 
 namespace {
 

@@ -6,7 +6,7 @@
 
 #include "common.h"
 
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <cmath>
 #include <stdexcept>
@@ -14,7 +14,7 @@
 #include <vector>
 
 using namespace fixture;
-using Catch::Matchers::Contains;
+using fixture::matchers::Contains;
 
 namespace {
 

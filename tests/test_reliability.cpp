@@ -7,7 +7,7 @@
 #include "common.h"
 #include "strategies.h"
 
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <ATen/record_function.h>
 
@@ -20,7 +20,7 @@
 #include <string>
 
 using namespace fixture;
-using Catch::Matchers::Contains;
+using fixture::matchers::Contains;
 
 namespace {
 

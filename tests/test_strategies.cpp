@@ -6,7 +6,7 @@
 #include "strategies.h"
 
 #include <torch/script.h>
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <cmath>
 #include <limits>
@@ -332,7 +332,7 @@ TEST_CASE("A TorchScript model trains like a LibTorch one", "[torchscript]") {
   CHECK(picked[0].is_same(named.at("embedding.weight")));
   CHECK_THROWS_WITH(
       advtrain::select_parameters(scripted, "word_embeddings"),
-      Catch::Matchers::Contains("fc.bias"));
+      fixture::matchers::Contains("fc.bias"));
 
   std::vector<torch::Tensor> params;
   for (const auto& p : scripted.parameters()) {
@@ -476,8 +476,8 @@ TEST_CASE(
           const auto before = clone_all(sparse->parameters());
           CHECK_THROWS_WITH(
               run(sparse, *a_sparse),
-              Catch::Contains("is sparse") &&
-                  Catch::Contains("needs a dense gradient"));
+              fixture::matchers::Contains("is sparse") &&
+                  fixture::matchers::Contains("needs a dense gradient"));
           CHECK_FALSE(a_sparse->is_perturbed());
           CHECK(equal_all(clone_all(sparse->parameters()), before));
         }
@@ -637,7 +637,7 @@ TEST_CASE(
     torch::optim::SGD opt(m->parameters(), torch::optim::SGDOptions(kLr));
     const auto before = clone_all(m->parameters());
     CHECK_THROWS_WITH(
-        train_steps(m, freeat, opt), Catch::Contains("is sparse"));
+        train_steps(m, freeat, opt), fixture::matchers::Contains("is sparse"));
     for (const auto& d : freeat.deltas()) {
       CHECK((!d.defined() || d.abs().max().item<double>() == 0.0));
     }

@@ -4,14 +4,14 @@
 
 #include "common.h"
 
-#include <catch2/catch.hpp>
+#include "catch.h"
 
 #include <cmath>
 #include <string>
 #include <vector>
 
 using namespace fixture;
-using Catch::Matchers::Contains;
+using fixture::matchers::Contains;
 
 namespace {
 

@@ -1,8 +1,9 @@
 // The activation target: each example's δ on a `PerturbedEmbedding`'s
-// output, made by the forward (from the step's start, random or not) and
-// forgotten when the step ends. Norms are taken per example over the real
-// positions (the slot's mask), on the device; the step's random stream jumps
-// over a random start when passes replay their dropout masks.
+// output (or a `Perturbation` slot's, for a model that takes embeddings),
+// one per lookup of a pass, made by the forward (from the step's start,
+// random or not) and forgotten when the step ends. Norms are taken per example
+// over the real positions (the slot's mask), on the device; the step's random
+// stream jumps over a random start when passes replay their dropout masks.
 #pragma once
 
 #include <advtrain/perturbed_embedding.h>
@@ -13,6 +14,7 @@
 
 #include <cmath>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -48,22 +50,65 @@ class ActivationTarget : public Target {
     return false;
   }
 
+  /// Takes every lookup's δ, slot by slot and in call order within a slot
+  /// (tensor i is slot s's lookup k); the next forward starts a new pass.
   void sync(const char* kind) override {
-    tensors_.resize(slots_.size());
-    for (size_t i = 0; i < slots_.size(); ++i) {
-      TORCH_CHECK(
-          slots_[i]->delta().defined(),
-          "advtrain: ",
-          kind,
-          ": no perturbation yet; run the model's forward through the "
-          "PerturbedEmbedding first, in training mode (not eval()) and with "
-          "autograd on");
-      tensors_[i] = slots_[i]->delta();
+    std::vector<torch::Tensor> tensors;
+    std::vector<std::string> names;
+    std::vector<std::pair<size_t, size_t>> lookups;
+    for (size_t s = 0; s < slots_.size(); ++s) {
+      const Perturbation& slot = *slots_[s];
+      bool graded = false; // a later δ of this slot that a backward reached
+      for (size_t k = slot.lookups(); k-- > 0;) {
+        const bool has = slot.delta(k).grad().defined();
+        TORCH_CHECK(
+            !graded || has,
+            "advtrain: ",
+            kind,
+            ": lookup ",
+            k,
+            " of perturbation[",
+            s,
+            "] ran in training mode since the last step but no backward "
+            "reached it, while a later lookup's did; run forwards that are "
+            "not part of the step (validation) under eval() or NoGradGuard");
+        graded = graded || has;
+      }
+      for (size_t k = 0; k < slot.lookups(); ++k) {
+        tensors.push_back(slot.delta(k));
+        names.push_back(
+            k == 0 ? fmt::format("perturbation[{}]", s)
+                   : fmt::format("perturbation[{}].lookup[{}]", s, k));
+        lookups.emplace_back(s, k);
+      }
+    }
+    TORCH_CHECK(
+        !is_perturbed() || tensors.size() == backup_.size(),
+        "advtrain: ",
+        kind,
+        ": the forward made ",
+        tensors.size(),
+        " lookups while perturbed, the attack started with ",
+        backup_.size(),
+        "; every pass of a step must make the same lookups");
+    TORCH_CHECK(
+        !tensors.empty(),
+        "advtrain: ",
+        kind,
+        ": no perturbation yet; run the model's forward through the "
+        "PerturbedEmbedding (or the Perturbation slot) first, in training mode "
+        "(not eval()) and with autograd on");
+    tensors_ = std::move(tensors);
+    names_ = std::move(names);
+    lookups_ = std::move(lookups);
+    for (auto& slot : slots_) { // the next forward is a new pass
+      slot->begin_pass();
     }
   }
 
   Geometry geometry(size_t i) const override {
-    return Geometry{slots_[i]->expanded_mask(), {}, {}};
+    const auto [s, k] = lookups_[i];
+    return Geometry{slots_[s]->expanded_mask(k), {}, {}};
   }
 
   Move move(
@@ -92,8 +137,8 @@ class ActivationTarget : public Target {
   torch::Tensor norm() const override {
     std::vector<torch::Tensor> norms;
     for (const auto& slot : slots_) {
-      if (slot->delta().defined()) {
-        norms.push_back(detail::l2_norm(slot->delta().detach()));
+      for (size_t k = 0; k < slot->lookups(); ++k) {
+        norms.push_back(detail::l2_norm(slot->delta(k).detach()));
       }
     }
     return detail::combined_norm(norms);
@@ -105,6 +150,11 @@ class ActivationTarget : public Target {
     for (auto& slot : slots_) {
       slot->reset();
     }
+    step.before_pass = [this] {
+      for (auto& slot : slots_) {
+        slot->begin_pass();
+      }
+    };
   }
   void end_step() override {
     Target::end_step();
@@ -122,16 +172,17 @@ class ActivationTarget : public Target {
   /// their first forward); with shared masks, later passes jump over its
   /// numbers at the same lookup.
   void set_start(Start start, bool random) override {
-    for (size_t i = 0; i < slots_.size(); ++i) {
-      slots_[i]->set_initializer(
-          [this, start, random, i](torch::Tensor& d, const torch::Tensor& m) {
-            start(i, d, m);
+    for (size_t s = 0; s < slots_.size(); ++s) {
+      slots_[s]->set_initializer(
+          [this, start, random, s](
+              size_t k, torch::Tensor& d, const torch::Tensor& m) {
+            start(index(s, k), d, m);
             if (random && step_context() != nullptr && step_context()->replay) {
               step_context()->replay->start_drawn();
             }
           });
       if (random) {
-        slots_[i]->set_lookup_hook([this] {
+        slots_[s]->set_lookup_hook([this] {
           if (step_context() != nullptr && step_context()->replay) {
             step_context()->replay->at_lookup();
           }
@@ -163,7 +214,8 @@ class ActivationTarget : public Target {
   }
 
   torch::Tensor embedded(size_t i) const override {
-    return slots_[i]->embedded();
+    const auto [s, k] = lookups_[i];
+    return slots_[s]->embedded(k);
   }
 
  protected:
@@ -178,10 +230,22 @@ class ActivationTarget : public Target {
       data(i, untracked).copy_(backup_[i]);
       tensors_[i].mutable_grad() = torch::Tensor();
     }
+    for (auto& slot : slots_) {
+      slot->begin_pass();
+    }
   }
 
  private:
+  /// Tensor i of slot s's lookup k: the slots' earlier lookups come first.
+  size_t index(size_t s, size_t k) const {
+    for (size_t j = 0; j < s; ++j) {
+      k += slots_[j]->lookups();
+    }
+    return k;
+  }
+
   std::vector<std::shared_ptr<Perturbation>> slots_;
+  std::vector<std::pair<size_t, size_t>> lookups_; // tensor i: (slot, lookup)
 };
 
 } // namespace advtrain

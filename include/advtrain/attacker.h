@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -243,7 +244,7 @@ class Attacker {
     return target_->tensors();
   }
   /// Their names (parameter names, "target[i]" when built from tensors, or
-  /// "perturbation[i]").
+  /// "perturbation[i]", with ".lookup[k]" for a slot's later lookups).
   const std::vector<std::string>& target_names() const noexcept {
     return target_->names();
   }
@@ -686,13 +687,21 @@ class Strategy : public Attacker {
         options_(std::move(options)) {
     check_options(options_, *this);
   }
+  /// Perturbs the tensors of a braced list: `FGM({table})`.
+  explicit Strategy(
+      std::initializer_list<torch::Tensor> params, Options options = {})
+      : Strategy(std::vector<torch::Tensor>(params), std::move(options)) {}
   /// Perturbs each example's output of `embedding` (docs/design.md,
   /// "Targets").
   explicit Strategy(const PerturbedEmbedding& embedding, Options options = {})
+      : Strategy(embedding->perturbation(), std::move(options)) {}
+  /// Perturbs each example's embeddings where the model applies `slot`
+  /// (`(*slot)(embeds, mask)`), for a model that takes embeddings
+  /// (`inputs_embeds`) rather than owning a `PerturbedEmbedding`.
+  explicit Strategy(std::shared_ptr<Perturbation> slot, Options options = {})
       : Attacker(
             std::make_unique<ActivationTarget>(
-                std::vector<std::shared_ptr<Perturbation>>{
-                    embedding->perturbation()},
+                std::vector<std::shared_ptr<Perturbation>>{std::move(slot)},
                 Options::kind),
             Options::kind),
         options_(std::move(options)) {

@@ -13,6 +13,7 @@
 #include <advtrain/trainer.h>
 
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #if !defined(USE_DISTRIBUTED)
 #error \
@@ -239,8 +240,20 @@ inline c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_group(
   auto options = c10d::ProcessGroupGloo::Options::create();
   options->devices.push_back(
       c10d::ProcessGroupGloo::createDeviceForHostname(hostname));
+#if TORCH_VERSION_MAJOR >= 2
+  // LibTorch 2: Gloo is a backend that a process group dispatches to.
+  auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
+      store, rank, world_size, options);
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(
+      std::move(store), rank, world_size);
+  group->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+  group->setBackend(
+      c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
+  return group;
+#else
   return c10::make_intrusive<c10d::ProcessGroupGloo>(
       std::move(store), rank, world_size, options);
+#endif
 }
 #endif
 

@@ -152,13 +152,28 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   }
 
   void load_state(torch::serialize::InputArchive& archive) override {
-    const size_t n = target().size();
-    std::vector<torch::Tensor> loaded(n);
-    for (size_t i = 0; i < n; ++i) {
+    // Per example, as many as the lookups of the step that saved them.
+    std::vector<torch::Tensor> loaded(target().size());
+    for (size_t i = 0;; ++i) {
       torch::Tensor d;
-      if (archive.try_read("freeat.delta." + std::to_string(i), d)) {
-        loaded[i] = target().fit_saved(i, d, kind());
+      if (!archive.try_read("freeat.delta." + std::to_string(i), d)) {
+        if (i >= loaded.size()) {
+          break;
+        }
+        continue;
       }
+      if (i >= loaded.size()) {
+        TORCH_CHECK(
+            target().per_example(),
+            "advtrain: ",
+            kind(),
+            ": the archive holds a delta for tensor ",
+            i,
+            ", the target has ",
+            loaded.size());
+        loaded.resize(i + 1);
+      }
+      loaded[i] = target().fit_saved(i, d, kind());
     }
     deltas_ = std::move(loaded);
   }
@@ -167,8 +182,9 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   /// δ of target i, created zero with the shape, dtype and device of `t`;
   /// per example, refitted to each batch's shape (the overlap is kept).
   torch::Tensor& delta(size_t i, const torch::Tensor& t) {
-    const size_t n = target().size();
-    if (deltas_.size() != n) {
+    // (Per example a step's lookups are counted as the forward meets them.)
+    const size_t n = std::max(target().size(), i + 1);
+    if (deltas_.size() < n) {
       deltas_.resize(n);
     }
     torch::Tensor& d = deltas_[i];

@@ -301,7 +301,7 @@ struct L2 {
         return {n, outside, /*kept=*/true};
       }
       detail::scale_by(delta, n.reciprocal().mul_(eps));
-      return {n.clamp_max(eps), outside};
+      return {n.clamp_max(eps), torch::Tensor()}; // written whole, no `where`
     }
     // (eps / n is not used where n <= eps, n = 0 included.)
     detail::scale_by(delta, at::where(outside, n.reciprocal().mul_(eps), 1));

@@ -7,25 +7,38 @@
 #include <functional>
 #include <memory>
 #include <utility>
+#include <vector>
 
 namespace advtrain {
 
-/// A per-example perturbation of an embedding lookup's output (docs/design.md,
-/// "Targets"): the δ of shape [B, L, H] that `PerturbedEmbedding` adds to its
-/// output, and the mask [B, L] of real (1) and padded (0) positions. An
-/// attacker built on it arms it; unarmed, it adds nothing.
+/// A per-example perturbation of embedding lookups (docs/design.md,
+/// "Targets"): the δ of shape [B, L, H] added to a lookup's output, and the
+/// mask [B, L] of real (1) and padded (0) positions. An attacker built on it
+/// arms it; unarmed, it adds nothing. `PerturbedEmbedding` owns one; a model
+/// that takes embeddings (`inputs_embeds`) uses one directly:
 ///
-/// δ is a leaf tensor that requires grad, created zero (or by the running
-/// step's initializer: a random start, FreeAT's persistent δ) at the first
-/// forward of a step, so after a backward its `.grad` is ∂L/∂E. It is
-/// re-created when the batch's shape changes. Outside an attacker's step the
-/// slot has no initializer, so a forward run with autograd on (validation
-/// without NoGradGuard, another attacker's clean pass) sees δ = 0 or the
-/// δ of an own-loop attack() not yet restored, never a random start.
+///   auto slot = std::make_shared<advtrain::Perturbation>();
+///   advtrain::FreeLB freelb(slot, advtrain::FreeLBOptions());
+///   ... model.forward({(*slot)(lookup(ids), mask)}) ...
+///
+/// Each lookup of a pass gets its own δ, in call order (a sentence pair
+/// embedded by two calls has two; docs/design.md, "Lookups"). A pass starts
+/// with each `Trainer` pass, after `attack()` and after `restore()`; in an
+/// own loop, a lookup made after a backward that reached the pass's first δ
+/// starts one too. δ is a leaf tensor that requires grad, created zero (or
+/// by the running step's initializer: a random start, FreeAT's persistent
+/// δ) at its lookup's first call in a step, so after a backward its `.grad`
+/// is ∂L/∂E. It is re-created when the batch's shape changes. Outside an
+/// attacker's step the slot has no initializer, so a forward run with
+/// autograd on (validation without NoGradGuard, another attacker's clean
+/// pass) sees δ = 0 or the δ of an own-loop attack() not yet restored, never
+/// a random start.
 class Perturbation {
  public:
-  /// Fills a new δ (given the mask, expanded to δ's shape) in place.
-  using Initializer = std::function<void(torch::Tensor&, const torch::Tensor&)>;
+  /// Fills a new δ (given the mask, expanded to δ's shape) in place;
+  /// `lookup` is its index among the pass's lookups.
+  using Initializer =
+      std::function<void(size_t lookup, torch::Tensor&, const torch::Tensor&)>;
   /// Called at the end of every lookup that adds δ.
   using LookupHook = std::function<void()>;
 
@@ -48,55 +61,79 @@ class Perturbation {
           ", the ids ",
           e.sizes().slice(0, e.dim() - 1));
     }
-    if (!delta_.defined() || delta_.sizes() != e.sizes() ||
-        delta_.scalar_type() != e.scalar_type() ||
-        delta_.device() != e.device()) {
+    if (next_ > 0 && next_ == lookups_.size() &&
+        lookups_.front().delta.grad().defined()) {
+      next_ = 0; // an own loop's backward ran: a new pass
+    }
+    if (next_ == lookups_.size()) {
+      lookups_.emplace_back();
+    }
+    const size_t k = next_++;
+    Lookup& l = lookups_[k];
+    if (!l.delta.defined() || l.delta.sizes() != e.sizes() ||
+        l.delta.scalar_type() != e.scalar_type() ||
+        l.delta.device() != e.device()) {
       torch::NoGradGuard no_grad;
-      mask_ = mask.defined()
-                  ? mask.to(e.scalar_type())
-                  : torch::ones(e.sizes().slice(0, e.dim() - 1), e.options());
-      delta_ = torch::zeros_like(e);
+      l.mask = mask.defined()
+                   ? mask.to(e.scalar_type())
+                   : torch::ones(e.sizes().slice(0, e.dim() - 1), e.options());
+      l.delta = torch::zeros_like(e);
       if (initializer_) {
-        const torch::Tensor m = expanded_mask();
-        initializer_(delta_, m);
-        delta_.mul_(m);
+        const torch::Tensor m = l.mask.unsqueeze(-1);
+        initializer_(k, l.delta, m);
+        l.delta.mul_(m);
       }
-      delta_.requires_grad_(true);
+      l.delta.requires_grad_(true);
     } else if (mask.defined()) {
       // The same shape, another batch (a regularizer's unlabeled one): δ's
       // geometry follows this lookup's mask.
       torch::NoGradGuard no_grad;
-      mask_ = mask.to(e.scalar_type());
+      l.mask = mask.to(e.scalar_type());
     }
-    embedded_ = e.detach();
+    l.embedded = e.detach();
     if (lookup_hook_) {
       lookup_hook_();
     }
-    return (detached_ ? embedded_ : e) + delta_;
+    return (detached_ ? l.embedded : e) + l.delta;
   }
 
-  /// The current δ (undefined before the step's first forward).
-  const torch::Tensor& delta() const noexcept {
-    return delta_;
-  }
-  /// The current mask [B, L] in δ's dtype (all ones when none was given).
-  const torch::Tensor& mask() const noexcept {
-    return mask_;
-  }
-  /// The mask broadcast against δ: [B, L, 1].
-  torch::Tensor expanded_mask() const {
-    return mask_.unsqueeze(-1);
-  }
-  /// The last lookup output E, detached (YOPO's inner steps reuse it).
-  const torch::Tensor& embedded() const noexcept {
-    return embedded_;
+  /// `apply`: the spelling for a model that takes embeddings.
+  torch::Tensor operator()(
+      const torch::Tensor& e,
+      const torch::Tensor& mask = {},
+      bool training = true) {
+    return apply(e, mask, training);
   }
 
-  /// Forgets δ: the next forward creates a new one.
+  /// How many lookups hold a δ (those of the step's passes so far).
+  size_t lookups() const noexcept {
+    return lookups_.size();
+  }
+  /// Lookup k's δ (undefined before its first forward in the step).
+  const torch::Tensor& delta(size_t k = 0) const {
+    return k < lookups_.size() ? lookups_[k].delta : undefined();
+  }
+  /// Lookup k's mask [B, L] in δ's dtype (all ones when none was given).
+  const torch::Tensor& mask(size_t k = 0) const {
+    return k < lookups_.size() ? lookups_[k].mask : undefined();
+  }
+  /// Lookup k's mask broadcast against δ: [B, L, 1].
+  torch::Tensor expanded_mask(size_t k = 0) const {
+    return mask(k).unsqueeze(-1);
+  }
+  /// Lookup k's last output E, detached (YOPO's inner steps reuse it).
+  const torch::Tensor& embedded(size_t k = 0) const {
+    return k < lookups_.size() ? lookups_[k].embedded : undefined();
+  }
+
+  /// The next lookup is the first of a pass.
+  void begin_pass() noexcept {
+    next_ = 0;
+  }
+  /// Forgets every δ: the next forward creates new ones.
   void reset() {
-    delta_ = torch::Tensor();
-    mask_ = torch::Tensor();
-    embedded_ = torch::Tensor();
+    lookups_.clear();
+    next_ = 0;
   }
   /// How a new δ is filled during the current step (a random start, FreeAT's
   /// persistent δ); none (the default, and after every step): zero.
@@ -130,7 +167,16 @@ class Perturbation {
   }
 
  private:
-  torch::Tensor delta_, mask_, embedded_;
+  struct Lookup {
+    torch::Tensor delta, mask, embedded;
+  };
+  static const torch::Tensor& undefined() {
+    static const torch::Tensor none;
+    return none;
+  }
+
+  std::vector<Lookup> lookups_;
+  size_t next_ = 0; // the next lookup's index in the pass
   Initializer initializer_;
   LookupHook lookup_hook_;
   int armers_ = 0;

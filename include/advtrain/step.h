@@ -142,6 +142,9 @@ struct StepContext {
   /// Run after every optimizer step, with the new parameters (e.g. to update
   /// a moving average of them); none when empty.
   std::function<void()> after_optimizer_step;
+  /// Run before every pass's forward (per example: the pass's lookups start
+  /// again at the first δ); none when empty.
+  std::function<void()> before_pass;
   /// Forward passes run so far (`pass` counts them; protocols that run
   /// passes another way add theirs).
   int64_t passes = 0;
@@ -216,6 +219,9 @@ struct StepContext {
   /// when `replay` is set.
   template <typename F>
   torch::Tensor replayed(const F& f) {
+    if (before_pass) {
+      before_pass();
+    }
     if (!replay) {
       return f();
     }
