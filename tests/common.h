@@ -221,6 +221,40 @@ inline torch::Tensor proj(const torch::Tensor& d, double eps) {
   return d * (eps / n.clamp_min(eps));
 }
 
+/// SMART's gradient on {W, A, b} written plainly, per example: from the
+/// start `delta` (masked by `m`), `o.steps()` ascent steps on the KL to the
+/// clean output (summed over the batch, as mt-dnn's ascent, reduce=False),
+/// each normalizing every token's vector; then the loss
+/// `cross_entropy(clean) + weight * sym_kl(adv, clean)`. `logits_at(p, d)`
+/// is the model's output with parameters p at lookup + d.
+template <typename Logits>
+std::vector<torch::Tensor> smart_grads(
+    const Logits& logits_at,
+    const Plain& p0,
+    torch::Tensor delta,
+    const torch::Tensor& m,
+    const torch::Tensor& y,
+    const advtrain::SMARTOptions& o) {
+  const auto zero = torch::zeros_like(delta);
+  const auto clean = logits_at(p0, zero);
+  for (int64_t k = 0; k < o.steps(); ++k) {
+    auto d = delta.clone().requires_grad_();
+    const auto adv =
+        advtrain::stable_kl(logits_at(p0, d), clean.detach(), false);
+    const auto g = torch::autograd::grad({adv}, {d})[0];
+    const auto moved = delta + o.alpha() * g;
+    delta = moved / (std::get<0>(moved.abs().max(-1, true)) + o.norm_eps()) * m;
+  }
+  auto W = p0.W.clone().requires_grad_(), A = p0.A.clone().requires_grad_(),
+       b = p0.b.clone().requires_grad_();
+  const Plain leaves{W, A, b};
+  const auto lc = logits_at(leaves, zero);
+  const auto la = logits_at(leaves, delta);
+  const auto loss =
+      cross_entropy(lc, y) + o.weight() * advtrain::sym_kl(la, lc);
+  return torch::autograd::grad({loss}, {W, A, b});
+}
+
 /// Same dtype, shape and bytes (NaN payloads included).
 inline bool bit_equal(const torch::Tensor& a, const torch::Tensor& b) {
   if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) {

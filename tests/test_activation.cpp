@@ -294,24 +294,7 @@ TEST_CASE("SMART per example equals the plain computation", "[activation]") {
     const auto pooled = ((e + d) * m).sum(1) / m.sum(1).clamp_min(1);
     return pooled.matmul(p.A.t()) + p.b;
   };
-  const auto clean = logits_at(p0, torch::zeros(shape, torch::kDouble));
-  for (int64_t k = 0; k < o.steps(); ++k) {
-    auto d = delta.clone().requires_grad_();
-    // Summed over the batch, as mt-dnn's ascent (reduce=False).
-    const auto adv =
-        advtrain::stable_kl(logits_at(p0, d), clean.detach(), false);
-    const auto g = torch::autograd::grad({adv}, {d})[0];
-    const auto moved = delta + o.alpha() * g;
-    delta = moved / (std::get<0>(moved.abs().max(-1, true)) + o.norm_eps()) * m;
-  }
-  auto W = p0.W.clone().requires_grad_(), A = p0.A.clone().requires_grad_(),
-       b = p0.b.clone().requires_grad_();
-  const Plain leaves{W, A, b};
-  const auto lc = logits_at(leaves, torch::zeros(shape, torch::kDouble));
-  const auto la = logits_at(leaves, delta);
-  const auto loss =
-      cross_entropy(lc, y) + o.weight() * advtrain::sym_kl(la, lc);
-  const auto g = torch::autograd::grad({loss}, {W, A, b});
+  const auto g = smart_grads(logits_at, p0, delta, m, y, o);
 
   advtrain::SMART smart(model->embedding, o);
   torch::manual_seed(321);

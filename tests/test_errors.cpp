@@ -301,6 +301,12 @@ TEST_CASE("backup_grad and restore_grad", "[attacker]") {
   CHECK_FALSE(equal_all(clone_all(grads_of(model->parameters())), saved));
   pgd.restore_grad();
   CHECK(equal_all(clone_all(grads_of(model->parameters())), saved));
+  // Handed over: a second restore_grad() (like one without backup_grad())
+  // would leave the clean gradient out of the step, so it refuses.
+  CHECK_THROWS_WITH(pgd.restore_grad(), Contains("without backup_grad()"));
+  CHECK(equal_all(clone_all(grads_of(model->parameters())), saved));
+  advtrain::PGD fresh(*model, "embedding");
+  CHECK_THROWS_WITH(fresh.restore_grad(), Contains("without backup_grad()"));
 
   advtrain::FGM unwatched({model->embedding->weight});
   CHECK_THROWS_WITH(unwatched.backup_grad(), Contains("watch_grads"));

@@ -262,6 +262,16 @@ TEST_CASE(
   CHECK(max_abs_diff(model->embedding(x), plain()) == 0.0);
 }
 
+/// `optimizer.zero_grad()` as LibTorch 1.13 runs it: zero-filled gradients
+/// (LibTorch 2's default drops them; both are tested).
+void zero_fill(torch::optim::Optimizer& opt) {
+#if TORCH_VERSION_MAJOR >= 2
+  opt.zero_grad(/*set_to_none=*/false);
+#else
+  opt.zero_grad();
+#endif
+}
+
 TEST_CASE("attack() after zero_grad() warns and counts", "[pitfalls]") {
   auto model = make_model();
   const auto w0 = model->embedding->weight.detach().clone();
@@ -270,7 +280,7 @@ TEST_CASE("attack() after zero_grad() warns and counts", "[pitfalls]") {
   WarningCapture warnings;
   for (int i = 0; i < 2; ++i) {
     cross_entropy(model->forward(batch_ids()), batch_labels()).backward();
-    opt.zero_grad(); // LibTorch 1.13 leaves zero-filled gradients
+    zero_fill(opt);
     fgm.attack();
     CHECK(bit_equal(model->embedding->weight.detach(), w0));
     CHECK(fgm.perturbation_norm() == 0.0);
@@ -284,6 +294,125 @@ TEST_CASE("attack() after zero_grad() warns and counts", "[pitfalls]") {
   CHECK(fgm.perturbation_norm() == Approx(1.0));
   fgm.restore();
   CHECK(fgm.zero_gradients() == 2);
+}
+
+TEST_CASE(
+    "attack() after a zero_grad() that drops the gradients refuses",
+    "[pitfalls]") {
+  // LibTorch 2's zero_grad() (and 1.13's with set_to_none) leaves no
+  // gradient: attack() refuses, saying why, and moves nothing.
+  auto model = make_model();
+  const auto w0 = model->embedding->weight.detach().clone();
+  advtrain::FGM fgm(*model, "embedding");
+  cross_entropy(model->forward(batch_ids()), batch_labels()).backward();
+  for (auto& p : model->parameters()) {
+    p.mutable_grad() = torch::Tensor(); // what zero_grad(set_to_none) does
+  }
+  CHECK_THROWS_WITH(
+      fgm.attack(),
+      Contains("found no gradient on [embedding.weight]") &&
+          Contains("zero_grad()"));
+  CHECK_FALSE(fgm.is_perturbed());
+  CHECK(bit_equal(model->embedding->weight.detach(), w0));
+}
+
+TEST_CASE(
+    "An optimizer step between attack() and restore() is refused and loses "
+    "nothing",
+    "[pitfalls]") {
+  auto model = make_model();
+  const auto& W = model->embedding->weight;
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  const auto loss = [&] {
+    return cross_entropy(model->forward(batch_ids()), batch_labels());
+  };
+  torch::Tensor stepped;
+  {
+    advtrain::FGM fgm(*model, "embedding");
+    loss().backward();
+    fgm.attack();
+    loss().backward();
+    opt.step(); // restore() forgotten
+    stepped = W.detach().clone();
+    opt.zero_grad();
+    loss().backward();
+    CHECK_THROWS_WITH(fgm.attack(), Contains("changed while perturbed"));
+    CHECK(bit_equal(W.detach(), stepped));
+    // Writing the backup would discard the optimizer's update.
+    CHECK_THROWS_WITH(
+        fgm.restore(),
+        Contains("embedding.weight changed while perturbed") &&
+            Contains("release()"));
+    CHECK(bit_equal(W.detach(), stepped));
+    CHECK(fgm.is_perturbed());
+    fgm.release();
+    CHECK_FALSE(fgm.is_perturbed());
+    CHECK(bit_equal(W.detach(), stepped));
+    // The attacker works again, from the values the optimizer left.
+    fgm.attack();
+    CHECK_FALSE(bit_equal(W.detach(), stepped));
+    fgm.restore();
+    CHECK(bit_equal(W.detach(), stepped));
+    // Destroyed while perturbed, after a step: the update stays.
+    opt.zero_grad();
+    loss().backward();
+    fgm.attack();
+    loss().backward();
+    opt.step();
+    stepped = W.detach().clone();
+  }
+  CHECK(bit_equal(W.detach(), stepped));
+  // ... and its claim on the table is gone.
+  advtrain::PGD pgd(*model, "embedding");
+  opt.zero_grad();
+  loss().backward();
+  CHECK_NOTHROW(pgd.attack(true));
+  pgd.restore();
+  CHECK(bit_equal(W.detach(), stepped));
+}
+
+TEST_CASE(
+    "Trainer::step refuses a perturbed table and a step inside a step",
+    "[pitfalls]") {
+  auto model = make_model();
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::FGM fgm(*model, "embedding");
+  advtrain::Trainer trainer(opt, fgm);
+  const auto forward = [&] { return model->forward(batch_ids()); };
+  const auto loss_fn = [&](const torch::Tensor& out) {
+    return cross_entropy(out, batch_labels());
+  };
+  const auto before = clone_all(model->parameters());
+  // Left perturbed by an own-loop attack(): the clean pass would run at
+  // W + δ.
+  loss_fn(forward()).backward();
+  fgm.attack();
+  const auto perturbed = clone_all(model->parameters());
+  CHECK_THROWS_WITH(
+      trainer.step(forward, loss_fn),
+      Contains("still perturbed by FGM") && Contains("restore()"));
+  CHECK(equal_all(clone_all(model->parameters()), perturbed));
+  fgm.restore();
+  // By another attacker.
+  advtrain::PGD other(*model, "embedding");
+  other.attack(true);
+  CHECK_THROWS_WITH(
+      trainer.step(forward, loss_fn), Contains("still perturbed by PGD"));
+  other.restore();
+  CHECK(equal_all(clone_all(model->parameters()), before));
+  // Re-entered from a closure: refused, and the outer step rolls back.
+  model->zero_grad();
+  CHECK_THROWS_WITH(
+      trainer.step(
+          [&] {
+            trainer.step(forward, loss_fn);
+            return forward();
+          },
+          loss_fn),
+      Contains("inside a step"));
+  CHECK(equal_all(clone_all(model->parameters()), before));
+  CHECK_NOTHROW(trainer.step(forward, loss_fn)); // and steps after
+  CHECK_FALSE(equal_all(clone_all(model->parameters()), before));
 }
 
 TEST_CASE(

@@ -196,25 +196,15 @@ TEST_CASE(
   const std::vector<int64_t> shape = {ids.size(0), ids.size(1), 4};
   torch::manual_seed(321);
   auto delta = torch::randn(shape, torch::kDouble) * m * o.noise_var();
-  const auto clean =
-      embeds_logits(p0, ids, torch::zeros(shape, torch::kDouble));
-  for (int64_t k = 0; k < o.steps(); ++k) {
-    auto d = delta.clone().requires_grad_();
-    const auto adv =
-        advtrain::stable_kl(embeds_logits(p0, ids, d), clean.detach(), false);
-    const auto g = torch::autograd::grad({adv}, {d})[0];
-    const auto moved = delta + o.alpha() * g;
-    delta = moved / (std::get<0>(moved.abs().max(-1, true)) + o.norm_eps()) * m;
-  }
-  auto W = p0.W.clone().requires_grad_(), A = p0.A.clone().requires_grad_(),
-       b = p0.b.clone().requires_grad_();
-  const Plain leaves{W, A, b};
-  const auto lc =
-      embeds_logits(leaves, ids, torch::zeros(shape, torch::kDouble));
-  const auto la = embeds_logits(leaves, ids, delta);
-  const auto loss =
-      cross_entropy(lc, y) + o.weight() * advtrain::sym_kl(la, lc);
-  const auto g = torch::autograd::grad({loss}, {W, A, b});
+  const auto g = smart_grads(
+      [&](const Plain& p, const torch::Tensor& d) {
+        return embeds_logits(p, ids, d);
+      },
+      p0,
+      delta,
+      m,
+      y,
+      o);
 
   auto slot = std::make_shared<advtrain::Perturbation>();
   advtrain::SMART smart(slot, o);
@@ -274,8 +264,10 @@ TEST_CASE(
     "inputs_embeds: the passes of a TorchScript model's first step share "
     "their dropout masks",
     "[lookups]") {
-  // A probe forward on fixed inputs at the start of each pass: it draws the
-  // pass's first dropout mask, so equal probes mean equal masks.
+  // A probe forward on fixed inputs at the start of each pass, run as the
+  // pass's own forward is (autograd on, an input that requires grad: the
+  // same graph executor plan): it draws the pass's first dropout mask, so
+  // equal probes mean equal masks.
   const bool share = GENERATE(true, false);
   auto model = load_embeds_model();
   model.train();
@@ -285,15 +277,13 @@ TEST_CASE(
   advtrain::Trainer trainer(opt, fgm);
   const auto ids = embeds_ids();
   const auto mask = ids.ne(0);
-  const auto ones = torch::ones({ids.size(0), ids.size(1), 4}, torch::kDouble);
+  const auto ones = torch::ones({ids.size(0), ids.size(1), 4}, torch::kDouble)
+                        .requires_grad_();
   std::vector<torch::Tensor> probes;
   for (int s = 0; s < 2; ++s) {
     trainer.step(
         [&] {
-          {
-            torch::NoGradGuard no_grad;
-            probes.push_back(model.forward({ones, mask}).toTensor());
-          }
+          probes.push_back(model.forward({ones, mask}).toTensor().detach());
           return embeds_forward(model, *slot, ids);
         },
         [&](const torch::Tensor& out) {

@@ -275,10 +275,15 @@ TEST_CASE(
           has_grad_backup = true;
           break;
         case 7:
-          a.restore_grad();
           if (has_grad_backup) {
+            a.restore_grad();
             ++grad_restores;
             CHECK(equal_all(clone_all(grads_of(targets)), saved_grads));
+          } else { // refused, nothing changed
+            const auto grads = clone_all(grads_of(targets));
+            CHECK_THROWS_WITH(
+                a.restore_grad(), Contains("without backup_grad"));
+            CHECK(equal_all(clone_all(grads_of(targets)), grads));
           }
           has_grad_backup = false;
           break;

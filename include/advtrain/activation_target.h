@@ -225,6 +225,11 @@ class ActivationTarget : public Target {
       backup_.push_back(torch::zeros_like(t));
     }
   }
+  /// δ belongs to the attacker alone: nothing to check.
+  torch::Tensor written(size_t /*i*/) const override {
+    return {};
+  }
+
   void put_back(bool untracked) override {
     for (size_t i = 0; i < tensors_.size(); ++i) {
       data(i, untracked).copy_(backup_[i]);

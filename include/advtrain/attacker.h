@@ -42,7 +42,8 @@ class Attacker {
   virtual ~Attacker() {
     try {
       restore();
-    } catch (...) { // NOLINT: a destructor does not throw
+    } catch (...) {           // NOLINT: a destructor does not throw
+      target_->release(this); // changed while perturbed: left as it is
     }
   }
   Attacker(const Attacker&) = delete;
@@ -116,7 +117,11 @@ class Attacker {
       perturbation_norm_ = detail::combined_norm(norms);
       peak_bytes_ = std::max(peak_bytes_, held_bytes());
       target_->consume_gradients();
+      if (running_step() == nullptr) { // a Trainer restores before it steps
+        target_->note_written();
+      }
     } catch (...) {
+      target_->forget_written(); // the writes so far are this attack's own
       restore();
       throw;
     }
@@ -126,12 +131,21 @@ class Attacker {
   }
 
   /// Puts the backed-up target back, bit for bit; a no-op when nothing is
-  /// backed up.
+  /// backed up. Refused, changing nothing, when a perturbed tensor changed
+  /// since the last `attack()` (an optimizer step in between): writing the
+  /// backup would discard that update.
   void restore() {
     if (is_perturbed()) {
       peak_bytes_ = std::max(peak_bytes_, held_bytes());
     }
-    target_->restore(this);
+    target_->restore(this, kind_);
+  }
+
+  /// Drops the backup without writing it back: the targets keep their
+  /// current values, the perturbation included (after `restore()` refused
+  /// because an optimizer step came between `attack()` and `restore()`).
+  void release() {
+    target_->release(this);
   }
 
   /// Saves a copy of the `.grad` of every watched parameter (those whose grad
@@ -147,13 +161,22 @@ class Attacker {
       const auto& g = p.grad();
       grad_backup_.push_back(g.defined() ? g.detach().clone() : g);
     }
+    has_grad_backup_ = true;
   }
 
   /// Puts the gradients saved by `backup_grad()` back in place of the current
   /// ones, exactly: a parameter whose grad was undefined then gets an
-  /// undefined grad again. The backup is handed over, not copied: a second
-  /// call without a new `backup_grad()` does nothing.
+  /// undefined grad again. The backup is handed over, not copied: a call
+  /// without a `backup_grad()` since the last one throws and changes nothing
+  /// (the clean gradient would otherwise be missing from the step).
   void restore_grad() {
+    TORCH_CHECK(
+        has_grad_backup_,
+        "advtrain: ",
+        kind_,
+        ": restore_grad() without backup_grad() (or a second time since "
+        "it); call backup_grad() after the clean backward");
+    has_grad_backup_ = false;
     for (size_t i = 0; i < grad_backup_.size(); ++i) {
       watched_[i].mutable_grad() = std::move(grad_backup_[i]);
     }
@@ -164,6 +187,7 @@ class Attacker {
   /// handle (`Trainer` gives it the optimizer's parameters when none are set).
   void watch_grads(std::vector<torch::Tensor> params) {
     grad_backup_.clear();
+    has_grad_backup_ = false;
     watched_ = std::move(params);
   }
 
@@ -185,7 +209,8 @@ class Attacker {
       run_step(ctx);
     } catch (...) {
       try {
-        restore();    // while the step's δ is still known
+        target_->forget_written(); // the step's writes are its own
+        restore();                 // while the step's δ is still known
       } catch (...) { // NOLINT: the step's own exception is the one to report
       }
       throw;
@@ -612,7 +637,8 @@ class Attacker {
         any || !uses_gradient(),
         "advtrain: attack() found no gradient on [",
         fmt::format("{}", fmt::join(names, ", ")),
-        "]; run the loss's backward() first");
+        "]; run the loss's backward() first, and zero_grad() only after "
+        "restore() (LibTorch 2's zero_grad() drops the gradients)");
     return grads;
   }
 
@@ -620,6 +646,7 @@ class Attacker {
   const char* kind_;
   std::vector<torch::Tensor> watched_;
   std::vector<torch::Tensor> grad_backup_;
+  bool has_grad_backup_ = false;
   torch::Tensor perturbation_norm_; // 0-dim; undefined: 0
   /// A gradient norm kept to be read with the step: its tensor, the attack
   /// that measured it (-1: none), and whether a non-finite one counts once.

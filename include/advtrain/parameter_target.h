@@ -202,6 +202,13 @@ class ParameterTarget : public Target {
     }
   }
 
+  /// The backed-up rows alone where rows are backed up.
+  torch::Tensor written(size_t i) const override {
+    const torch::Tensor t = tensors_[i].detach();
+    return (rows_[i].defined() ? t.index_select(0, rows_[i]) : t)
+        .sum(torch::kDouble);
+  }
+
   void put_back(bool untracked) override {
     for (size_t i = 0; i < tensors_.size(); ++i) {
       if (rows_[i].defined()) {

@@ -92,6 +92,7 @@ class Target {
   void backup(
       const void* owner, const char* kind, bool rows_only, bool untracked) {
     if (is_perturbed()) {
+      check_unchanged(kind, "attack()");
       return;
     }
     untracked_ = untracked;
@@ -125,7 +126,8 @@ class Target {
   /// Puts the backed-up values back, bit for bit (written as the backup
   /// said: tracked or not), and releases the claims of `owner`; a no-op when
   /// nothing is backed up.
-  void restore(const void* owner) {
+  void restore(const void* owner, const char* kind = "attacker") {
+    check_unchanged(kind, "restore()");
     if (!claimed_.empty()) { // also after a backup() that failed half-way
       detail::PerturbedTensors::instance().release(claimed_, owner);
       claimed_.clear();
@@ -136,6 +138,34 @@ class Target {
     torch::NoGradGuard no_grad;
     put_back(untracked_);
     backup_.clear();
+    marks_.clear();
+  }
+
+  /// Drops the backup without writing it back, releasing the claims of
+  /// `owner`: the tensors keep their current values.
+  void release(const void* owner) {
+    detail::PerturbedTensors::instance().release(claimed_, owner);
+    claimed_.clear();
+    backup_.clear();
+    marks_.clear();
+  }
+
+  /// Records what the attacker wrote, so that a write by anyone else before
+  /// the restore (an optimizer step in an own loop) is seen by the next
+  /// `attack()` or `restore()`: the sum of the backed-up values, in float64
+  /// (one pass over them; LibTorch's SGD writes without bumping the
+  /// autograd version, so the version alone would miss it).
+  void note_written() {
+    marks_.clear();
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      marks_.push_back(written(i));
+    }
+  }
+  /// Forgets the marks (a `Trainer` step, which restores before it steps
+  /// the optimizer, keeps none).
+  void forget_written() noexcept {
+    marks_.clear();
   }
 
   /// Tensor i as a tensor to write into. `untracked`: the writes do not bump
@@ -248,13 +278,48 @@ class Target {
   virtual void take_backup(bool rows_only) = 0;
   /// Writes `backup_` back into the tensors.
   virtual void put_back(bool untracked) = 0;
+  /// The float64 sum of what tensor i's backup would overwrite (0-dim);
+  /// undefined where nothing else writes the tensor (per example).
+  virtual torch::Tensor written(size_t i) const {
+    return tensors_[i].detach().sum(torch::kDouble);
+  }
 
   std::vector<torch::Tensor> tensors_;
   std::vector<std::string> names_;
   std::vector<torch::Tensor> backup_;
 
  private:
+  /// Refuses `call` when a perturbed tensor changed since the attacker last
+  /// wrote it: a restore would discard that change.
+  void check_unchanged(const char* kind, const char* call) const {
+    if (marks_.empty() || !is_perturbed()) {
+      return;
+    }
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < marks_.size() && i < tensors_.size(); ++i) {
+      if (!marks_[i].defined()) {
+        continue;
+      }
+      const double was = marks_[i].item<double>();
+      const double now = written(i).item<double>();
+      TORCH_CHECK(
+          was == now || (std::isnan(was) && std::isnan(now)),
+          "advtrain: ",
+          kind,
+          ": ",
+          names_[i],
+          " changed while perturbed (an optimizer.step() between attack() "
+          "and restore()?); ",
+          call,
+          " would build on or discard that change, so it refuses and "
+          "changes nothing. Call restore() before optimizer.step(); to keep "
+          "the values as they are now (the perturbation included) and drop "
+          "the backup, call release()");
+    }
+  }
+
   std::vector<const void*> claimed_; // registered in PerturbedTensors
+  std::vector<torch::Tensor> marks_; // `written` after the last attack
   bool untracked_ = false;           // how the perturbation is written
   StepContext* step_ = nullptr;
 };

@@ -112,9 +112,34 @@ class Trainer {
       const ForwardFunction& unlabeled = {}) {
     TORCH_CHECK(
         forward && loss_fn, "advtrain: Trainer::step needs two closures");
+    TORCH_CHECK(
+        !in_step_,
+        "advtrain: Trainer::step was called from inside a step (one of its "
+        "closures or hooks); the closures run passes, the Trainer steps");
     // (A per-example target holds no tensors between steps.)
     const std::vector<torch::Tensor> params = detail::union_of(
         detail::optimizer_parameters(optimizer_), attacker_.targets());
+    // Its clean pass would run at W + δ of an own-loop attack().
+    const auto held = detail::PerturbedTensors::instance().held(params);
+    if (held.first >= 0) {
+      TORCH_CHECK(
+          false,
+          "advtrain: Trainer::step: a parameter of the step (shape ",
+          params[held.first].sizes(),
+          ") is still perturbed by ",
+          held.second,
+          " (an own-loop attack() not restored); call its restore() before "
+          "the step");
+    }
+    struct InStep { // however the step ends
+      bool& flag;
+      explicit InStep(bool& f) : flag(f) {
+        flag = true;
+      }
+      ~InStep() {
+        flag = false;
+      }
+    } in_step{in_step_};
     StepContext ctx(optimizer_, forward, loss_fn, params);
     ctx.accumulating = accumulating;
     ctx.unlabeled = unlabeled;
@@ -157,6 +182,7 @@ class Trainer {
   std::function<void()> before_optimizer_step_;
   std::function<void()> after_optimizer_step_;
   int64_t warmup_left_ = 0;
+  bool in_step_ = false;
 };
 
 } // namespace advtrain

@@ -40,6 +40,18 @@ class PerturbedTensors {
     }
     return {-1, nullptr};
   }
+  /// The first tensor of `ts` that an attacker holds: its index and that
+  /// attacker's kind, or (-1, null).
+  std::pair<int64_t, const char*> held(const std::vector<torch::Tensor>& ts) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < ts.size(); ++i) {
+      const auto it = owners_.find(ts[i].unsafeGetTensorImpl());
+      if (it != owners_.end()) {
+        return {static_cast<int64_t>(i), it->second.second};
+      }
+    }
+    return {-1, nullptr};
+  }
   /// Releases what `owner` holds of `impls`.
   void release(const std::vector<const void*>& impls, const void* owner) {
     std::lock_guard<std::mutex> lock(mutex_);
