@@ -2,11 +2,13 @@
 // gradients never perturb; a throwing closure leaves the model as it was.
 
 #include "common.h"
+#include "strategies.h"
 
 #include "catch.h"
 
 #include <advtrain/version.h>
 
+#include <functional>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -101,6 +103,72 @@ TEST_CASE("Invalid options are rejected, naming the field", "[options]") {
   CHECK_NOTHROW(FreeLB(table(), FreeLBOptions().epsilon(0).steps(1)));
   CHECK_NOTHROW(SMART(table(), SMARTOptions().noise_var(0).weight(0)));
   CHECK_NOTHROW(PGD(table(), PGDOptions().alpha(0).steps(1)));
+}
+
+TEST_CASE(
+    "Infinite options are rejected, for every floating-point field",
+    "[options]") {
+  using namespace advtrain;
+  const double inf = std::numeric_limits<double>::infinity();
+  PerturbedEmbedding emb(5, 3);
+  auto first = [](const torch::Tensor& e) { return e; };
+  // Each builds a strategy with one field infinite (either sign).
+  const std::vector<std::pair<std::string, std::function<void(double)>>> all = {
+      {"FGSM epsilon",
+       [](double v) { FGSM(table(), FGSMOptions().epsilon(v)); }},
+      {"FGM epsilon", [](double v) { FGM(table(), FGMOptions().epsilon(v)); }},
+      {"PGD epsilon", [](double v) { PGD(table(), PGDOptions().epsilon(v)); }},
+      {"PGD alpha", [](double v) { PGD(table(), PGDOptions().alpha(v)); }},
+      {"PGDLInf epsilon",
+       [](double v) { PGDLInf(table(), PGDOptions().epsilon(v)); }},
+      {"FreeAT epsilon",
+       [](double v) { FreeAT(table(), FreeATOptions().epsilon(v)); }},
+      {"FreeAT alpha",
+       [](double v) { FreeATL2(table(), FreeATOptions().alpha(v)); }},
+      {"FreeLB alpha",
+       [](double v) { FreeLB(table(), FreeLBOptions().alpha(v)); }},
+      {"FreeLB epsilon",
+       [](double v) { FreeLBLInf(table(), FreeLBOptions().epsilon(v)); }},
+      {"FreeLB init_mag",
+       [&](double v) { FreeLB(emb, FreeLBOptions().init_mag(v)); }},
+      {"SMART alpha",
+       [](double v) { SMART(table(), SMARTOptions().alpha(v)); }},
+      {"SMART noise_var",
+       [](double v) { SMART(table(), SMARTOptions().noise_var(v)); }},
+      {"SMART norm_eps",
+       [](double v) { SMART(table(), SMARTOptions().norm_eps(v)); }},
+      {"SMART weight",
+       [](double v) { SMART(table(), SMARTOptions().weight(v)); }},
+      {"SMART proximal_weight",
+       [](double v) { SMART(table(), SMARTOptions().proximal_weight(v)); }},
+      {"SMART proximal_beta",
+       [](double v) { SMART(table(), SMARTOptions().proximal_beta(v)); }},
+      {"VAT epsilon", [](double v) { VAT(table(), VATOptions().epsilon(v)); }},
+      {"VAT xi", [](double v) { VAT(table(), VATOptions().xi(v)); }},
+      {"VAT weight", [](double v) { VAT(table(), VATOptions().weight(v)); }},
+      {"R3F sigma", [](double v) { R3F(table(), R3FOptions().sigma(v)); }},
+      {"R3F weight", [](double v) { R3F(table(), R3FOptions().weight(v)); }},
+      {"LLR epsilon", [](double v) { LLR(table(), LLROptions().epsilon(v)); }},
+      {"LLR alpha", [](double v) { LLR(table(), LLROptions().alpha(v)); }},
+      {"LLR weight", [](double v) { LLR(table(), LLROptions().weight(v)); }},
+      {"LLR grad_weight",
+       [](double v) { LLR(table(), LLROptions().grad_weight(v)); }},
+      {"AWP alpha", [](double v) { AWP(table(), AWPOptions().alpha(v)); }},
+      {"AWP epsilon", [](double v) { AWP(table(), AWPOptions().epsilon(v)); }},
+      {"YOPO alpha",
+       [&](double v) { YOPO(emb, first, YOPOOptions().alpha(v)); }},
+      {"YOPO epsilon",
+       [&](double v) { YOPO(emb, first, YOPOOptions().epsilon(v)); }},
+      {"YOPO init_mag",
+       [&](double v) { YOPO(emb, first, YOPOOptions().init_mag(v)); }}};
+  for (const auto& [what, make] : all) {
+    INFO(what);
+    const std::string field = what.substr(what.find(' ') + 1);
+    for (double v : {inf, -inf}) {
+      CHECK_THROWS_WITH(
+          make(v), Contains("Invalid " + field) && Contains("must be finite"));
+    }
+  }
 }
 
 TEST_CASE("Bad targets are rejected", "[options]") {
@@ -317,4 +385,61 @@ TEST_CASE("version.h matches the CMake project version", "[version]") {
                              std::to_string(ADVTRAIN_VERSION_MINOR) + "." +
                              std::to_string(ADVTRAIN_VERSION_PATCH);
   CHECK(header == ADVTRAIN_CMAKE_VERSION);
+}
+
+TEST_CASE(
+    "Bad inputs refuse, saying what to do, and change nothing", "[errors]") {
+  SECTION("a table frozen after the attacker was built") {
+    for (const auto& c : fixture::strategies()) {
+      if (!c.on_table) {
+        continue;
+      }
+      INFO(c.name);
+      auto model = make_model();
+      auto attacker = c.on_table(*model, "embedding", false);
+      model->embedding->weight.requires_grad_(false);
+      torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+      advtrain::Trainer trainer(opt, *attacker);
+      const auto before = clone_all(model->parameters());
+      CHECK_THROWS_WITH(
+          trainer.step(
+              [&] { return model->forward(batch_ids()); },
+              [&](const torch::Tensor& out) {
+                return cross_entropy(out, batch_labels());
+              }),
+          Contains("embedding.weight no longer requires grad"));
+      CHECK(equal_all(clone_all(model->parameters()), before));
+    }
+  }
+  SECTION("AWP on a module whose parameters are all frozen") {
+    auto model = make_model();
+    for (auto& p : model->parameters()) {
+      p.requires_grad_(false);
+    }
+    CHECK_THROWS_WITH(
+        advtrain::AWP(*model),
+        Contains("every parameter of the module is frozen"));
+  }
+  SECTION("an empty batch per example") {
+    auto model = make_act();
+    advtrain::FGM fgm(model->embedding);
+    for (const auto& ids :
+         {torch::zeros({0, 5}, torch::kLong),
+          torch::zeros({3, 0}, torch::kLong)}) {
+      CHECK_THROWS_WITH(model->forward(ids), Contains("non-empty batch"));
+    }
+  }
+  SECTION("a batch of another shape while perturbed") {
+    auto model = make_act();
+    advtrain::FGM fgm(model->embedding);
+    const auto x = padded_ids(); // [3, 5]
+    cross_entropy(model->forward(x), batch_labels()).backward();
+    fgm.attack();
+    const auto other = x.slice(0, 0, 2).slice(1, 0, 4);
+    CHECK_THROWS_WITH(model->forward(other), Contains("call restore() first"));
+    CHECK(fgm.is_perturbed());
+    CHECK_NOTHROW(fgm.restore());
+    CHECK_FALSE(fgm.is_perturbed());
+    CHECK_NOTHROW(model->forward(other)); // a new batch after the restore
+  }
 }

@@ -652,3 +652,39 @@ TEST_CASE("VAT's own-loop attack() takes the step to epsilon", "[vat]") {
   vat.restore();
   CHECK(bit_equal(model->embedding->weight.detach(), W));
 }
+
+TEST_CASE(
+    "SMART's norm_eps gives no NaN where it rounds to 0 in the lookup's dtype",
+    "[smart]") {
+  // float16 rounds 1e-8 to 0, float32 rounds 1e-46 to 0; padded positions
+  // have zero rows, which 0 + norm_eps would divide by.
+  const auto [dtype, eps] = GENERATE(
+      std::make_pair(torch::kHalf, 1e-8), std::make_pair(torch::kFloat, 1e-46));
+  INFO(dtype);
+  REQUIRE(torch::scalar_tensor(eps, dtype).item<double>() == 0.0);
+  torch::manual_seed(3);
+  advtrain::PerturbedEmbedding emb(
+      torch::nn::EmbeddingOptions(kVocab, kHidden).padding_idx(0));
+  emb->to(dtype);
+  torch::nn::Linear fc(kHidden, kClasses);
+  const auto x = padded_ids();
+  const auto m = x.ne(0).unsqueeze(-1).to(torch::kFloat);
+  std::vector<torch::Tensor> params = emb->parameters();
+  for (const auto& p : fc->parameters()) {
+    params.push_back(p);
+  }
+  advtrain::SMART smart(
+      emb, advtrain::SMARTOptions().norm_eps(eps).noise_var(1e-2).steps(2));
+  torch::optim::SGD opt(params, torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, smart);
+  const auto r = trainer.step(
+      [&] { return fc((emb(x).to(torch::kFloat) * m).sum(1) / m.sum(1)); },
+      [&](const torch::Tensor& out) {
+        return cross_entropy(out, batch_labels());
+      });
+  CHECK(std::isfinite(r.regularizer));
+  CHECK(r.regularizer > 0);
+  for (const auto& p : params) {
+    CHECK(torch::isfinite(p).all().item<bool>());
+  }
+}

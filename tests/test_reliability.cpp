@@ -762,3 +762,115 @@ TEST_CASE(
   CHECK(warnings.count("non-finite") == 1);
   CHECK(torch::equal(W, before));
 }
+
+namespace {
+
+/// The bytes of `attacker`'s archive.
+std::string archive_bytes(const advtrain::Attacker& attacker) {
+  torch::serialize::OutputArchive out;
+  attacker.save(out);
+  std::ostringstream s;
+  out.save_to(s);
+  return s.str();
+}
+
+/// Loads `bytes` into `attacker`.
+void load_bytes(advtrain::Attacker& attacker, const std::string& bytes) {
+  std::istringstream s(bytes);
+  torch::serialize::InputArchive in;
+  in.load_from(s);
+  attacker.load(in);
+}
+
+} // namespace
+
+TEST_CASE(
+    "Archives load all or nothing: variant, ball, finiteness, checksum",
+    "[serialize]") {
+  using namespace advtrain;
+  auto model = make_model();
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  const auto o = FreeATOptions().epsilon(0.05).alpha(0.03).replays(2);
+  FreeAT freeat(*model, "embedding", o);
+  Trainer trainer(opt, freeat);
+  for (int s = 0; s < 2; ++s) {
+    trainer.step(
+        [&] { return model->forward(batch_ids()); },
+        [&](const torch::Tensor& out) {
+          return cross_entropy(out, batch_labels());
+        });
+  }
+  REQUIRE(freeat.deltas().size() == 1);
+  REQUIRE(freeat.deltas()[0].abs().max().item<double>() > 0);
+  const std::string bytes = archive_bytes(freeat);
+  const auto untouched = [](const FreeAT& a) {
+    return a.deltas().empty() && a.steps_done() == 0;
+  };
+
+  SECTION("the norm variant is part of the kind") {
+    FreeATL2 l2(*model, "embedding", o);
+    CHECK_THROWS_WITH(
+        load_bytes(l2, bytes),
+        Contains("BasicFreeAT<advtrain::LInf>") &&
+            Contains("not of advtrain::BasicFreeAT<advtrain::L2>"));
+    CHECK(l2.deltas().empty());
+    PGD pgd(*model, "embedding");
+    PGDLInf pgd_inf(*model, "embedding");
+    CHECK_THROWS_WITH(
+        load_bytes(pgd_inf, archive_bytes(pgd)), Contains("not of"));
+  }
+  SECTION("a smaller epsilon") {
+    FreeAT small(*model, "embedding", FreeATOptions().epsilon(0.01));
+    CHECK_THROWS_WITH(
+        load_bytes(small, bytes),
+        Contains("outside the ball of epsilon = 0.01"));
+    CHECK(untouched(small));
+  }
+  SECTION("a NaN delta, or a step count that is not a count") {
+    for (int bad = 0; bad < 2; ++bad) {
+      torch::serialize::OutputArchive out;
+      out.write("advtrain.kind", c10::IValue(std::string("FreeAT")));
+      out.write("advtrain.type", c10::IValue(freeat.type_name()));
+      if (bad == 0) {
+        out.write("advtrain.steps_done", c10::IValue(int64_t{3}));
+        out.write(
+            "freeat.delta.0",
+            freeat.deltas()[0].clone().index_put_(
+                {0, 0}, std::numeric_limits<double>::quiet_NaN()));
+      } else {
+        out.write("advtrain.steps_done", c10::IValue(std::string("x")));
+        out.write("freeat.delta.0", freeat.deltas()[0]);
+      }
+      std::ostringstream s;
+      out.save_to(s);
+      FreeAT fresh(*model, "embedding", o);
+      CHECK_THROWS_WITH(
+          load_bytes(fresh, s.str()),
+          Contains(bad == 0 ? "is not finite" : "not a count"));
+      CHECK(untouched(fresh));
+    }
+  }
+  SECTION("flipped bytes: refused, or the very same state") {
+    int refused = 0, same = 0;
+    for (size_t k = 0; k < 60; ++k) {
+      std::string corrupt = bytes;
+      const size_t at = (k * 7919) % corrupt.size();
+      corrupt[at] = static_cast<char>(corrupt[at] ^ 0x20);
+      FreeAT fresh(*model, "embedding", o);
+      INFO("byte " << at);
+      try {
+        load_bytes(fresh, corrupt);
+      } catch (const std::exception&) {
+        ++refused;
+        CHECK(untouched(fresh));
+        continue;
+      }
+      ++same;
+      CHECK(fresh.steps_done() == freeat.steps_done());
+      REQUIRE(fresh.deltas().size() == 1);
+      CHECK(bit_equal(fresh.deltas()[0], freeat.deltas()[0]));
+    }
+    CHECK(refused > 0);
+    CHECK(refused + same == 60);
+  }
+}

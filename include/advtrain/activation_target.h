@@ -224,6 +224,9 @@ class ActivationTarget : public Target {
     for (const auto& t : tensors_) {
       backup_.push_back(torch::zeros_like(t));
     }
+    for (auto& slot : slots_) {
+      slot->set_held(true);
+    }
   }
   /// δ belongs to the attacker alone: nothing to check.
   torch::Tensor written(size_t /*i*/) const override {
@@ -237,6 +240,7 @@ class ActivationTarget : public Target {
     }
     for (auto& slot : slots_) {
       slot->begin_pass();
+      slot->set_held(false);
     }
   }
 

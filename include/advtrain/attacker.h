@@ -6,11 +6,13 @@
 #pragma once
 
 #include <advtrain/activation_target.h>
+#include <advtrain/detail/archive.h>
 #include <advtrain/parameter_target.h>
 #include <advtrain/parameters.h>
 #include <advtrain/step.h>
 #include <advtrain/target.h>
 
+#include <c10/util/Type.h>
 #include <fmt/format.h>
 #include <torch/torch.h>
 
@@ -22,6 +24,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -231,11 +235,18 @@ class Attacker {
         kind_,
         ": save() while the targets are perturbed; call restore() first");
     archive.write("advtrain.kind", c10::IValue(std::string(kind_)));
+    archive.write("advtrain.type", c10::IValue(type_name()));
     archive.write("advtrain.steps_done", c10::IValue(steps_done_));
+    archive.write(
+        "advtrain.steps_checksum",
+        c10::IValue(detail::checksum({torch::tensor(steps_done_)})));
     save_state(archive);
   }
 
-  /// Reads what `save` wrote; the archive must come from the same strategy.
+  /// Reads what `save` wrote; the archive must come from the same strategy
+  /// (its norm variant included: FreeAT's archive does not load into
+  /// FreeATL2). All or nothing: the state is checked (its checksum, shapes,
+  /// finiteness, FreeAT's δ within ε) before anything changes.
   void load(torch::serialize::InputArchive& archive) {
     TORCH_CHECK(
         !is_perturbed(),
@@ -254,10 +265,36 @@ class Attacker {
         kind.toStringRef(),
         ", not of ",
         kind_);
+    c10::IValue type;
+    if (archive.try_read("advtrain.type", type)) { // (older archives: none)
+      TORCH_CHECK(
+          type.isString() && type.toStringRef() == type_name(),
+          "advtrain: the archive holds the state of ",
+          type.isString() ? type.toStringRef() : std::string("?"),
+          ", not of ",
+          type_name());
+    }
     c10::IValue steps;
-    archive.read("advtrain.steps_done", steps);
-    load_state(archive);
+    TORCH_CHECK(
+        archive.try_read("advtrain.steps_done", steps) && steps.isInt() &&
+            steps.toInt() >= 0,
+        "advtrain: ",
+        kind_,
+        ": the archive's step count is missing or not a count; nothing was "
+        "loaded");
+    detail::check_checksum(
+        archive,
+        "advtrain.steps_checksum",
+        {torch::tensor(steps.toInt())},
+        kind_);
+    load_state(archive); // checks everything before it changes anything
     steps_done_ = steps.toInt();
+  }
+
+  /// The strategy's C++ type, as archives name it
+  /// ("advtrain::BasicFreeAT<advtrain::L2>").
+  std::string type_name() const {
+    return c10::demangle(typeid(*this).name());
   }
 
   /// What this attacker perturbs.
@@ -670,7 +707,8 @@ class Attacker {
 
 /// Refuses an option of a strategy in its constructor, naming the field:
 /// `Kind: Invalid field: value (must be rule)` (what `check_options`
-/// overloads call).
+/// overloads call). A floating-point option must also be finite: no option
+/// means "unbounded" by infinity (FreeLB's `epsilon(0)` does).
 template <typename T>
 void check_option(
     bool ok,
@@ -678,6 +716,18 @@ void check_option(
     const char* field,
     const T& value,
     const char* rule) {
+  if constexpr (std::is_floating_point_v<T>) {
+    TORCH_CHECK(
+        std::isfinite(value),
+        kind,
+        ": Invalid ",
+        field,
+        ": ",
+        value,
+        " (must be finite and ",
+        rule,
+        ")");
+  }
   TORCH_CHECK(
       ok, kind, ": Invalid ", field, ": ", value, " (must be ", rule, ")");
 }

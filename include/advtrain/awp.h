@@ -54,10 +54,22 @@ class AWP : public Strategy<AWPOptions> {
   AWP(const NamedParameters& module,
       const std::string& name_contains = "weight",
       AWPOptions options = {})
-      : Strategy(module.trainable(), name_contains, std::move(options)) {}
+      : Strategy(trainable(module), name_contains, std::move(options)) {}
   /// `params`.
   explicit AWP(std::vector<torch::Tensor> params, AWPOptions options = {})
       : Strategy(std::move(params), std::move(options)) {}
+
+ private:
+  /// The trainable parameters of `module`, refused when there are none.
+  static NamedParameters trainable(const NamedParameters& module) {
+    NamedParameters t = module.trainable();
+    TORCH_CHECK(
+        !t.items().empty(),
+        "advtrain: AWP: every parameter of the module is frozen (",
+        module.items().size(),
+        " parameters, none requires grad); AWP perturbs trainable weights");
+    return t;
+  }
 
  protected:
   /// On a sparse table gradient, only its rows move (the others would move

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -144,16 +145,22 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   }
 
   void save_state(torch::serialize::OutputArchive& archive) const override {
+    std::vector<torch::Tensor> saved;
     for (size_t i = 0; i < deltas_.size(); ++i) {
       if (deltas_[i].defined()) {
         archive.write("freeat.delta." + std::to_string(i), deltas_[i]);
+        saved.push_back(deltas_[i]);
       }
     }
+    archive.write("freeat.checksum", c10::IValue(detail::checksum(saved)));
   }
 
+  /// All or nothing: δ is checked (checksum, shape, finite, within ε)
+  /// before it replaces the current one.
   void load_state(torch::serialize::InputArchive& archive) override {
     // Per example, as many as the lookups of the step that saved them.
     std::vector<torch::Tensor> loaded(target().size());
+    std::vector<torch::Tensor> read;
     for (size_t i = 0;; ++i) {
       torch::Tensor d;
       if (!archive.try_read("freeat.delta." + std::to_string(i), d)) {
@@ -162,6 +169,8 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
         }
         continue;
       }
+      read.push_back(d);
+      check_saved(i, d);
       if (i >= loaded.size()) {
         TORCH_CHECK(
             target().per_example(),
@@ -175,10 +184,48 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
       }
       loaded[i] = target().fit_saved(i, d, kind());
     }
+    detail::check_checksum(archive, "freeat.checksum", read, kind());
     deltas_ = std::move(loaded);
   }
 
  private:
+  /// Refuses a saved δ that is not finite or lies outside the ball of ε
+  /// (within rounding), as no FreeAT with these options makes one.
+  void check_saved(size_t i, const torch::Tensor& d) const {
+    TORCH_CHECK(
+        d.is_floating_point() && torch::isfinite(d).all().item<bool>(),
+        "advtrain: ",
+        kind(),
+        ": the archive's delta ",
+        i,
+        " is not finite; nothing was loaded");
+    torch::NoGradGuard no_grad;
+    const torch::Tensor x = d.to(torch::kDouble);
+    double n = 0.0;
+    if (x.numel() > 0) {
+      if constexpr (std::is_same_v<Norm, LInf>) {
+        n = x.abs().max().item<double>();
+      } else if (target().per_example() && x.dim() > 1) {
+        n = x.flatten(1).norm(2, 1).max().item<double>();
+      } else {
+        n = x.norm().item<double>();
+      }
+    }
+    TORCH_CHECK(
+        n <= options_.epsilon() * (1 + 1e-5),
+        "advtrain: ",
+        kind(),
+        ": the archive's delta ",
+        i,
+        " has norm ",
+        n,
+        " (",
+        Norm::name,
+        "), outside the ball of epsilon = ",
+        options_.epsilon(),
+        " (saved with a larger epsilon?); nothing was loaded");
+  }
+
   /// δ of target i, created zero with the shape, dtype and device of `t`;
   /// per example, refitted to each batch's shape (the overlap is kept).
   torch::Tensor& delta(size_t i, const torch::Tensor& t) {

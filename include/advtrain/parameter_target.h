@@ -47,6 +47,22 @@ class ParameterTarget : public Target {
   bool measures_gradient_norm() const noexcept override {
     return true;
   }
+
+  /// A tensor frozen after the attacker was built gets no gradient: refused
+  /// before anything moves, saying so.
+  void sync(const char* kind) override {
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      TORCH_CHECK(
+          tensors_[i].requires_grad(),
+          "advtrain: ",
+          kind,
+          ": ",
+          names_[i],
+          " no longer requires grad (frozen after the attacker was built?), "
+          "so it has no gradient to attack along; unfreeze it, or build the "
+          "attacker on trainable tensors");
+    }
+  }
   Geometry geometry(size_t /*i*/) const override {
     return Geometry{};
   }

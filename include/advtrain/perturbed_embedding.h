@@ -53,6 +53,11 @@ class Perturbation {
         "advtrain: a perturbed embedding needs a batch of sequences ([B, L] "
         "ids), got output of shape ",
         e.sizes());
+    TORCH_CHECK(
+        e.numel() > 0,
+        "advtrain: a perturbed embedding needs a non-empty batch (at least "
+        "one example of at least one token), got output of shape ",
+        e.sizes());
     if (mask.defined()) {
       TORCH_CHECK(
           mask.sizes() == e.sizes().slice(0, e.dim() - 1),
@@ -68,11 +73,23 @@ class Perturbation {
     if (next_ == lookups_.size()) {
       lookups_.emplace_back();
     }
-    const size_t k = next_++;
+    const size_t k = next_;
     Lookup& l = lookups_[k];
-    if (!l.delta.defined() || l.delta.sizes() != e.sizes() ||
-        l.delta.scalar_type() != e.scalar_type() ||
-        l.delta.device() != e.device()) {
+    const bool fits = l.delta.defined() && l.delta.sizes() == e.sizes() &&
+                      l.delta.scalar_type() == e.scalar_type() &&
+                      l.delta.device() == e.device();
+    TORCH_CHECK(
+        fits || !l.delta.defined() || !held_,
+        "advtrain: lookup ",
+        k,
+        " gives shape ",
+        e.sizes(),
+        " while its δ of shape ",
+        l.delta.sizes(),
+        " is perturbed (an attack() not restored before a new batch?); a new "
+        "δ would run this pass unperturbed: call restore() first");
+    ++next_;
+    if (!fits) {
       torch::NoGradGuard no_grad;
       l.mask = mask.defined()
                    ? mask.to(e.scalar_type())
@@ -130,10 +147,16 @@ class Perturbation {
   void begin_pass() noexcept {
     next_ = 0;
   }
+  /// While held (an attack backed δ up), a lookup of another shape is
+  /// refused rather than given a new, unperturbed δ.
+  void set_held(bool held) noexcept {
+    held_ = held;
+  }
   /// Forgets every δ: the next forward creates new ones.
   void reset() {
     lookups_.clear();
     next_ = 0;
+    held_ = false;
   }
   /// How a new δ is filled during the current step (a random start, FreeAT's
   /// persistent δ); none (the default, and after every step): zero.
@@ -181,6 +204,7 @@ class Perturbation {
   LookupHook lookup_hook_;
   int armers_ = 0;
   bool detached_ = false;
+  bool held_ = false;
 };
 
 /// An `nn::Embedding` whose output can carry a per-example perturbation.

@@ -7,6 +7,7 @@
 #include <advtrain/regularizer.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <utility>
 #include <vector>
@@ -215,15 +216,23 @@ class SMART : public Regularizer<SMARTOptions> {
     for (size_t k = 0; k < teacher_.size(); ++k) {
       archive.write("smart.teacher." + std::to_string(k), teacher_[k]);
     }
+    archive.write("smart.checksum", c10::IValue(detail::checksum(teacher_)));
   }
+  /// All or nothing: the teacher is checked (checksum, finite) first.
   void load_state(torch::serialize::InputArchive& archive) override {
     std::vector<torch::Tensor> loaded;
     torch::Tensor t;
     while (
         archive.try_read("smart.teacher." + std::to_string(loaded.size()), t)) {
+      TORCH_CHECK(
+          t.is_floating_point() && torch::isfinite(t).all().item<bool>(),
+          "advtrain: SMART: the archive's teacher tensor ",
+          loaded.size(),
+          " is not finite; nothing was loaded");
       loaded.push_back(t);
       t = torch::Tensor();
     }
+    detail::check_checksum(archive, "smart.checksum", loaded, kind());
     teacher_ = std::move(loaded);
   }
 
@@ -263,11 +272,19 @@ class SMART : public Regularizer<SMARTOptions> {
         " parameters");
   }
 
-  /// Divides each row (last dimension) by its max-abs value + norm_eps.
+  /// Divides each row (last dimension) by its max-abs value + norm_eps,
+  /// the denominator in float32 at least and never below the smallest
+  /// normal number: norm_eps may round to 0 in the lookup's dtype (1e-8 in
+  /// float16, 1e-46 in float32), and a zero row (a padded position) would
+  /// give 0/0. Only a row of zeros (it stays zero) sees the floor.
   void normalize(torch::Tensor& delta) const {
     const auto rows =
         delta.dim() == 0 ? delta.abs() : delta.abs().amax(-1, true);
-    delta.div_(rows + options_.norm_eps());
+    const auto type = at::promote_types(rows.scalar_type(), torch::kFloat);
+    const double tiny = type == torch::kDouble
+                            ? std::numeric_limits<double>::min()
+                            : std::numeric_limits<float>::min();
+    delta.div_(rows.to(type).add_(options_.norm_eps()).clamp_min_(tiny));
   }
 };
 
