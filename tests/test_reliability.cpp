@@ -595,8 +595,9 @@ struct SyncFree {
 
 /// Runs `steps` Trainer steps with `attacker`, on the sync-free path (what a
 /// device takes) or the CPU's own; on the sync-free path counts reading ops
-/// and the library's host reads and checks one read per step and no reading
-/// op. Returns the parameters after the steps.
+/// and the library's host reads and checks one read per optimizer step
+/// (`optimizer_steps` a step: FreeAT's replays) and no reading op. Returns
+/// the parameters after the steps.
 template <typename Forward>
 std::vector<torch::Tensor> check_one_read(
     advtrain::Attacker& attacker,
@@ -604,7 +605,8 @@ std::vector<torch::Tensor> check_one_read(
     const Forward& forward,
     const torch::Tensor& y,
     int steps,
-    bool sync_free = true) {
+    bool sync_free = true,
+    int64_t optimizer_steps = 1) {
   advtrain::Trainer trainer(opt, attacker);
   advtrain::detail::force_sync_free() = sync_free;
   const HostReadOps ops;
@@ -618,7 +620,7 @@ std::vector<torch::Tensor> check_one_read(
   }
   advtrain::detail::force_sync_free() = false;
   if (sync_free) {
-    CHECK(advtrain::detail::host_reads() - before == steps);
+    CHECK(advtrain::detail::host_reads() - before == steps * optimizer_steps);
     CHECK(HostReadOps::seen() == std::vector<std::string>{});
   }
   std::vector<torch::Tensor> params;
@@ -667,8 +669,8 @@ TEST_CASE("The counter sees the reads it looks for", "[sync]") {
 }
 
 TEST_CASE(
-    "Each strategy's Trainer::step reads the device once, on the table and "
-    "per example",
+    "Each strategy's Trainer::step reads the device once per optimizer step, "
+    "on the table and per example",
     "[sync]") {
   // Each also against the CPU's own path (which reads gradient norms and
   // searches rows), from the same seed: the same steps.
@@ -688,7 +690,8 @@ TEST_CASE(
             [&] { return model->forward(x); },
             batch_labels(),
             3,
-            sync_free);
+            sync_free,
+            c.optimizer_steps);
       }
       CHECK(max_diff_all(on_path[0], on_path[1]) < 1e-12);
       if (c.per_example) {
@@ -704,7 +707,8 @@ TEST_CASE(
               [&] { return model->forward(x); },
               torch::tensor({0, 1, 2}, torch::kLong),
               3,
-              sync_free);
+              sync_free,
+              c.optimizer_steps);
         }
         CHECK(max_diff_all(on_path[0], on_path[1]) < 1e-12);
       }
@@ -872,5 +876,121 @@ TEST_CASE(
     }
     CHECK(refused > 0);
     CHECK(refused + same == 60);
+  }
+}
+
+namespace {
+
+/// The optimizer's state, serialized (equal bytes: the same state).
+std::string optimizer_bytes(const torch::optim::Optimizer& opt) {
+  torch::serialize::OutputArchive out;
+  opt.save(out);
+  std::ostringstream s;
+  out.save_to(s);
+  return s.str();
+}
+
+} // namespace
+
+TEST_CASE(
+    "A non-finite loss skips the optimizer step: weights and optimizer state "
+    "as before",
+    "[nonfinite]") {
+  for (const auto& c : strategies()) {
+    for (const bool per_example : {false, true}) {
+      if (per_example && !c.per_example) {
+        continue;
+      }
+      for (const double bad :
+           {std::numeric_limits<double>::quiet_NaN(),
+            std::numeric_limits<double>::infinity()}) {
+        INFO(
+            c.name << (per_example ? " per example" : " on the table")
+                   << ", loss * " << bad);
+        torch::manual_seed(5);
+        auto model = make_act();
+        const auto attacker = per_example
+                                  ? c.per_example(model->embedding, false)
+                                  : c.on_table(*model, "embedding", false);
+        torch::optim::Adam opt(model->parameters());
+        advtrain::Trainer trainer(opt, *attacker);
+        const auto forward = [&] { return model->forward(padded_ids()); };
+        bool poisoned = false;
+        const auto loss_fn = [&](const torch::Tensor& out) {
+          const auto l = cross_entropy(out, batch_labels());
+          return poisoned ? l * bad : l;
+        };
+        trainer.step(forward, loss_fn); // Adam has state to keep
+        const auto params = clone_all(model->parameters());
+        const std::string state = optimizer_bytes(opt);
+        poisoned = true;
+        WarningCapture warnings;
+        const auto r = trainer.step(forward, loss_fn);
+        CHECK(r.skipped == c.optimizer_steps);
+        CHECK_FALSE(r.finite);
+        CHECK(trainer.skipped_steps() == c.optimizer_steps);
+        CHECK(equal_all(clone_all(model->parameters()), params));
+        CHECK(optimizer_bytes(opt) == state);
+        CHECK(warnings.count("was not finite") == 1);
+        for (const auto& p : model->parameters()) {
+          CHECK_FALSE(p.grad().defined()); // the step's gradients dropped
+        }
+        // Thrown instead: rolled back, nothing changed either.
+        trainer.nonfinite(advtrain::NonFinite::kThrow);
+        CHECK_THROWS_WITH(
+            trainer.step(forward, loss_fn), Contains("was not finite"));
+        CHECK(equal_all(clone_all(model->parameters()), params));
+        CHECK(optimizer_bytes(opt) == state);
+        CHECK_FALSE(attacker->is_perturbed());
+        // A finite loss steps again.
+        poisoned = false;
+        const auto ok = trainer.step(forward, loss_fn);
+        CHECK(ok.skipped == 0);
+        CHECK(ok.finite);
+        CHECK_FALSE(equal_all(clone_all(model->parameters()), params));
+      }
+    }
+  }
+}
+
+TEST_CASE(
+    "A NaN loss at one pass of FGM, FreeLB or SMART skips the step",
+    "[nonfinite]") {
+  using namespace advtrain;
+  for (int which = 0; which < 3; ++which) {
+    for (int at = 0; at < 3; ++at) {
+      torch::manual_seed(5);
+      auto model = make_act();
+      std::unique_ptr<Attacker> a;
+      int losses = 2; // task losses that join the training loss
+      if (which == 0) {
+        a = std::make_unique<FGM>(model->embedding);
+      } else if (which == 1) {
+        a = std::make_unique<FreeLB>(
+            *model, "embedding", FreeLBOptions().steps(3));
+        losses = 3;
+      } else {
+        a = std::make_unique<SMART>(model->embedding);
+        losses = 1; // the clean one (the adversarial term is a divergence)
+      }
+      if (at >= losses) {
+        continue;
+      }
+      INFO(a->kind() << ", NaN at task loss " << at);
+      torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+      Trainer trainer(opt, *a);
+      const auto params = clone_all(model->parameters());
+      int call = 0;
+      WarningCapture quiet;
+      const auto r = trainer.step(
+          [&] { return model->forward(padded_ids()); },
+          [&](const torch::Tensor& out) {
+            const auto l = cross_entropy(out, batch_labels());
+            return call++ == at ? l * std::numeric_limits<double>::quiet_NaN()
+                                : l;
+          });
+      CHECK(r.skipped == 1);
+      CHECK(equal_all(clone_all(model->parameters()), params));
+    }
   }
 }

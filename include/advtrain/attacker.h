@@ -201,6 +201,7 @@ class Attacker {
   /// figures, with the counts of zero and non-finite gradients, are read to
   /// the host once (`ctx.read_figures`), when `run_step` has not read them.
   StepResult run(StepContext& ctx) {
+    ctx.read_step = [this, &ctx] { read_step(ctx); };
     target_->begin_step(ctx);
     struct EndStep { // however the step ends: no hook outlives `ctx`
       Target& target;

@@ -137,7 +137,7 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
       }
       update_delta();
       restore();
-      ctx.step_optimizer();
+      ctx.step_optimizer(/*last=*/j == m - 1);
       if (j < m - 1) {
         ctx.clear_grads();
       }

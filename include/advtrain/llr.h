@@ -150,6 +150,7 @@ class BasicLLR : public Strategy<LLROptions> {
     r.perturbation_norm = target().norm();
     const torch::Tensor loss = clean + options_.weight() * terms.first +
                                options_.grad_weight() * terms.second;
+    ctx.note_finite(loss);
     restore();
     loss.backward();
     ctx.step_optimizer();

@@ -176,8 +176,16 @@ class Regularizer : public Strategy<Options> {
     }
     this->restore();
     const torch::Tensor extra = extra_term(ctx, labeled);
-    // The step's one host read; the search's finiteness decides whether the
-    // regularizer joins the loss.
+    // The terms that join the loss must be finite: the regularizer unless
+    // the search's failure leaves it out, the extra term.
+    ctx.note_finite(
+        reg, finite.defined() ? finite.logical_not() : torch::Tensor());
+    if (extra.defined()) {
+      ctx.note_finite(extra);
+    }
+    // The step's one host read (`finite` with it, for the optimizer step);
+    // the search's finiteness decides whether the regularizer joins the
+    // loss.
     bool keep = true;
     if (finite.defined()) {
       keep = this->read_step(ctx, {finite}).front() != 0.0;

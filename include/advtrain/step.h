@@ -49,6 +49,13 @@ struct StepResult {
   /// Forward passes through the whole model (each followed by a backward,
   /// except SMART's ascent passes, which use autograd::grad).
   int64_t passes = 0;
+  /// Whether every loss of the step was finite (the passes' task losses and
+  /// the regularizer's terms); with FreeAT, those of its last replay.
+  bool finite = true;
+  /// Optimizer steps skipped because a loss was not finite (NaN or ±Inf):
+  /// the weights and the optimizer's state stay as before them, and the
+  /// step's gradients are dropped. At most one, FreeAT: one per replay.
+  int64_t skipped = 0;
 };
 
 /// `StepResult`'s figures as a protocol produces them: 0-dim tensors on the
@@ -148,6 +155,19 @@ struct StepContext {
   /// Forward passes run so far (`pass` counts them; protocols that run
   /// passes another way add theirs).
   int64_t passes = 0;
+  /// Whether every loss since the last optimizer step was finite (0-dim
+  /// bool, on the device; undefined: no loss yet). `loss_of` and
+  /// `note_finite` keep it; the optimizer step reads it.
+  torch::Tensor finite;
+  /// The step's one host read, made by the attacker (figures, counts and
+  /// `finite`) just before the last optimizer step, so that a non-finite
+  /// loss skips it; none: `finite` is read on its own.
+  std::function<void()> read_step;
+  /// A non-finite loss throws (after the step is rolled back) instead of
+  /// skipping the optimizer step.
+  bool throw_on_nonfinite = false;
+  /// Optimizer steps skipped so far in this step.
+  int64_t skipped = 0;
   /// What the protocol reports, on the device until `read_figures`.
   StepFigures figures;
 
@@ -158,20 +178,23 @@ struct StepContext {
   std::vector<double> read_figures(
       const std::vector<torch::Tensor>& extra = {}) {
     TORCH_CHECK(!read_, "advtrain: a step's figures are read once");
+    double finite_value = 1.0;
     double* out[] = {
         &result_.loss,
         &result_.start_norm,
         &result_.adv_loss,
         &result_.perturbation_norm,
         &result_.regularizer,
-        &result_.proximal};
+        &result_.proximal,
+        &finite_value};
     const torch::Tensor* in[] = {
         &figures.loss,
         &figures.start_norm,
         &figures.adv_loss,
         &figures.perturbation_norm,
         &figures.regularizer,
-        &figures.proximal};
+        &figures.proximal,
+        &finite};
     std::vector<torch::Tensor> all = extra;
     for (const torch::Tensor* t : in) {
       if (t->defined()) {
@@ -180,9 +203,11 @@ struct StepContext {
     }
     const std::vector<double> values = detail::to_host(all);
     size_t k = extra.size();
-    for (size_t f = 0; f < 6; ++f) {
-      *out[f] = in[f]->defined() ? values[k++] : 0.0;
+    for (size_t f = 0; f < 7; ++f) {
+      *out[f] = in[f]->defined() ? values[k++] : *out[f];
     }
+    result_.finite = finite_value != 0.0;
+    finite_read_ = finite.defined();
     read_ = true;
     return {values.begin(), values.begin() + extra.size()};
   }
@@ -196,17 +221,59 @@ struct StepContext {
   }
 
   /// The protocol's optimizer step, between the two hooks (none while
-  /// accumulating micro-batches).
-  void step_optimizer() {
-    if (!accumulating) {
-      if (before_optimizer_step) {
-        before_optimizer_step();
+  /// accumulating micro-batches), unless a loss since the last one was not
+  /// finite: then it is skipped (or throws, `throw_on_nonfinite`) and the
+  /// gradients are dropped. `last`: the step's last optimizer step, where
+  /// the step's one read decides (FreeAT's earlier replays read `finite`
+  /// alone).
+  void step_optimizer(bool last = true) {
+    if (accumulating) {
+      return;
+    }
+    bool ok = true;
+    if (finite.defined()) {
+      if (!finite_read_ && last && !read_ && read_step) {
+        read_step(); // figures, counts and `finite` in one read
       }
-      optimizer.step();
-      if (after_optimizer_step) {
-        after_optimizer_step();
+      if (finite_read_) {
+        ok = result_.finite;
+      } else {
+        ok = detail::to_host({finite}).front() != 0.0;
+        result_.finite = ok;
       }
     }
+    finite = torch::Tensor();
+    finite_read_ = false;
+    if (!ok) {
+      ++skipped;
+      TORCH_CHECK(
+          !throw_on_nonfinite,
+          "advtrain: a loss of the step was not finite (NaN or Inf); the "
+          "step was rolled back (NonFinite::kSkip skips the optimizer step "
+          "instead)");
+      clear_grads();
+      return;
+    }
+    if (before_optimizer_step) {
+      before_optimizer_step();
+    }
+    optimizer.step();
+    if (after_optimizer_step) {
+      after_optimizer_step();
+    }
+  }
+
+  /// Adds whether `value` (a loss, a regularizer term) is finite to
+  /// `finite`, on the device; `unless`, a 0-dim bool, excuses it where
+  /// true (a term the protocol leaves out).
+  void note_finite(
+      const torch::Tensor& value, const torch::Tensor& unless = {}) {
+    torch::Tensor ok = torch::isfinite(value.detach()).all();
+    if (unless.defined()) {
+      ok = ok.logical_or(unless.to(ok.device()));
+    }
+    finite = finite.defined() ? finite.logical_and(ok) : ok;
+    finite_read_ = false;
   }
 
   /// The model's output, with the random state of the step's first pass when
@@ -235,8 +302,9 @@ struct StepContext {
     return f();
   }
 
-  /// The loss of `out`, checked to be a scalar that can be differentiated.
-  torch::Tensor loss_of(const torch::Tensor& out) const {
+  /// The loss of `out`, checked to be a scalar that can be differentiated;
+  /// its finiteness joins `finite`.
+  torch::Tensor loss_of(const torch::Tensor& out) {
     const torch::Tensor loss = loss_fn(out);
     TORCH_CHECK(
         loss.defined() && loss.numel() == 1,
@@ -247,6 +315,7 @@ struct StepContext {
         loss.requires_grad(),
         "advtrain: the loss does not require grad; is the model's forward run "
         "under NoGradGuard?");
+    note_finite(loss);
     return loss;
   }
 
@@ -301,6 +370,7 @@ struct StepContext {
  private:
   StepResult result_;
   bool read_ = false;
+  bool finite_read_ = false; // `finite` as it is now was read into result_
 };
 
 } // namespace advtrain

@@ -10,6 +10,17 @@
 
 namespace advtrain {
 
+/// What `Trainer::step` does when a loss of the step is not finite (NaN or
+/// ±Inf), as AMP's `GradScaler` does with an overflow.
+enum class NonFinite {
+  /// Skip the optimizer step: weights and optimizer state stay as before
+  /// it, the step's gradients are dropped, `StepResult::skipped` and
+  /// `Trainer::skipped_steps()` count it, and the first one warns.
+  kSkip,
+  /// Throw, after the step is rolled back as for a throwing closure.
+  kThrow,
+};
+
 /// Runs one strategy's whole protocol (docs/design.md, "Protocols") for one
 /// batch, with any `torch::nn::Module` (through closures) and any
 /// `torch::optim::Optimizer`.
@@ -97,6 +108,16 @@ class Trainer {
     return warmup_left_;
   }
 
+  /// What a non-finite loss does (default: `NonFinite::kSkip`).
+  Trainer& nonfinite(NonFinite policy) {
+    nonfinite_ = policy;
+    return *this;
+  }
+  /// Optimizer steps skipped so far because a loss was not finite.
+  int64_t skipped_steps() const noexcept {
+    return skipped_steps_;
+  }
+
   torch::optim::Optimizer& optimizer() noexcept {
     return optimizer_;
   }
@@ -142,6 +163,7 @@ class Trainer {
     } in_step{in_step_};
     StepContext ctx(optimizer_, forward, loss_fn, params);
     ctx.accumulating = accumulating;
+    ctx.throw_on_nonfinite = nonfinite_ == NonFinite::kThrow;
     ctx.unlabeled = unlabeled;
     ctx.before_optimizer_step = before_optimizer_step_;
     ctx.after_optimizer_step = after_optimizer_step_;
@@ -155,14 +177,27 @@ class Trainer {
       StepResult r;
       if (warmup_left_ > 0) { // a plain step
         ctx.figures.loss = ctx.pass();
+        ctx.read_step = [&ctx] { ctx.read_figures(); };
         ctx.step_optimizer();
         --warmup_left_;
-        ctx.read_figures();
+        if (!ctx.figures_read()) {
+          ctx.read_figures();
+        }
         r = ctx.result();
       } else {
         r = attacker_.run(ctx);
       }
       r.passes = ctx.passes;
+      r.skipped = ctx.skipped;
+      skipped_steps_ += ctx.skipped;
+      if (ctx.skipped > 0 && !warned_nonfinite_) {
+        warned_nonfinite_ = true;
+        TORCH_WARN(
+            "advtrain: a loss of the step was not finite (NaN or Inf), so "
+            "the optimizer step was skipped and the weights left as they "
+            "were (counted in Trainer::skipped_steps(); this warning is "
+            "given once)");
+      }
       if (accumulating) {
         ctx.add_grads(std::move(before));
       }
@@ -183,6 +218,9 @@ class Trainer {
   std::function<void()> after_optimizer_step_;
   int64_t warmup_left_ = 0;
   bool in_step_ = false;
+  NonFinite nonfinite_ = NonFinite::kSkip;
+  int64_t skipped_steps_ = 0;
+  bool warned_nonfinite_ = false;
 };
 
 } // namespace advtrain
