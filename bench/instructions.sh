@@ -24,7 +24,8 @@
 #   --no-own         skip the own-loop runners
 #   --wall REPEATS   also time every runner (medians of REPEATS, interleaved)
 #   --guard RATIO    exit 1 when a method's library/floor ratio exceeds RATIO
-# Exits 77 (skipped) when valgrind is not installed.
+# Exits 77 (skipped) when valgrind is not installed, or cannot run LibTorch
+# on this processor.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bench=${ADVTRAIN_BENCH:-$root/build/bench/advtrain_bench}
@@ -103,6 +104,19 @@ count() {
   echo "$round $name $n $refs"
   echo "  $name x $n (round $round): $refs instructions" >&2
 }
+# Some valgrind releases cannot decode every instruction LibTorch's CPU
+# detection runs on some processors (valgrind 3.19, Debian bookworm's, stops
+# at RDTSCP on AMD EPYC with SIGILL): then nothing can be counted here.
+probe=$(valgrind --tool=cachegrind --cache-sim=no \
+  --cachegrind-out-file=/dev/null "$bench" $shape --threads 1 \
+  --runner plain --steps 1 2>&1) || true
+if echo "$probe" | grep -q "Unrecognised instruction"; then
+  echo "valgrind $(valgrind --version) cannot run LibTorch on this processor" \
+    "(an instruction it does not decode): skipped" >&2
+  echo "$probe" | grep -m1 "unhandled instruction bytes" >&2 || true
+  exit 77
+fi
+
 export -f count
 export python root shape bench
 xargs -P "$jobs" -L 1 bash -c 'count "$@"' _ <"$work/jobs" >"$work/counts"

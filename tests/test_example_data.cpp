@@ -3,6 +3,7 @@
 // expected text was written down from the files, not from the code.
 
 #include "email.h"
+#include "glove.h"
 
 #include "catch.h"
 
@@ -105,4 +106,33 @@ TEST_CASE("A directory of e-mails is labelled by folder", "[example][email]") {
   // A directory without *ham* or *spam* folders.
   CHECK_THROWS_WITH(
       example::read_email_dir(kEmails + "/ham"), Contains("no e-mails"));
+}
+
+TEST_CASE(
+    "Word vectors: numbers outside their types' range are refused",
+    "[example][glove]") {
+  // The first input is what tests/fuzz found ("dimensions" beyond int64:
+  // an undefined conversion); the others are its neighbours.
+  const std::vector<std::pair<std::string, std::string>> files = {
+      {R"({"precision":8,"dimensions":388888888888888888888888888888888,)"
+       R"("words":["the"],"vectors":{"the":[0.5,1]}})",
+       "\"dimensions\" must be a whole number"},
+      {R"({"dimensions":2.5,"vectors":{"the":[0.5,1,2]}})",
+       "\"dimensions\" must be a whole number"},
+      {R"({"dimensions":-3,"vectors":{"the":[0.5,1,2]}})",
+       "\"dimensions\" must be a whole number"},
+      {R"({"dimensions":2,"vectors":{"the":[1e300,1]}})",
+       "outside float's range"}};
+  const auto path =
+      std::filesystem::temp_directory_path() / "advtrain-glove-range.json";
+  for (const auto& [text, message] : files) {
+    INFO(text);
+    std::ofstream(path) << text;
+    CHECK_THROWS_WITH(
+        example::read_word_vectors(path.string(), {"the"}), Contains(message));
+  }
+  std::ofstream(path) << R"({"dimensions":2,"vectors":{"the":[0.5,1,7]}})";
+  const auto ok = example::read_word_vectors(path.string(), {"the"});
+  CHECK(ok.dimensions == 2);
+  std::filesystem::remove(path);
 }

@@ -8,8 +8,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <cstdint>
 #include <fstream>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -111,8 +113,20 @@ class VectorsSax : public nlohmann::json_sax<nlohmann::json> {
   }
   bool number(double v) {
     if (depth_ == 1 && top_key_ == "dimensions") {
+      // (Checked before the conversion: one out of int64's range is
+      // undefined; found by tests/fuzz.)
+      if (!(v >= 1 && v <= 1e6 && v == std::floor(v))) {
+        throw std::runtime_error(
+            "\"dimensions\" must be a whole number from 1 to 1000000, got " +
+            std::to_string(v));
+      }
       out.dimensions = static_cast<int64_t>(v);
     } else if (keep_ && depth_ == 3) {
+      if (!(std::abs(v) <= std::numeric_limits<float>::max())) {
+        throw std::runtime_error(
+            "vector of '" + word_ + "' holds " + std::to_string(v) +
+            ", outside float's range");
+      }
       current_.push_back(static_cast<float>(v));
     }
     return true;

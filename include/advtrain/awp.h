@@ -92,7 +92,13 @@ class AWP : public Strategy<AWPOptions> {
         (geo.gnorm.to(torch::kDouble) + 1e-6).reciprocal() * options_.alpha() *
             (wnorm + 1e-6));
     const torch::Tensor box = origin.abs() * options_.epsilon();
-    at::clamp_out(w, w, origin - box, origin + box);
+    if (w.scalar_type() == torch::kHalf && w.device().is_cpu()) {
+      // LibTorch's CPU has no float16 clamp: in float32, written back.
+      const auto f = [](const torch::Tensor& t) { return t.to(torch::kFloat); };
+      w.copy_(f(w).clamp(f(origin - box), f(origin + box)));
+    } else {
+      at::clamp_out(w, w, origin - box, origin + box);
+    }
     return detail::l2_norm(w - origin);
   }
 

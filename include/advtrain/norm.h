@@ -280,7 +280,13 @@ struct L2 {
   static void random_start(
       torch::Tensor& d, const torch::Tensor& mask, double mag) {
     d.uniform_(-1, 1);
-    const auto dims = mask.sum({1, 2}, /*keepdim=*/true) * d.size(-1);
+    // (In float32 at least: LibTorch's CPU has no float16 clamp or sqrt.)
+    const auto dims =
+        mask.sum(
+            {1, 2},
+            /*keepdim=*/true,
+            at::promote_types(mask.scalar_type(), torch::kFloat)) *
+        d.size(-1);
     d.mul_(mask * mag / dims.clamp_min(1).sqrt());
   }
 
@@ -382,8 +388,12 @@ struct LInfScaled {
           detail::usable_or_true(geo, gnorm), gnorm.to(torch::kDouble) * scale);
     }
     const torch::Tensor gm = detail::masked_finite(g, geo.mask).first;
-    const auto top =
-        detail::per_example(detail::example_rows(gm.abs()).amax(1), gm);
+    // (‖g_i‖∞ in float32 at least: 1e-8 is 0 in float16, which LibTorch's
+    // CPU cannot clamp.)
+    const auto top = detail::per_example(
+        detail::example_rows(gm.abs()).amax(1).to(
+            at::promote_types(gm.scalar_type(), torch::kFloat)),
+        gm);
     w.add_((gm * (alpha / top.clamp_min(1e-8))).to(w.dtype()));
     return {};
   }

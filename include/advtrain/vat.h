@@ -51,14 +51,19 @@ namespace detail {
 /// `a · sqrt(Σ(x / a)² + 1e-6)` with `a = max|x| + 1e-12` (no overflow, and
 /// a zero x stays zero).
 inline torch::Tensor scale_l2(
-    const torch::Tensor& x, double n, const Geometry& geo) {
+    const torch::Tensor& in, double n, const Geometry& geo) {
+  // In float32 at least (LibTorch's CPU has no float16 sqrt), returned in
+  // the input's dtype.
+  const torch::Tensor x =
+      in.to(at::promote_types(in.scalar_type(), torch::kFloat));
   if (!geo.per_example()) {
     const auto a = x.abs().max() + 1e-12;
-    return n * (x / (a * ((x / a).pow(2).sum() + 1e-6).sqrt()));
+    return (n * (x / (a * ((x / a).pow(2).sum() + 1e-6).sqrt())))
+        .to(in.scalar_type());
   }
   const auto a = per_example(example_rows(x.abs()).amax(1), x) + 1e-12;
   const auto sq = per_example(example_rows((x / a).pow(2)).sum(1), x);
-  return n * (x / (a * (sq + 1e-6).sqrt()));
+  return (n * (x / (a * (sq + 1e-6).sqrt()))).to(in.scalar_type());
 }
 
 } // namespace detail
