@@ -17,6 +17,7 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <string>
 #include <thread>
 #include <vector>
@@ -190,5 +191,30 @@ TEST_CASE("DataParallel refuses bad input", "[distributed][errors]") {
     CHECK_THROWS_WITH(
         advtrain::make_gloo_group(c10::make_intrusive<c10d::HashStore>(), 2, 2),
         fixture::matchers::Contains("Invalid rank: 2"));
+  });
+}
+
+TEST_CASE(
+    "A non-finite loss on one worker skips the step on every worker",
+    "[distributed][nonfinite]") {
+  // The skip is decided on the all-reduced gradients, the same everywhere:
+  // no worker waits alone in an all-reduce, and none steps.
+  on_threads(2, [](int rank, c10::intrusive_ptr<c10d::ProcessGroup> group) {
+    auto model = fixture::make_model();
+    advtrain::FGM fgm(*model, "embedding");
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+    advtrain::Trainer trainer(opt, fgm);
+    advtrain::DataParallel dp(group, model->parameters());
+    dp.attach(trainer);
+    const auto before = fixture::clone_all(model->parameters());
+    const auto r = trainer.step(
+        [&] { return model->forward(fixture::batch_ids()); },
+        [&](const torch::Tensor& out) {
+          const auto l = fixture::cross_entropy(out, fixture::batch_labels());
+          return rank == 1 ? l * std::numeric_limits<double>::quiet_NaN() : l;
+        });
+    CHECK(r.skipped == 1);
+    CHECK(fixture::equal_all(fixture::clone_all(model->parameters()), before));
+    CHECK(dp.reductions() == 1);
   });
 }

@@ -1038,3 +1038,202 @@ TEST_CASE(
     }
   }
 }
+
+namespace {
+
+/// `loss` with the same value but a NaN gradient into `out` (a square root
+/// at 0, times 0): what a model's own arithmetic can do to a finite loss.
+torch::Tensor nan_gradient(
+    const torch::Tensor& loss, const torch::Tensor& out) {
+  return loss + (out - out).sqrt().sum() * 0;
+}
+
+} // namespace
+
+TEST_CASE(
+    "Per example, a non-finite search gradient is counted and warned as on "
+    "the table",
+    "[nonfinite]") {
+  {
+    // An own loop: δ stays at 0, each attack counts, one warning.
+    auto model = make_act();
+    advtrain::FGM fgm(model->embedding);
+    const auto x = padded_ids();
+    WarningCapture warnings;
+    for (int i = 0; i < 3; ++i) {
+      const auto out = model->forward(x);
+      nan_gradient(cross_entropy(out, batch_labels()), out).backward();
+      fgm.attack();
+      CHECK(torch::equal(model->forward(x), out.detach()));
+      fgm.restore();
+      model->zero_grad();
+    }
+    CHECK(fgm.nonfinite_gradients() == 3);
+    CHECK(warnings.count("non-finite") == 1);
+  }
+  // Trainer steps of the strategies whose search follows the task loss's
+  // gradient (SMART's, VAT's and LLR's follow their own objectives, whose
+  // count has its own test), with the gradients checked: counted, and the
+  // step skipped.
+  for (const auto& c : strategies()) {
+    if (c.name != "FGSM" && c.name != "FGM" && c.name != "PGD" &&
+        c.name != "FreeLB" && c.name != "FreeAT") {
+      continue;
+    }
+    INFO(c.name);
+    auto model = make_act();
+    const auto attacker = c.per_example(model->embedding, false);
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+    advtrain::Trainer trainer(opt, *attacker);
+    trainer.check_gradients(true);
+    const auto params = clone_all(model->parameters());
+    WarningCapture warnings;
+    const auto r = trainer.step(
+        [&] { return model->forward(padded_ids()); },
+        [&](const torch::Tensor& out) {
+          return nan_gradient(cross_entropy(out, batch_labels()), out);
+        });
+    CHECK(std::isfinite(r.loss));
+    CHECK(r.skipped == c.optimizer_steps);
+    CHECK(equal_all(clone_all(model->parameters()), params));
+    CHECK(attacker->nonfinite_gradients() >= 1);
+    CHECK(warnings.count("non-finite norm") == 1);
+    CHECK(warnings.count("was not finite") == 1);
+  }
+  // YOPO's inner steps likewise.
+  SplitNet model;
+  advtrain::YOPO yopo(model->embedding, [&](const torch::Tensor& e) {
+    return model->first(e);
+  });
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, yopo);
+  trainer.check_gradients(true);
+  const auto x = padded_ids();
+  WarningCapture warnings;
+  const auto r = trainer.step(
+      [&] { return model->rest(yopo.first(model->embedding(x)), x); },
+      [&](const torch::Tensor& out) {
+        return nan_gradient(cross_entropy(out, batch_labels()), out);
+      });
+  CHECK(r.skipped == 1);
+  CHECK(yopo.nonfinite_gradients() >= 1);
+}
+
+TEST_CASE(
+    "With check_gradients, a NaN gradient of a finite loss skips the step",
+    "[nonfinite]") {
+  auto model = make_model();
+  advtrain::FGM fgm(*model, "embedding");
+  torch::optim::Adam opt(model->parameters());
+  advtrain::Trainer trainer(opt, fgm);
+  const auto forward = [&] { return model->forward(batch_ids()); };
+  const auto poisoned = [&](const torch::Tensor& out) {
+    return nan_gradient(cross_entropy(out, batch_labels()), out);
+  };
+  trainer.step(forward, [&](const torch::Tensor& out) {
+    return cross_entropy(out, batch_labels());
+  });
+  const auto params = clone_all(model->parameters());
+  const std::string state = optimizer_bytes(opt);
+  trainer.check_gradients(true);
+  WarningCapture warnings;
+  auto r = trainer.step(forward, poisoned);
+  CHECK(std::isfinite(r.loss));
+  CHECK(r.skipped == 1);
+  CHECK_FALSE(r.finite);
+  CHECK(equal_all(clone_all(model->parameters()), params));
+  CHECK(optimizer_bytes(opt) == state);
+  // Unchecked, the loss alone decides: the NaN gradient is applied (what
+  // the README's guarantees say).
+  trainer.check_gradients(false);
+  r = trainer.step(forward, poisoned);
+  CHECK(r.skipped == 0);
+  CHECK_FALSE(torch::isfinite(model->fc->weight).all().item<bool>());
+}
+
+TEST_CASE(
+    "A throwing before_optimizer_step hook leaves FreeAT's delta as it was",
+    "[nonfinite][errors]") {
+  for (const bool per_example : {false, true}) {
+    INFO((per_example ? "per example" : "on the table"));
+    auto model = make_act();
+    auto freeat = per_example
+                      ? std::make_unique<advtrain::FreeAT>(model->embedding)
+                      : std::make_unique<advtrain::FreeAT>(*model, "embedding");
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+    advtrain::Trainer trainer(opt, *freeat);
+    const auto forward = [&] { return model->forward(padded_ids()); };
+    const auto loss_fn = [&](const torch::Tensor& out) {
+      return cross_entropy(out, batch_labels());
+    };
+    trainer.step(forward, loss_fn);
+    const auto deltas = clone_all(freeat->deltas());
+    REQUIRE(!deltas.empty());
+    const auto params = clone_all(model->parameters());
+    trainer.before_optimizer_step([] { throw std::runtime_error("hook"); });
+    CHECK_THROWS_WITH(trainer.step(forward, loss_fn), Contains("hook"));
+    CHECK(equal_all(clone_all(freeat->deltas()), deltas));
+    CHECK(equal_all(clone_all(model->parameters()), params));
+    // The second replay's hook throws: the first replay is kept, δ with it.
+    int calls = 0;
+    trainer.before_optimizer_step([&] {
+      if (calls++ == 1) {
+        throw std::runtime_error("hook");
+      }
+    });
+    CHECK_THROWS_WITH(trainer.step(forward, loss_fn), Contains("hook"));
+    CHECK_FALSE(equal_all(clone_all(freeat->deltas()), deltas));
+    CHECK_FALSE(equal_all(clone_all(model->parameters()), params));
+  }
+}
+
+TEST_CASE(
+    "A throwing closure puts back the gradients of the attacker's module's "
+    "other parameters",
+    "[errors]") {
+  auto model = make_model();
+  advtrain::FGM fgm(*model, "embedding");
+  // The optimizer trains the table alone: fc's gradients gather.
+  torch::optim::SGD opt(
+      model->embedding->parameters(), torch::optim::SGDOptions(kLr));
+  advtrain::Trainer trainer(opt, fgm);
+  for (auto& p : model->fc->parameters()) {
+    p.mutable_grad() = torch::ones_like(p);
+  }
+  int calls = 0;
+  const auto forward = [&] { return model->forward(batch_ids()); };
+  CHECK_THROWS_WITH(
+      trainer.step(
+          forward,
+          [&](const torch::Tensor& out) {
+            if (calls++ == 1) {
+              throw std::runtime_error("adversarial pass");
+            }
+            return cross_entropy(out, batch_labels());
+          }),
+      Contains("adversarial pass"));
+  for (auto& p : model->fc->parameters()) {
+    CHECK(torch::equal(p.grad(), torch::ones_like(p)));
+  }
+  // A step that completes adds its gradients to theirs, as before.
+  trainer.step(forward, [&](const torch::Tensor& out) {
+    return cross_entropy(out, batch_labels());
+  });
+  for (auto& p : model->fc->parameters()) {
+    CHECK_FALSE(torch::equal(p.grad(), torch::ones_like(p)));
+  }
+}
+
+TEST_CASE(
+    "release() per example lets the next batch have another shape",
+    "[errors]") {
+  auto model = make_act();
+  advtrain::FGM fgm(model->embedding);
+  const auto out = model->forward(padded_ids());
+  cross_entropy(out, batch_labels()).backward();
+  fgm.attack();
+  fgm.release();
+  CHECK_FALSE(fgm.is_perturbed());
+  const auto other = torch::tensor({{1, 2, 0, 0}, {3, 4, 5, 0}}, torch::kLong);
+  CHECK_NOTHROW(model->forward(other));
+}

@@ -233,6 +233,14 @@ class ActivationTarget : public Target {
     return {};
   }
 
+  /// δ keeps its values; the next batch may have another shape.
+  void on_release() override {
+    for (auto& slot : slots_) {
+      slot->begin_pass();
+      slot->set_held(false);
+    }
+  }
+
   void put_back(bool untracked) override {
     for (size_t i = 0; i < tensors_.size(); ++i) {
       data(i, untracked).copy_(backup_[i]);

@@ -117,6 +117,9 @@ class Attacker {
             usable,
             rule);
         norms.push_back(std::move(m.norm));
+        if (uses_gradient() && !target_->measures_gradient_norm()) {
+          note_finite_gradient(i, grads[i]);
+        }
       }
       perturbation_norm_ = detail::combined_norm(norms);
       peak_bytes_ = std::max(peak_bytes_, held_bytes());
@@ -478,6 +481,19 @@ class Attacker {
     pending_norms_.push_back(gnorm);
   }
 
+  /// Per example, where no norm of a whole tensor is taken: whether `g`
+  /// (undefined: no gradient) is finite, kept to be read with the step like
+  /// a norm (log 1 = 0 where finite, log 0 = -inf where not) and counted as
+  /// a non-finite norm is; it belongs to no attack's group of norms.
+  void note_finite_gradient(size_t i, const torch::Tensor& g) {
+    if (!g.defined()) {
+      return;
+    }
+    pending_.push_back(Pending{i, -1, false});
+    pending_norms_.push_back(
+        torch::isfinite(g.detach()).all().to(torch::kFloat).log());
+  }
+
   /// The geometry of a step of tensor `i` along its gradient `g`, or none
   /// when `g` is undefined. Where the target measures norms on whole
   /// tensors, ‖g‖ is measured and checked (`usable_norm`): where it is zero
@@ -489,6 +505,7 @@ class Attacker {
     }
     check_sparse(i, g, /*accepted=*/false);
     if (!target_->measures_gradient_norm()) {
+      note_finite_gradient(i, g);
       return target_->geometry(i);
     }
     const torch::Tensor gnorm = detail::l2_norm(g);

@@ -135,9 +135,26 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
         r.perturbation_norm = j == 0 ? r.start_norm : target().norm();
         r.adv_loss = loss;
       }
+      // A replay whose optimizer step does not happen (a throwing hook, a
+      // non-finite step that throws) leaves δ as it found it.
+      std::vector<torch::Tensor> kept;
+      if (ctx.before_optimizer_step || ctx.throw_on_nonfinite) {
+        for (const auto& d : deltas_) {
+          kept.push_back(d.defined() ? d.clone() : d);
+        }
+      }
       update_delta();
       restore();
-      ctx.step_optimizer(/*last=*/j == m - 1);
+      const int64_t steps = ctx.optimizer_steps;
+      try {
+        ctx.step_optimizer(/*last=*/j == m - 1);
+      } catch (...) {
+        if (ctx.optimizer_steps == steps &&
+            (ctx.before_optimizer_step || ctx.throw_on_nonfinite)) {
+          deltas_ = std::move(kept);
+        }
+        throw;
+      }
       if (j < m - 1) {
         ctx.clear_grads();
       }

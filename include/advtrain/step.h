@@ -109,6 +109,41 @@ inline std::vector<double> to_host(const std::vector<torch::Tensor>& values) {
   return {p, p + host.numel()};
 }
 
+/// Moves the gradients of `params` out (leaving them undefined) and returns
+/// them.
+inline std::vector<torch::Tensor> take_grads(
+    const std::vector<torch::Tensor>& params) {
+  std::vector<torch::Tensor> grads;
+  grads.reserve(params.size());
+  for (const auto& p : params) {
+    grads.push_back(std::move(p.mutable_grad()));
+    p.mutable_grad() = torch::Tensor();
+  }
+  return grads;
+}
+
+/// Puts gradients taken by `take_grads` back, replacing the current ones.
+inline void put_grads(
+    const std::vector<torch::Tensor>& params,
+    std::vector<torch::Tensor> grads) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    params[i].mutable_grad() = std::move(grads[i]);
+  }
+}
+
+/// Adds gradients taken by `take_grads` to the current ones.
+inline void add_grads(
+    const std::vector<torch::Tensor>& params,
+    std::vector<torch::Tensor> grads) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!grads[i].defined()) {
+      continue;
+    }
+    torch::Tensor& g = params[i].mutable_grad();
+    g = g.defined() ? grads[i].add_(g) : std::move(grads[i]);
+  }
+}
+
 } // namespace detail
 
 /// One batch's worth of work for a strategy's protocol — the extension point
@@ -166,8 +201,13 @@ struct StepContext {
   /// A non-finite loss throws (after the step is rolled back) instead of
   /// skipping the optimizer step.
   bool throw_on_nonfinite = false;
+  /// The gradients are checked too: a non-finite one skips the optimizer
+  /// step though every loss was finite.
+  bool check_gradients = false;
   /// Optimizer steps skipped so far in this step.
   int64_t skipped = 0;
+  /// Optimizer steps taken so far in this step.
+  int64_t optimizer_steps = 0;
   /// What the protocol reports, on the device until `read_figures`.
   StepFigures figures;
 
@@ -222,13 +262,30 @@ struct StepContext {
 
   /// The protocol's optimizer step, between the two hooks (none while
   /// accumulating micro-batches), unless a loss since the last one was not
-  /// finite: then it is skipped (or throws, `throw_on_nonfinite`) and the
-  /// gradients are dropped. `last`: the step's last optimizer step, where
-  /// the step's one read decides (FreeAT's earlier replays read `finite`
-  /// alone).
+  /// finite (or a gradient, with `check_gradients`): then it is skipped (or
+  /// throws, `throw_on_nonfinite`) and the gradients are dropped. With a
+  /// `before_optimizer_step` hook, which runs either way, the gradients it
+  /// leaves decide instead of the losses. `last`: the step's last optimizer
+  /// step, where the step's one read decides (FreeAT's earlier replays read
+  /// `finite` alone).
   void step_optimizer(bool last = true) {
     if (accumulating) {
       return;
+    }
+    if (before_optimizer_step) {
+      // Before the decision, so that data-parallel workers all take part in
+      // the all-reduce; the decision is then on the gradients it leaves,
+      // the same on every worker (a worker's own loss is not).
+      before_optimizer_step();
+      finite = torch::Tensor();
+    }
+    if (before_optimizer_step || check_gradients) {
+      for (const auto& p : params) {
+        const torch::Tensor& g = p.grad();
+        if (g.defined()) {
+          note_finite(g.is_sparse() ? g._values() : g);
+        }
+      }
     }
     bool ok = true;
     if (finite.defined()) {
@@ -248,16 +305,14 @@ struct StepContext {
       ++skipped;
       TORCH_CHECK(
           !throw_on_nonfinite,
-          "advtrain: a loss of the step was not finite (NaN or Inf); the "
-          "step was rolled back (NonFinite::kSkip skips the optimizer step "
-          "instead)");
+          "advtrain: a loss or gradient of the step was not finite (NaN or "
+          "Inf); the step was rolled back (NonFinite::kSkip skips the "
+          "optimizer step instead)");
       clear_grads();
       return;
     }
-    if (before_optimizer_step) {
-      before_optimizer_step();
-    }
     optimizer.step();
+    ++optimizer_steps;
     if (after_optimizer_step) {
       after_optimizer_step();
     }
@@ -333,31 +388,15 @@ struct StepContext {
 
   /// Moves every gradient out (leaving them undefined) and returns them.
   std::vector<torch::Tensor> take_grads() const {
-    std::vector<torch::Tensor> grads;
-    grads.reserve(params.size());
-    for (const auto& p : params) {
-      grads.push_back(std::move(p.mutable_grad()));
-      p.mutable_grad() = torch::Tensor();
-    }
-    return grads;
+    return detail::take_grads(params);
   }
-
   /// Puts gradients taken by `take_grads` back, replacing the current ones.
   void put_grads(std::vector<torch::Tensor> grads) const {
-    for (size_t i = 0; i < params.size(); ++i) {
-      params[i].mutable_grad() = std::move(grads[i]);
-    }
+    detail::put_grads(params, std::move(grads));
   }
-
   /// Adds gradients taken by `take_grads` to the current ones.
   void add_grads(std::vector<torch::Tensor> grads) const {
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (!grads[i].defined()) {
-        continue;
-      }
-      torch::Tensor& g = params[i].mutable_grad();
-      g = g.defined() ? grads[i].add_(g) : std::move(grads[i]);
-    }
+    detail::add_grads(params, std::move(grads));
   }
 
   /// Drops every gradient (the next backward starts from zero).

@@ -146,6 +146,9 @@ class Target {
   void release(const void* owner) {
     detail::PerturbedTensors::instance().release(claimed_, owner);
     claimed_.clear();
+    if (is_perturbed()) {
+      on_release();
+    }
     backup_.clear();
     marks_.clear();
   }
@@ -278,6 +281,8 @@ class Target {
   virtual void take_backup(bool rows_only) = 0;
   /// Writes `backup_` back into the tensors.
   virtual void put_back(bool untracked) = 0;
+  /// The backup was dropped without being written back (`release`).
+  virtual void on_release() {}
   /// The float64 sum of what tensor i's backup would overwrite (0-dim);
   /// undefined where nothing else writes the tensor (per example).
   virtual torch::Tensor written(size_t i) const {

@@ -4,6 +4,7 @@
 
 #include <advtrain/attacker.h>
 
+#include <cstddef>
 #include <functional>
 #include <utility>
 #include <vector>
@@ -29,7 +30,7 @@ enum class NonFinite {
 /// the targets are restored before every `optimizer.step()`. If a closure
 /// throws, the weights and gradients are put back as they were before the
 /// step and the exception reaches the caller (FreeAT, which steps the
-/// optimizer once per replay, keeps the replays that completed).
+/// optimizer once per replay, keeps the replays that completed, δ included).
 class Trainer {
  public:
   Trainer(torch::optim::Optimizer& optimizer, Attacker& attacker)
@@ -77,8 +78,10 @@ class Trainer {
   /// Runs `hook` before every `optimizer.step()` the protocol makes, after
   /// the method's passes and never between them: once per step, m times per
   /// step for FreeAT. It sees the final gradients and may change them, e.g.
-  /// average them across workers (`advtrain::DataParallel`). An empty
-  /// function removes it.
+  /// average them across workers (`advtrain::DataParallel`). It runs also
+  /// where the step is then skipped: whether the gradients it leaves are
+  /// finite decides the skip, so that every data-parallel worker joins the
+  /// all-reduce and all decide alike. An empty function removes it.
   Trainer& before_optimizer_step(std::function<void()> hook) {
     before_optimizer_step_ = std::move(hook);
     return *this;
@@ -113,7 +116,18 @@ class Trainer {
     nonfinite_ = policy;
     return *this;
   }
-  /// Optimizer steps skipped so far because a loss was not finite.
+  /// Whether the gradients are checked too before each optimizer step
+  /// (default: no): a non-finite gradient of finite losses (the model's own
+  /// arithmetic, e.g. a square root or a division at 0) then skips the step
+  /// as a non-finite loss does. It costs one pass over the gradients per
+  /// optimizer step, no host read. With a `before_optimizer_step` hook they
+  /// are always checked.
+  Trainer& check_gradients(bool check) {
+    check_gradients_ = check;
+    return *this;
+  }
+  /// Optimizer steps skipped so far because a loss (or, where checked, a
+  /// gradient) was not finite.
   int64_t skipped_steps() const noexcept {
     return skipped_steps_;
   }
@@ -161,9 +175,17 @@ class Trainer {
         flag = false;
       }
     } in_step{in_step_};
+    // The attacker's module's other parameters (not the optimizer's): their
+    // gradients gather as before, but a throwing step puts them back too.
+    const std::vector<torch::Tensor> all =
+        detail::union_of(params, attacker_.watched());
+    const std::vector<torch::Tensor> others(
+        all.begin() + static_cast<std::ptrdiff_t>(params.size()), all.end());
+    std::vector<torch::Tensor> others_before = detail::take_grads(others);
     StepContext ctx(optimizer_, forward, loss_fn, params);
     ctx.accumulating = accumulating;
     ctx.throw_on_nonfinite = nonfinite_ == NonFinite::kThrow;
+    ctx.check_gradients = check_gradients_;
     ctx.unlabeled = unlabeled;
     ctx.before_optimizer_step = before_optimizer_step_;
     ctx.after_optimizer_step = after_optimizer_step_;
@@ -193,14 +215,15 @@ class Trainer {
       if (ctx.skipped > 0 && !warned_nonfinite_) {
         warned_nonfinite_ = true;
         TORCH_WARN(
-            "advtrain: a loss of the step was not finite (NaN or Inf), so "
-            "the optimizer step was skipped and the weights left as they "
-            "were (counted in Trainer::skipped_steps(); this warning is "
+            "advtrain: a loss or gradient of the step was not finite (NaN or "
+            "Inf), so the optimizer step was skipped and the weights left as "
+            "they were (counted in Trainer::skipped_steps(); this warning is "
             "given once)");
       }
       if (accumulating) {
         ctx.add_grads(std::move(before));
       }
+      detail::add_grads(others, std::move(others_before));
       return r;
     } catch (...) {
       try {
@@ -208,6 +231,7 @@ class Trainer {
       } catch (...) { // NOLINT: the step's own exception is the one to report
       }
       ctx.put_grads(std::move(before));
+      detail::put_grads(others, std::move(others_before));
       throw;
     }
   }
@@ -219,6 +243,7 @@ class Trainer {
   int64_t warmup_left_ = 0;
   bool in_step_ = false;
   NonFinite nonfinite_ = NonFinite::kSkip;
+  bool check_gradients_ = false;
   int64_t skipped_steps_ = 0;
   bool warned_nonfinite_ = false;
 };

@@ -145,12 +145,12 @@ class YOPO : public Strategy<YOPOOptions> {
             first_mark_ ? ctx.replay->replay_from(*first_mark_, inner)
                         : inner();
         const torch::Tensor h = (z * p).sum();
-        const torch::Tensor g = torch::autograd::grad({h}, {delta})[0];
+        torch::Tensor g = torch::autograd::grad({h}, {delta})[0];
         ++inner_passes_;
         torch::NoGradGuard no_grad;
         torch::Tensor w = data(0);
-        set_perturbation_norm(
-            perturb(0, w, g, target().geometry(0), torch::Tensor()));
+        const Geometry geo = *step_geometry(0, g); // counts a non-finite g
+        set_perturbation_norm(perturb(0, w, g, geo, torch::Tensor()));
       }
       delta.mutable_grad() = torch::Tensor();
       r.perturbation_norm = last_perturbation_norm();
