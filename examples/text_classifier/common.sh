@@ -12,3 +12,9 @@ data_args() { # data set -> the binary's data arguments
     echo "--dataset sentiment --data ${sentiment//,/ }"
   fi
 }
+
+# "epsilon=1;alpha=0.5" (the CSV's options) -> "--epsilon 1 --alpha 0.5"
+to_args() {
+  [ -n "$1" ] || return 0
+  echo "--$1" | sed 's/;/ --/g; s/=/ /g; s/_/-/g'
+}

@@ -43,6 +43,9 @@ struct Config {
   double attack_epsilon = 1.0;
   std::vector<double> eval_epsilons = {0, 0.5, 1, 2, 4};
   bool validation = false;
+  // The labeled share of the training split: a fraction in (0, 1] or a
+  // number of texts (> 1); the rest is unlabeled (label-free methods).
+  double labeled = 1;
   std::string csv;
   // Data-parallel training: world_size processes, this one `rank` (-1: the
   // launcher, which starts them), meeting through a FileStore at `store`.
@@ -318,6 +321,14 @@ inline std::optional<int> parse_command_line(
       c.validation,
       "evaluate on a validation split of the training data (for tuning); "
       "the test split is not used");
+  app.add_option(
+         "--labeled",
+         c.labeled,
+         "labeled share of the training split: a fraction in (0, 1] or a "
+         "number of texts > 1; the rest is unlabeled, used by VAT, SMART and "
+         "R3F")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--csv", c.csv, "append one row per method to this CSV");
   app.add_option(
          "--limit", c.limit, "train on at most this many texts (smoke runs)")
@@ -339,6 +350,15 @@ inline std::optional<int> parse_command_line(
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) { // what CLI11_PARSE does
     return app.exit(e);
+  }
+  if (c.labeled > 1 &&
+      c.labeled != static_cast<double>(static_cast<int64_t>(c.labeled))) {
+    fmt::print(
+        stderr,
+        "error: --labeled {}: give a fraction in (0, 1] or a whole number of "
+        "texts\n",
+        c.labeled);
+    return 2;
   }
   if (c.freeze_embeddings && c.target != "activations") {
     fmt::print(

@@ -79,6 +79,9 @@ struct Data {
   std::vector<Sentence> sentences;
   std::vector<std::vector<std::string>> tokens;
   std::vector<size_t> train, test;
+  /// The training split's texts whose labels are not used (--labeled): the
+  /// label-free methods' unlabeled batches.
+  std::vector<size_t> unlabeled;
   std::unique_ptr<Vocabulary> vocab;
   int64_t classes = 0;
   size_t repeats = 0; // repeated texts dropped
@@ -123,6 +126,7 @@ inline void add_pretrained(Data& d, const std::string& path, bool validation) {
   std::iota(texts.begin(), texts.end(), 0);
   if (validation) { // the test split is not looked at, its words included
     texts = d.train;
+    texts.insert(texts.end(), d.unlabeled.begin(), d.unlabeled.end());
     texts.insert(texts.end(), d.test.begin(), d.test.end());
   }
   for (const auto i : texts) {
@@ -197,12 +201,29 @@ inline Data load(const Config& c) {
     d.test.resize(
         std::min<size_t>(d.test.size(), std::max<size_t>(4, c.limit / 4)));
   }
+  if (c.labeled != 1) { // the first ones of the (shuffled) training split
+    const size_t n =
+        c.labeled < 1
+            ? std::max<size_t>(
+                  1, static_cast<size_t>(c.labeled * d.train.size() + 0.5))
+            : static_cast<size_t>(c.labeled);
+    if (n > d.train.size()) {
+      throw std::runtime_error(
+          "--labeled " + std::to_string(n) + ": the training split has " +
+          std::to_string(d.train.size()) + " texts");
+    }
+    d.unlabeled.assign(
+        d.train.begin() + static_cast<std::ptrdiff_t>(n), d.train.end());
+    d.train.resize(n);
+  }
   if (c.test_sample > 0 && static_cast<size_t>(c.test_sample) < d.test.size()) {
     d.test.resize(static_cast<size_t>(c.test_sample)); // the split's order
   }
   std::vector<std::vector<std::string>> train_tokens;
-  for (const auto i : d.train) {
-    train_tokens.push_back(d.tokens[i]);
+  for (const auto& part : {d.train, d.unlabeled}) { // the texts, not labels
+    for (const auto i : part) {
+      train_tokens.push_back(d.tokens[i]);
+    }
   }
   d.vocab = std::make_unique<Vocabulary>(train_tokens, c.min_count);
   if (c.embeddings == "glove") {

@@ -38,6 +38,8 @@ struct Outcome {
   double seconds = 0, passes_per_step = 0; // over all epochs
   Evaluation scores;
   PWWSScores pwws; // texts == 0: not run
+  // Training texts used with their labels, and without (--labeled).
+  int64_t labeled = 0, unlabeled = 0;
 };
 
 inline void print_data(const Config& c, const Data& d) {
@@ -52,6 +54,15 @@ inline void print_data(const Config& c, const Data& d) {
       d.test.size(),
       c.split_name(),
       d.vocab->size());
+  if (!d.unlabeled.empty()) {
+    fmt::print(
+        "labels: {} of the {} training texts are labeled; the label-free "
+        "methods (VAT, SMART, R3F) also train on the other {}, the others "
+        "on the labeled ones alone\n",
+        d.train.size(),
+        d.train.size() + d.unlabeled.size(),
+        d.unlabeled.size());
+  }
   if (c.embeddings == "glove") {
     fmt::print(
         "embeddings: {}-d pretrained vectors for {} of {} words ({} added as "
@@ -196,7 +207,7 @@ inline void write_csv(
     for (const double b : c.pwws_budgets) {
       out << ",pwws_acc_budget_" << b;
     }
-    out << ",model,embeddings\n";
+    out << ",model,embeddings,labeled,unlabeled\n";
   }
   for (const auto& o : outcomes) {
     out << c.dataset << ',' << c.split_name() << ',' << o.method << ','
@@ -222,7 +233,8 @@ inline void write_csv(
                  "{:.4f}",
                  k < o.pwws.at_budget.size() ? o.pwws.at_budget[k] : 0.0);
     }
-    out << ',' << c.model << ',' << c.embeddings << '\n';
+    out << ',' << c.model << ',' << c.embeddings << ',' << o.labeled << ','
+        << o.unlabeled << '\n';
   }
   if (!out) {
     throw std::runtime_error("cannot write '" + path + "'");

@@ -73,11 +73,6 @@ grid_values() {
   esac
 }
 
-# "epsilon=1;alpha=0.5" (the CSV's options) -> "--epsilon 1 --alpha 0.5"
-to_args() {
-  [ -n "$1" ] || return 0
-  echo "--$1" | sed 's/;/ --/g; s/=/ /g; s/_/-/g'
-}
 
 start=$(date +%s)
 common=(--epochs "$epochs" --limit "$limit" --target "$target" --pwws-sample 0)

@@ -98,42 +98,104 @@ inline Outcome train(
   o.target = target_of(method, c);
   o.options = attacker ? c.options() : "";
   o.epochs = epochs;
+  o.labeled = static_cast<int64_t>(d.train.size());
   if (c.reports()) {
     print_method(o, c);
   }
   std::vector<size_t> order = d.train;
   std::mt19937_64 rng(c.seed + 1);
+  // With unlabeled texts (--labeled), an epoch makes as many steps as one
+  // over the whole training split, whatever the labeled share: the labeled
+  // batches cycle through their share, reshuffled at each pass, and each
+  // step of a label-free method takes the next unlabeled batch too.
+  const bool semi = !d.unlabeled.empty();
+  const bool unlabeled_batches =
+      semi && attacker != nullptr && attacker->label_free();
+  std::vector<size_t> unlabeled = d.unlabeled;
+  size_t next_labeled = 0, next_unlabeled = 0;
+  const auto bs = static_cast<size_t>(c.batch_size);
+  // The next batch of `items` from `next`, reshuffled when used up.
+  const auto draw = [&](std::vector<size_t>& items, size_t& next) {
+    std::vector<size_t> idx;
+    while (idx.size() < std::min(bs, items.size())) {
+      if (next == items.size()) {
+        std::shuffle(items.begin(), items.end(), rng);
+        next = 0;
+      }
+      idx.push_back(items[next++]);
+    }
+    return idx;
+  };
+  const size_t steps =
+      semi ? (d.train.size() + d.unlabeled.size() + bs - 1) / bs : 0;
+  if (semi) { // the first pass is shuffled too
+    next_labeled = order.size();
+    next_unlabeled = unlabeled.size();
+  }
+  // This worker's share of a batch; empty where too small to share.
+  const auto share = [&](std::vector<size_t> idx) {
+    if (world > 1) {
+      if (idx.size() < world) {
+        return std::vector<size_t>{};
+      }
+      const size_t per = idx.size() / world;
+      idx = std::vector<size_t>(
+          idx.begin() + rank * per,
+          rank + 1 == world ? idx.end() : idx.begin() + (rank + 1) * per);
+    }
+    return idx;
+  };
   int64_t all_batches = 0, all_passes = 0;
   for (int64_t epoch = 1; epoch <= epochs; ++epoch) {
     const auto start = std::chrono::steady_clock::now();
-    std::shuffle(order.begin(), order.end(), rng);
+    if (!semi) {
+      std::shuffle(order.begin(), order.end(), rng);
+    }
     model->train();
     EpochStats s;
-    const auto bs = static_cast<size_t>(c.batch_size);
-    for (size_t i = 0; i < order.size(); i += bs) {
-      std::vector<size_t> idx(
-          order.begin() + i, order.begin() + std::min(order.size(), i + bs));
-      if (world > 1) { // this worker's share; a batch too small is skipped
-        if (idx.size() < world) {
-          continue;
-        }
-        const size_t per = idx.size() / world;
-        idx = std::vector<size_t>(
-            idx.begin() + rank * per,
-            rank + 1 == world ? idx.end() : idx.begin() + (rank + 1) * per);
+    const size_t batches = semi ? steps : (order.size() + bs - 1) / bs;
+    for (size_t k = 0; k < batches; ++k) {
+      std::vector<size_t> idx =
+          semi ? draw(order, next_labeled)
+               : std::vector<size_t>(
+                     order.begin() + k * bs,
+                     order.begin() + std::min(order.size(), (k + 1) * bs));
+      std::vector<size_t> uidx;
+      if (unlabeled_batches) {
+        uidx = share(draw(unlabeled, next_unlabeled));
+      }
+      idx = share(std::move(idx));
+      if (idx.empty() || (unlabeled_batches && uidx.empty())) {
+        continue;
       }
       const Batch b = d.batch(idx, c.max_len);
       current_ids = b.ids;
+      // The loss takes the labels of the batch the last forward ran on; an
+      // unlabeled batch's are -1, no class, so a task loss taken on its
+      // output would throw.
+      torch::Tensor fed_labels;
       auto forward = [&] {
+        fed_labels = b.labels;
         if (yopo != nullptr) { // YOPO sees the split model
           return model->rest(yopo->first(model->embed(b.ids)));
         }
         return model->forward(b.ids);
       };
       auto loss_fn = [&](const torch::Tensor& logits) {
-        return torch::nn::functional::cross_entropy(logits, b.labels);
+        return torch::nn::functional::cross_entropy(logits, fed_labels);
       };
-      if (trainer) {
+      if (trainer && unlabeled_batches) {
+        Batch u = d.batch(uidx, c.max_len);
+        u.labels.fill_(-1);
+        const auto r = trainer->step(forward, loss_fn, [&] {
+          fed_labels = u.labels;
+          return model->forward(u.ids);
+        });
+        s.loss += r.loss;
+        s.adv_loss += r.adv_loss;
+        s.perturbation_norm += r.perturbation_norm;
+        s.passes += r.passes;
+      } else if (trainer) {
         const auto r = trainer->step(forward, loss_fn);
         s.loss += r.loss;
         s.adv_loss += r.adv_loss;
@@ -160,6 +222,8 @@ inline Outcome train(
       print_epoch(epoch, epochs, s, trainer.has_value(), accuracy(model, test));
     }
   }
+  o.unlabeled =
+      unlabeled_batches ? static_cast<int64_t>(d.unlabeled.size()) : 0;
   o.passes_per_step =
       static_cast<double>(all_passes) / std::max<int64_t>(1, all_batches);
   if (c.reports()) {
