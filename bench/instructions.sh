@@ -58,7 +58,7 @@ if [ "$use_python" = 1 ] && ! "$python" -c 'import torch' 2>/dev/null; then
     "Python runners" >&2
   use_python=0
 fi
-# The same allocator setting for every runner (see README, "Performance").
+# The same allocator setting for every runner (see docs/performance.md).
 export GLIBC_TUNABLES=${GLIBC_TUNABLES-glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295}
 # One OpenBLAS thread, as --threads 1 gives LibTorch one: OpenBLAS 0.3.29
 # (Debian trixie) keeps idle threads spinning, which cachegrind counts.

@@ -1,28 +1,59 @@
-# Extracts every ```cpp block of README.md into one C++ file, each block in a
-# function of its own, so that the build fails when the API the README shows
-# stops compiling. The blocks' free names (model, optimizer, x, y, ...) come
-# from the prelude below. Run as:
-#   cmake -DREADME=README.md -DOUT=snippets.cpp -P readme_snippets.cmake
-file(READ "${README}" text)
-# CMake lists split on ';' and treat brackets specially: hide them.
-string(REPLACE ";" "@SEMI@" text "${text}")
-string(REPLACE "[" "@LB@" text "${text}")
-string(REPLACE "]" "@RB@" text "${text}")
-string(REGEX MATCHALL "```cpp\n[^`]*```" blocks "${text}")
-list(LENGTH blocks count)
-# Every opening fence must give a block: one with a backtick inside would be
-# skipped silently by the pattern above.
-string(REGEX MATCHALL "```cpp\n" fences "${text}")
-list(LENGTH fences opened)
-if(count LESS 8 OR NOT count EQUAL opened)
-  message(FATAL_ERROR "readme_snippets: ${opened} C++ blocks open in "
-    "${README}, ${count} extracted (no backtick may stand inside a block)")
+# Extracts every ```cpp block of README.md and of the pages of docs/ into one
+# C++ file, each block in a function of its own, so that the build fails when
+# the API the documentation shows stops compiling. The blocks' free names
+# (model, optimizer, x, y, ...) come from the prelude below. Run as:
+#   cmake -DROOT=. "-DSOURCES=README.md|docs/guide.md" -DOUT=snippets.cpp \
+#         -P readme_snippets.cmake
+# SOURCES: the Markdown files, separated by '|' (paths absolute or relative
+# to ROOT); tests/CMakeLists.txt passes README.md and every docs/*.md.
+if(NOT ROOT)
+  set(ROOT "${CMAKE_SOURCE_DIR}")
+endif()
+string(REPLACE "|" ";" sources "${SOURCES}")
+if(NOT sources)
+  message(FATAL_ERROR "readme_snippets: no SOURCES given")
+endif()
+set(blocks "")
+set(labels "")
+set(count 0)
+foreach(source IN LISTS sources)
+  get_filename_component(path "${source}" ABSOLUTE BASE_DIR "${ROOT}")
+  file(RELATIVE_PATH name "${ROOT}" "${path}")
+  file(READ "${path}" text)
+  # CMake lists split on ';' and treat brackets specially: hide them.
+  string(REPLACE ";" "@SEMI@" text "${text}")
+  string(REPLACE "[" "@LB@" text "${text}")
+  string(REPLACE "]" "@RB@" text "${text}")
+  string(REGEX MATCHALL "```cpp\n[^`]*```" found "${text}")
+  list(LENGTH found extracted)
+  # Every opening fence must give a block: one with a backtick inside would
+  # be skipped silently by the pattern above.
+  string(REGEX MATCHALL "```cpp\n" fences "${text}")
+  list(LENGTH fences opened)
+  if(NOT extracted EQUAL opened)
+    message(FATAL_ERROR "readme_snippets: ${opened} C++ blocks open in "
+      "${name}, ${extracted} extracted (no backtick may stand inside a block)")
+  endif()
+  set(n 0)
+  foreach(block IN LISTS found)
+    math(EXPR n "${n} + 1")
+    list(APPEND labels "${name} block ${n}")
+  endforeach()
+  list(APPEND blocks ${found})
+  math(EXPR count "${count} + ${extracted}")
+endforeach()
+# The README and the pages held 16 blocks when the pages were split off the
+# README: far fewer means a page is missing from SOURCES.
+if(count LESS 12)
+  message(FATAL_ERROR "readme_snippets: only ${count} C++ blocks in "
+    "${SOURCES}: is a page missing?")
 endif()
 
 set(includes "")
 set(functions "")
 set(index 0)
 foreach(block IN LISTS blocks)
+  list(GET labels ${index} label)
   math(EXPR index "${index} + 1")
   string(REGEX REPLACE "^```cpp\n" "" block "${block}")
   string(REGEX REPLACE "```$" "" block "${block}")
@@ -40,7 +71,7 @@ foreach(block IN LISTS blocks)
     set(guard_end "#endif\n")
   endif()
   string(APPEND functions
-    "${guard_begin}// README block ${index}\n"
+    "${guard_begin}// ${label}\n"
     "[[maybe_unused]] void block_${index}(Env& env) {\n"
     "  ADVTRAIN_README_NAMES\n  {\n${body}  }\n}\n${guard_end}\n")
 endforeach()
@@ -48,8 +79,9 @@ list(REMOVE_DUPLICATES includes)
 list(REMOVE_ITEM includes "#include <advtrain/distributed.h>")
 string(REPLACE ";" "\n" includes "${includes}")
 
-file(WRITE "${OUT}" "// Generated from README.md by tests/readme_snippets.cmake: every C++
-// block of the README, each in a function of its own. Compiled, not run.
+file(WRITE "${OUT}" "// Generated from README.md and docs/*.md by tests/readme_snippets.cmake:
+// every C++ block of the documentation, each in a function of its own.
+// Compiled, not run.
 #include <advtrain/advtrain.h>
 
 #include <algorithm>
@@ -131,4 +163,6 @@ struct Env {
 
 ${functions}} // namespace readme
 ")
-message(STATUS "readme_snippets: ${count} C++ blocks of ${README} -> ${OUT}")
+list(LENGTH sources files)
+message(STATUS "readme_snippets: ${count} C++ blocks of ${files} files -> "
+  "${OUT}")

@@ -73,7 +73,7 @@ StrategyCase both(
 
 /// Every strategy that runs on both targets, with the options the general
 /// tests use. SMART's and R3F's noise is 1e-2 so that it is not rounded away
-/// in a bfloat16 table (see the README).
+/// in a bfloat16 table (see docs/guide.md).
 inline const std::vector<StrategyCase>& strategies() {
   using namespace advtrain;
   static const std::vector<StrategyCase> list = [] {

@@ -505,7 +505,7 @@ TEST_CASE("Every strategy trains a bfloat16 model on CPU", "[bf16]") {
     auto model = make_model();
     model->to(torch::kBFloat16);
     // (The list's SMART noise, 1e-2, is above bfloat16's resolution for
-    // weights near 1; the default 1e-5 would round away: see the README.)
+    // weights near 1; the default 1e-5 would round away: see docs/guide.md.)
     const auto a = c.on_table(*model, "embedding", false);
     INFO(a->kind());
     const auto before = clone_all(model->parameters());
@@ -1144,7 +1144,7 @@ TEST_CASE(
   CHECK(equal_all(clone_all(model->parameters()), params));
   CHECK(optimizer_bytes(opt) == state);
   // Unchecked, the loss alone decides: the NaN gradient is applied (what
-  // the README's guarantees say).
+  // docs/guarantees.md says).
   trainer.check_gradients(false);
   r = trainer.step(forward, poisoned);
   CHECK(r.skipped == 0);

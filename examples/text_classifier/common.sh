@@ -2,7 +2,7 @@
 # their options into $sentiment and $spamassassin.
 
 # Small steps run far slower on fresh pages; every run gets this setting
-# (see "Performance" in the README).
+# (see docs/performance.md).
 export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295}
 
 data_args() { # data set -> the binary's data arguments

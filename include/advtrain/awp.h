@@ -46,7 +46,7 @@ inline void check_options(const AWPOptions& o, const Attacker& /*target*/) {
 /// the last perturbed pass only (the clean gradient only steers the first
 /// move). Only parameters can be targets: an embedding output has no weight
 /// norm. It composes with an input attacker on other tensors (FGM on a
-/// `PerturbedEmbedding`, say): see the README.
+/// `PerturbedEmbedding`, say): see docs/guide.md.
 class AWP : public Strategy<AWPOptions> {
  public:
   /// The trainable parameters of `module` whose names contain
