@@ -110,7 +110,7 @@ count() {
 probe=$(valgrind --tool=cachegrind --cache-sim=no \
   --cachegrind-out-file=/dev/null "$bench" $shape --threads 1 \
   --runner plain --steps 1 2>&1) || true
-if echo "$probe" | grep -q "Unrecognised instruction"; then
+if grep -q "Unrecognised instruction" <<<"$probe"; then
   echo "valgrind $(valgrind --version) cannot run LibTorch on this processor" \
     "(an instruction it does not decode): skipped" >&2
   echo "$probe" | grep -m1 "unhandled instruction bytes" >&2 || true

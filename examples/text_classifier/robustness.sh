@@ -124,7 +124,7 @@ compgen -G "$out/runs/*.csv" >/dev/null || {
   echo "error: no run finished (logs: $out/logs/)" >&2
   exit 1
 }
-first=$(ls "$out"/runs/*.csv | head -1)
+first=$(set -- "$out"/runs/*.csv && echo "$1")
 {
   head -1 "$first"
   for f in "$out"/runs/*.csv; do tail -n +2 "$f"; done

@@ -91,7 +91,7 @@ spawn() {
 # second field); $2: the rows expected.
 join_runs() {
   local first
-  first=$(ls "$out"/runs/*.csv | head -1)
+  first=$(set -- "$out"/runs/*.csv && echo "$1")
   {
     echo "share,$(head -1 "$first")"
     for f in "$out"/runs/*.csv; do
