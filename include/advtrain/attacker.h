@@ -469,8 +469,7 @@ class Attacker {
   /// warned about (once per attacker).
   torch::Tensor usable_norm(size_t i, const torch::Tensor& gnorm) {
     note_norm(i, gnorm);
-    // (NaN compares false both ways.)
-    return gnorm.gt(0).logical_and_(gnorm.lt(kInf));
+    return detail::usable_norm(gnorm);
   }
 
   /// Keeps tensor i's gradient norm `gnorm` (0-dim) to be read with the
@@ -714,7 +713,6 @@ class Attacker {
   std::vector<torch::Tensor> pending_norms_; // not yet read, as pending_
   int64_t group_ = -1;                       // the attack measuring now
   int64_t attacks_ = 0;
-  static constexpr double kInf = std::numeric_limits<double>::infinity();
   int64_t steps_done_ = 0;
   int64_t peak_bytes_ = 0;
   int64_t nonfinite_gradients_ = 0;

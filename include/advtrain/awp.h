@@ -35,18 +35,50 @@ inline void check_options(const AWPOptions& o, const Attacker& /*target*/) {
   check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
 }
 
-/// Adversarial weight perturbation on the parameters it is given (by default
-/// those whose names contain "weight": `AWP(module, "weight", options)`). Per
-/// step, as the widely copied `AWP` class with its training loop: a clean
-/// pass; then `steps` times: every target moves by
-/// `w ← w + α·g/(‖g‖ + 1e-6)·(‖w‖ + 1e-6)` (g its current gradient, ‖w‖ its
-/// current norm; skipped where ‖g‖ is zero or not finite) and is clamped to
-/// `[w₀ − ε·|w₀|, w₀ + ε·|w₀|]`, the gradients are dropped and a pass runs at
-/// the perturbed weights; restore; the optimizer steps with the gradient of
-/// the last perturbed pass only (the clean gradient only steers the first
-/// move). Only parameters can be targets: an embedding output has no weight
-/// norm. It composes with an input attacker on other tensors (FGM on a
-/// `PerturbedEmbedding`, say): see docs/guide.md.
+/// AWP, adversarial weight perturbation, on the parameters it is given (by
+/// default those whose names contain "weight": `AWP(module, "weight",
+/// options)`).
+///
+/// Paper: Wu, Xia and Wang, "Adversarial Weight Perturbation Helps Robust
+/// Generalization", NeurIPS 2020; here as NLP fine-tuning uses it, through
+/// the widely copied `AWP` class.
+///
+/// Rule: every target moves by `w ← w + α·g/(‖g‖ + 1e-6)·(‖w‖ + 1e-6)` (g
+/// its current gradient, ‖w‖ its current norm, both over the whole tensor;
+/// skipped where ‖g‖ is zero or not finite) and is clamped to
+/// `[w₀ − ε·|w₀|, w₀ + ε·|w₀|]`, element by element. Only parameters can be
+/// targets: an embedding output has no weight norm. On a sparse table
+/// gradient only its rows move.
+///
+/// Options (`AWPOptions`, each field documented there with its name in the
+/// class): `alpha` α = 1.0, `epsilon` ε = 1e-4, `steps` K = 1,
+/// `share_dropout_mask` = false.
+///
+/// One `Trainer::step` (K + 1 passes, one optimizer step), as the class
+/// with its training loop: a clean pass; then `steps` times: every target
+/// moves, the gradients are dropped and a pass runs at the perturbed
+/// weights; restore; the optimizer steps with the gradient of the last
+/// perturbed pass only (the clean gradient only steers the first move). It
+/// composes with an input attacker on other tensors (FGM on a
+/// `PerturbedEmbedding`, say) in your own loop: see docs/guide.md.
+///
+/// Official code: the widely copied `AWP` class (`attack_backward`,
+/// `_attack_step`, `_save`, `_restore`), e.g. jashdalvi/commonlit-nlp
+/// `src/awp.py` with `src/train.py`, furu-kaggle/feedback_local
+/// `src/awp.py`, with its usual loop (clean backward, `attack_backward`,
+/// step). Differences: the class skips a parameter whose gradient norm is 0
+/// or NaN, the library also an infinite one (warned); the class's own
+/// default `adv_eps` is 0.2, the library's ε default 1e-4 (set it); mixed
+/// precision (`GradScaler`, autocast) is the user's business. The paper's
+/// own code (csdongxian/AWP, images) perturbs a proxy model by one SGD step
+/// and keeps the perturbation during the update; NLP fine-tuning uses the
+/// class.
+///
+/// Example:
+///   advtrain::AWP awp(*model, "weight",
+///                     advtrain::AWPOptions().alpha(1.0).epsilon(0.01));
+///   advtrain::Trainer trainer(optimizer, awp);
+///   trainer.step([&] { return model->forward(x); }, loss_fn);
 class AWP : public Strategy<AWPOptions> {
  public:
   /// The trainable parameters of `module` whose names contain

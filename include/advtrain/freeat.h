@@ -35,14 +35,46 @@ inline void check_options(const FreeATOptions& o, const Attacker& /*target*/) {
   check_option(o.replays() >= 1, kind, "replays", o.replays(), ">= 1");
 }
 
-/// FreeAT under the norm policy `Norm`: one perturbation δ per target, created
-/// zero and kept across batches. Each replay applies δ, runs forward and
-/// backward, takes the optimizer step with that gradient and moves δ by the
-/// same gradient: `δ ← proj(δ + α * (steepest-ascent direction of g))`.
+/// FreeAT, "free" adversarial training, under the norm policy `Norm`:
+/// `FreeAT` (`LInf`, the official sign step) and `FreeATL2` (`L2`), the
+/// aliases below.
 ///
-/// Low-level use, per replay:
+/// Paper: Shafahi, Najibi, Ghiasi, Xu, Dickerson, Studer, Davis, Taylor and
+/// Goldstein, "Adversarial Training for Free!", NeurIPS 2019.
+///
+/// Rule: one perturbation δ per target, created zero and kept across
+/// batches. Each replay applies δ, runs forward and backward, takes the
+/// optimizer step with that gradient and moves δ by the same gradient g
+/// (taken at W + δ): `δ ← proj(δ + α * (steepest-ascent direction of g))`,
+/// i.e. `FreeAT`, `δ ← clamp(δ + α·sign(g), ±ε)`; `FreeATL2`,
+/// `δ ← Π(δ + α·g/‖g‖)` onto `‖δ‖ ≤ ε`. On the table δ has the table's shape
+/// (one δ per vocabulary row, the whole table: sparse gradients refused);
+/// on a `PerturbedEmbedding`, δ `[B, L, H]` per example by batch slot,
+/// masked on padded positions (a batch of another shape keeps the overlap).
+///
+/// Options (`FreeATOptions`, each field documented there): `epsilon` ε =
+/// 0.01, `alpha` α = 0.01, `replays` m = 4 (divide the number of epochs by
+/// m), `share_dropout_mask` = false.
+///
+/// One `Trainer::step` (m passes, m optimizer steps): m times: a pass at
+/// `W + δ`, δ updated from its gradient, restore, optimizer step, clear the
+/// gradients. `Trainer::accumulate` refuses it; the hooks run once per
+/// replay. δ is state: `torch::save`/`torch::load` keep it, checked
+/// (checksum, shape, finite, within ε).
+///
+/// Official code: mahyarnajibi/FreeAdversarialTraining `main_free.py`
+/// (`train`), `lib/utils.py` (`fgsm`), per example on the input, δ kept by
+/// batch slot, as here per example. Differences: on the table δ is per
+/// vocabulary row, not per example (the table has no examples); image-only
+/// steps (clamping the image to [0, 1], normalization) do not apply; δ is
+/// masked on padded positions. FreeLB's fairseq code has another FreeAT
+/// (`--per-step-adv`); the library follows `main_free.py`.
+///
+/// Example, in your own loop, per replay (`Trainer::step` runs all m):
+///   advtrain::FreeAT freeat(*model, "embedding",
+///                           advtrain::FreeATOptions().epsilon(0.01));
 ///   freeat.attack();          // W = W0 + δ (no gradient needed)
-///   loss.backward();
+///   loss_fn(model->forward(x), y).backward();
 ///   freeat.update_delta();    // δ from W's gradient (the gradient at W + δ)
 ///   freeat.restore();         // W = W0
 ///   optimizer.step(); optimizer.zero_grad();

@@ -54,13 +54,47 @@ inline void check_options(const FreeLBOptions& o, const Attacker& target) {
             "applies to per-example targets");
 }
 
-/// FreeLB under the norm policy `Norm`: K passes at `W + δ_t`, each backward
-/// of `loss / K`, so the parameters get the mean of the K gradients (a K
-/// times larger virtual batch). Between passes, δ ascends along the gradient
-/// of that pass alone and is projected back into the ε-ball when ε > 0. As
-/// in zhuchen03/FreeLB (huggingface-transformers/examples/run_glue_freelb.py):
-/// the random start is drawn before the first pass's dropout masks, and with
+/// FreeLB under the norm policy `Norm`: `FreeLB` (`L2`) and `FreeLBLInf`
+/// (`LInfScaled`, the official L∞ rule), the aliases below.
+///
+/// Paper: Zhu, Cheng, Gan, Sun, Goldstein and Liu, "FreeLB: Enhanced
+/// Adversarial Training for Natural Language Understanding", ICLR 2020.
+///
+/// Rule: K passes at `W + δ_t`, each backward of `loss / K`, so the
+/// parameters get the mean of the K gradients (a K times larger virtual
+/// batch). Between passes, δ ascends along the gradient g of that pass alone,
+/// `δ ← δ + α·g/‖g‖` (`FreeLBLInf`: `α·g/max(‖g‖∞, 1e-8)`), and is projected
+/// back into the ε-ball when ε > 0 (`FreeLBLInf`: clamped to [−ε, ε]). On the
+/// table norms are over the whole table and δ starts at 0; on a
+/// `PerturbedEmbedding`, per example (denominators clamped at 1e-8), with an
+/// optional random start, not projected: L2 `U(−1, 1)·mask·init_mag/√(Lᵢ·H)`,
+/// L∞ `U(−init_mag, init_mag)·mask`.
+///
+/// Options (`FreeLBOptions`, each field documented there): `alpha` α = 0.1,
+/// `steps` K = 3, `epsilon` ε = 0 (unbounded), `init_mag` = 0 (no random
+/// start; must be 0 on a table), `share_dropout_mask` = true (the paper finds
+/// fresh masks hurt).
+///
+/// One `Trainer::step` (K passes, one optimizer step): for t = 1..K, a pass
+/// of `loss / K`, then (t < K) an ascent step; restore; step. The random
+/// start is drawn before the first pass's dropout masks, and with
 /// `share_dropout_mask` every pass draws the first pass's masks.
+///
+/// Official code: zhuchen03/FreeLB
+/// `huggingface-transformers/examples/run_glue_freelb.py` (`train`).
+/// Differences: the gradient is masked before the per-example norm and step
+/// (it matters only if padded positions get a gradient); the HF code reuses
+/// some dropouts' masks across passes and draws fresh ones for others, the
+/// library all or none; norms of float64 tensors stay float64; gradient
+/// clipping, AdamW and the schedule are the user's optimizer's business. The
+/// authors' fairseq FreeLB (`freelb_train_step`) runs K + 1 passes of
+/// `loss/(1 + K)` with shared masks for `--adv-steps K`: `steps(K + 1)`.
+///
+/// Example:
+///   advtrain::FreeLB freelb(model->embedding,  // a PerturbedEmbedding
+///                           advtrain::FreeLBOptions().steps(3));
+///   advtrain::Trainer trainer(optimizer, freelb);
+///   trainer.step([&] { return model->forward(ids); }, loss_fn);
 template <typename Norm>
 class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
   using Base = detail::ProjectedAscent<Norm, FreeLBOptions>;

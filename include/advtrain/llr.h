@@ -41,17 +41,47 @@ inline void check_options(const LLROptions& o, const Attacker& /*target*/) {
       o.grad_weight() >= 0, kind, "grad_weight", o.grad_weight(), ">= 0");
 }
 
-/// Local linearity regularization under the norm policy `Norm` (L∞ as the
-/// paper; `LLRL2` for L2). With ℓ the loss function's value (the batch's),
-/// `γ(δ) = |ℓ(x + δ) − ℓ(x) − δᵀ∇ₓℓ(x)|`. One step: a clean pass gives ℓ(x)
-/// and `∇ₓℓ(x)` (by `torch::autograd::grad` with `create_graph`, so the
-/// parameters get the gradient of the terms that use it); δ starts at
-/// `U(−ε, ε)` (masked per example), projected into the `Norm` ball, and takes
-/// `steps` projected ascent steps of size α along ∇_δ γ; then `loss = ℓ(x) +
-/// weight · γ(δ*) + grad_weight · |δ*ᵀ∇ₓℓ(x)|`, one backward, one optimizer
-/// step. x is the target: each example's embedded tokens, or the table. As
-/// SMART, the clean graph stays alive while the target is perturbed (untracked
-/// writes; restored before the backward).
+/// LLR, local linearity regularization, under the norm policy `Norm`: `LLR`
+/// (`LInf`, as the paper) and `LLRL2` (`L2`), the aliases below.
+///
+/// Paper: Qin, Martens, Gowal, Krishnan, Dvijotham, Fawzi, De, Stanforth and
+/// Kohli, "Adversarial Robustness through Local Linearization", NeurIPS
+/// 2019.
+///
+/// Rule: with ℓ the loss function's value (the batch's) and x the target
+/// (each example's embedded tokens, or the table),
+/// `γ(δ) = |ℓ(x + δ) − ℓ(x) − δᵀ∇ₓℓ(x)|`. δ starts at `U(−ε, ε)` (masked per
+/// example), projected into the `Norm` ball, and takes K projected ascent
+/// steps of size α along ∇_δ γ (`LLR`: `α·sign`, clamp to [−ε, ε]; `LLRL2`:
+/// `α·g/‖g‖`, projection onto `‖δ‖ ≤ ε`); then
+/// `loss = ℓ(x) + weight · γ(δ*) + grad_weight · |δ*ᵀ∇ₓℓ(x)|`, with `∇ₓℓ(x)`
+/// in the graph. On the table the search covers the whole table, so a
+/// sparse table gradient is refused.
+///
+/// Options (`LLROptions`, each field documented there): `epsilon` ε = 0.1,
+/// `alpha` α = 0.05, `steps` K = 1 (0: the random start alone), `weight`
+/// λ = 4.0, `grad_weight` μ = 3.0 (the paper's λ, μ), `share_dropout_mask`
+/// = false.
+///
+/// One `Trainer::step` (K + 2 forward passes, one double backward, one
+/// optimizer step): a clean pass gives ℓ(x) and `∇ₓℓ(x)` (by
+/// `torch::autograd::grad` with `create_graph`, so the parameters get the
+/// gradient of the terms that use it); K search passes, each differentiated
+/// in δ (ℓ(x) and ∇ₓℓ(x) fixed); a pass at δ*; restore; one backward; the
+/// optimizer step. As SMART, the clean graph stays alive while the target is
+/// perturbed (untracked writes; restored before the backward).
+///
+/// Official code: none (DeepMind did not release LLR); the paper's formulas,
+/// covered by the plain-math tests. Difference: the paper defines γ per
+/// example and averages; the library takes it on the loss function's value
+/// (the batch mean the closure returns), since the `LossFunction` gives no
+/// per-example losses.
+///
+/// Example:
+///   advtrain::LLR llr(*model, "embedding",
+///                     advtrain::LLROptions().epsilon(0.1).steps(1));
+///   advtrain::Trainer trainer(optimizer, llr);
+///   trainer.step([&] { return model->forward(x); }, loss_fn);
 template <typename Norm>
 class BasicLLR : public Strategy<LLROptions> {
  public:

@@ -3,6 +3,9 @@
 // example with its mask); norms in float32 for half-precision tensors.
 #pragma once
 
+#include <advtrain/detail/device.h>
+#include <advtrain/detail/tensor_math.h>
+
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -12,158 +15,6 @@
 #include <vector>
 
 namespace advtrain {
-namespace detail {
-
-/// Set (per thread) to take the sync-free paths on every device, as a CUDA
-/// device does; tests set it to count host reads on the CPU.
-inline bool& force_sync_free() {
-  thread_local bool on = false;
-  return on;
-}
-
-/// Whether work on `t` avoids ops whose output's size depends on its values
-/// (`nonzero`, `masked_select`: each waits for the device on CUDA) and
-/// reads to the host (`item`). In host memory a read waits for no device,
-/// and a branch on it skips work that `where` would do on every element.
-inline bool sync_free(const torch::Tensor& t) {
-  return !t.device().is_cpu() || force_sync_free();
-}
-
-/// Norms are taken in float64 for float64 tensors and in float32 otherwise,
-/// so half-precision tables neither overflow nor lose the sum.
-inline torch::ScalarType norm_dtype(const torch::Tensor& t) {
-  return t.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-}
-
-/// Bytes `t` holds (a sparse tensor: its indices and values; 0 when
-/// undefined).
-inline int64_t bytes_of(const torch::Tensor& t) {
-  if (!t.defined()) {
-    return 0;
-  }
-  if (t.is_sparse()) {
-    return static_cast<int64_t>(t._indices().nbytes() + t._values().nbytes());
-  }
-  return static_cast<int64_t>(t.nbytes());
-}
-
-/// The rows of `g` ([V, ...]) with a nonzero entry, ascending: those whose
-/// magnitudes sum to nonzero (a sum of magnitudes is zero only when each
-/// is; a NaN row is kept). One pass over `g` and a matrix-vector product,
-/// in blocks of 2^16 rows, so the magnitudes held at once stay small.
-inline torch::Tensor nonzero_rows(const torch::Tensor& g) {
-  constexpr int64_t kBlock = int64_t{1} << 16;
-  const torch::Tensor flat = g.reshape({g.size(0), -1});
-  const bool blas = flat.scalar_type() == torch::kFloat ||
-                    flat.scalar_type() == torch::kDouble;
-  const torch::Tensor ones = at::ones({flat.size(1)}, flat.options());
-  torch::Tensor sums = at::empty({flat.size(0)}, flat.options());
-  for (int64_t r = 0; r < flat.size(0); r += kBlock) {
-    const int64_t len = std::min(kBlock, flat.size(0) - r);
-    torch::Tensor out = sums.narrow(0, r, len);
-    const torch::Tensor mag = flat.narrow(0, r, len).abs();
-    if (blas) {
-      at::mv_out(out, mag, ones);
-    } else {
-      at::sum_out(out, mag, {1});
-    }
-  }
-  return sums.nonzero().view(-1);
-}
-
-/// ‖t‖₂ over the whole tensor, as a 0-dim tensor on t's device (float64
-/// for float64 tensors, float32 otherwise): nothing is read to the host.
-inline torch::Tensor l2_norm(const torch::Tensor& t) {
-  return at::linalg_vector_norm(t, 2, c10::nullopt, false, norm_dtype(t));
-}
-
-/// sqrt(Σ nᵢ²) of 0-dim norms (undefined ones count as 0), on the device;
-/// undefined when there is none.
-inline torch::Tensor combined_norm(const std::vector<torch::Tensor>& norms) {
-  std::vector<torch::Tensor> defined;
-  for (const auto& n : norms) {
-    if (n.defined()) {
-      defined.push_back(n);
-    }
-  }
-  if (defined.size() <= 1) {
-    return defined.empty() ? torch::Tensor() : defined.front(); // (>= 0)
-  }
-  const auto device = defined.front().device();
-  for (auto& n : defined) {
-    n = n.to(device, torch::kDouble);
-  }
-  return at::linalg_vector_norm(at::stack(defined), 2);
-}
-
-/// `w += g * scale` in place, `scale` a 0-dim tensor; in float32 for 16-bit
-/// `w` (as an `add_` with a scalar computes), so neither the scale nor the
-/// product is rounded to 16 bits first.
-inline void add_scaled(
-    torch::Tensor& w, const torch::Tensor& g, const torch::Tensor& scale) {
-  if (w.scalar_type() == torch::kHalf || w.scalar_type() == torch::kBFloat16) {
-    w.copy_(w.to(torch::kFloat).addcmul_(g.to(torch::kFloat), scale));
-  } else {
-    w.addcmul_(g, scale);
-  }
-}
-
-/// `t *= factor` in place, `factor` a 0-dim tensor; in float32 for 16-bit
-/// `t`, like `add_scaled`.
-inline void scale_by(torch::Tensor& t, const torch::Tensor& factor) {
-  if (t.scalar_type() == torch::kHalf || t.scalar_type() == torch::kBFloat16) {
-    t.copy_(t.to(torch::kFloat).mul_(factor));
-  } else {
-    t.mul_(factor);
-  }
-}
-
-/// `count += flag` (0-dim, on the device); an undefined `count` starts at
-/// `flag`.
-inline void add_count(torch::Tensor& count, const torch::Tensor& flag) {
-  count = count.defined() ? count.add(flag.to(count.device()))
-                          : flag.to(torch::kLong);
-}
-
-/// `t` where `keep` (a 0-dim bool tensor) holds, else 0; on the device.
-inline torch::Tensor zero_unless(
-    const torch::Tensor& keep, const torch::Tensor& t) {
-  return at::where(keep, t, 0);
-}
-
-/// `t` ([B, ...]) as rows [B, n], one per example, to reduce with `dim` 1.
-inline torch::Tensor example_rows(const torch::Tensor& t) {
-  return t.reshape({t.size(0), -1});
-}
-
-/// One value per example, [B], shaped [B, 1, ...] to broadcast against
-/// `like`.
-inline torch::Tensor per_example(
-    const torch::Tensor& values, const torch::Tensor& like) {
-  std::vector<int64_t> shape(like.dim(), 1);
-  shape[0] = like.size(0);
-  return values.view(shape);
-}
-
-/// Per-example L2 norms of `t` ([B, ...]) over all but the first dimension,
-/// in float32 (float64 stays float64), shaped [B, 1, ...] to broadcast.
-inline torch::Tensor example_norms(const torch::Tensor& t) {
-  return per_example(
-      at::linalg_vector_norm(example_rows(t), 2, {1}, false, norm_dtype(t)), t);
-}
-
-/// `g * mask`, with the examples whose norm is not finite set to zero; also
-/// returns the per-example norms of the result.
-inline std::pair<torch::Tensor, torch::Tensor> masked_finite(
-    const torch::Tensor& g, const torch::Tensor& mask) {
-  torch::Tensor gm = mask.defined() ? g * mask : g;
-  const torch::Tensor n = example_norms(gm);
-  const torch::Tensor ok = torch::isfinite(n);
-  gm = torch::where(ok, gm, torch::zeros_like(gm));
-  return {gm, torch::where(ok, n, torch::zeros_like(n))};
-}
-
-} // namespace detail
 
 /// Where a perturbation's norms are taken, as its target lays it out: per
 /// example over all dimensions but the first, masked positions left out
@@ -206,7 +57,7 @@ inline Geometry whole_tensor(
 /// zero or non-finite one gives none (the step skips the tensor).
 inline std::optional<Geometry> read_geometry(const torch::Tensor& gnorm) {
   const double n = gnorm.item<double>();
-  if (!(n > 0.0 && std::isfinite(n))) {
+  if (!usable_norm(n)) {
     return std::nullopt;
   }
   Geometry geo{torch::Tensor(), gnorm, torch::Tensor()};
@@ -223,8 +74,7 @@ inline torch::Tensor whole_norm(const torch::Tensor& g, const Geometry& geo) {
 /// `geo.usable`, or (none given) whether `gnorm` is positive and finite.
 inline torch::Tensor usable_or_true(
     const Geometry& geo, const torch::Tensor& gnorm) {
-  return geo.usable.defined() ? geo.usable
-                              : torch::isfinite(gnorm).logical_and(gnorm > 0);
+  return geo.usable.defined() ? geo.usable : usable_norm(gnorm);
 }
 
 } // namespace detail

@@ -17,6 +17,33 @@
 #include <vector>
 
 namespace advtrain {
+namespace detail {
+
+/// The rows of `g` ([V, ...]) with a nonzero entry, ascending: those whose
+/// magnitudes sum to nonzero (a sum of magnitudes is zero only when each
+/// is; a NaN row is kept). One pass over `g` and a matrix-vector product,
+/// in blocks of 2^16 rows, so the magnitudes held at once stay small.
+inline torch::Tensor nonzero_rows(const torch::Tensor& g) {
+  constexpr int64_t kBlock = int64_t{1} << 16;
+  const torch::Tensor flat = g.reshape({g.size(0), -1});
+  const bool blas = flat.scalar_type() == torch::kFloat ||
+                    flat.scalar_type() == torch::kDouble;
+  const torch::Tensor ones = at::ones({flat.size(1)}, flat.options());
+  torch::Tensor sums = at::empty({flat.size(0)}, flat.options());
+  for (int64_t r = 0; r < flat.size(0); r += kBlock) {
+    const int64_t len = std::min(kBlock, flat.size(0) - r);
+    torch::Tensor out = sums.narrow(0, r, len);
+    const torch::Tensor mag = flat.narrow(0, r, len).abs();
+    if (blas) {
+      at::mv_out(out, mag, ones);
+    } else {
+      at::sum_out(out, mag, {1});
+    }
+  }
+  return sums.nonzero().view(-1);
+}
+
+} // namespace detail
 
 /// Parameters perturbed in place, with whole-tensor or row-wise backups.
 class ParameterTarget : public Target {

@@ -60,10 +60,46 @@ inline void check_options(const PGDOptions& o, const Attacker& /*target*/) {
   check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
 }
 
-/// Projected Gradient Descent under the norm policy `Norm`: K steps
-/// `δ ← δ + α * (steepest-ascent direction of g)`, each projected back into
-/// the `Norm` ball of radius ε; only the last adversarial gradient is added
-/// to the clean one. No random start.
+/// PGD, Projected Gradient Descent, under the norm policy `Norm`: `PGD`
+/// (`L2`) and `PGDLInf` (`LInf`), the aliases below.
+///
+/// Paper: Madry, Makelov, Schmidt, Tsipras and Vladu, "Towards Deep Learning
+/// Models Resistant to Adversarial Attacks", ICLR 2018.
+///
+/// Rule: K steps `δ ← Π(δ + α * (steepest-ascent direction of g))`, g the
+/// loss's gradient with respect to δ, Π the projection back into the `Norm`
+/// ball of radius ε: `PGD`, `δ ← Π(δ + α·g/‖g‖)` onto `‖δ‖ ≤ ε`; `PGDLInf`,
+/// `δ ← clamp(δ + α·sign(g), ±ε)`. The first step follows the clean
+/// gradient, each later one the previous adversarial pass's gradient alone.
+/// No random start. On the table ‖·‖ and Π are over the whole table (one δ
+/// for the batch); on a `PerturbedEmbedding`, per example over its unpadded
+/// tokens. A zero or non-finite ‖g‖ moves nothing.
+///
+/// Options (`PGDOptions`, each field documented there): `epsilon` ε = 1.0,
+/// `alpha` α = 0.3, `steps` K = 3, `share_dropout_mask` = false.
+///
+/// One `Trainer::step` (K + 1 passes, one optimizer step): clean pass; then
+/// K times: attack, clear the gradients (the clean ones are set aside after
+/// the first attack and put back before the last pass), adversarial pass;
+/// restore; the optimizer sees the clean gradient plus the last adversarial
+/// one (the intermediate ones are dropped). Sparse table gradients are
+/// accepted.
+///
+/// Official code: the widely copied `PGD` class (`attack`, `restore`,
+/// `backup_grad`, `restore_grad`, `emb_name`), e.g.
+/// yangyubuaa/Adversarial_Training `pgd.py` and its training loop: norm over
+/// the whole table, projection onto the whole-table ball, clean gradient +
+/// last adversarial gradient. Nothing differs but the guard against a zero
+/// or non-finite ‖g‖; the per-example target is an extension, with no
+/// official counterpart (docs/fidelity.md). The README shows the class's own
+/// loop.
+///
+/// Example:
+///   advtrain::PGD pgd(*model, "embedding",
+///                     advtrain::PGDOptions().epsilon(1.0).steps(3));
+///   advtrain::Trainer trainer(optimizer, pgd);
+///   advtrain::StepResult r = trainer.step(
+///       [&] { return model->forward(x); }, loss_fn);  // r.passes == 4
 template <typename Norm>
 class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
   using Base = detail::ProjectedAscent<Norm, PGDOptions>;

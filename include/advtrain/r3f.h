@@ -33,16 +33,46 @@ inline void check_options(const R3FOptions& o, const Attacker& /*target*/) {
   check_option(o.weight() >= 0, kind, "weight", o.weight(), ">= 0");
 }
 
-/// R3F: the task loss plus `weight · (KL(p ‖ p_z) + KL(p_z ‖ p))` (batch
+/// R3F: a label-free regularizer with noise in place of an adversarial
+/// search.
+///
+/// Paper: Aghajanyan, Shrivastava, Gupta, Goyal, Zettlemoyer and Gupta,
+/// "Better Fine-Tuning by Reducing Representational Collapse", ICLR 2021.
+///
+/// Rule: the task loss plus `weight · (KL(p ‖ p_z) + KL(p_z ‖ p))` (batch
 /// mean, gradients through both outputs), p and p_z the softmaxes of the
-/// clean and noised outputs; two forwards, one backward. As fairseq's
-/// `SentencePredictionR3F` (examples/rxf/rxf_src/sentence_prediction_r3f.py):
-/// the noise is drawn after the clean pass, in float32 as
-/// `torch.distributions` draws it, and the noised pass adds it to the lookup
-/// output detached from the table, so only the clean pass reaches the table
-/// (on a table target the noised pass runs at `W + z`, which it reaches).
-/// Per example the noise is masked to the real tokens (fairseq's encoder
-/// zeroes padded positions after the lookup). Classification outputs only.
+/// clean and noised outputs, the noise z `U(−σ, σ)` or, with
+/// `normal_noise`, `N(0, σ²)`. z is drawn after the clean pass, in float32
+/// as `torch.distributions` draws it, then cast. Per example z is masked to
+/// the real tokens, and the noised pass adds it to the lookup output
+/// detached from the table, so only the clean pass reaches the table (on a
+/// table target the noised pass runs at `W + z`, which it reaches).
+/// Classification outputs only (logits `[B, C]`, C ≥ 2).
+///
+/// Options (`R3FOptions`, each field documented there; fairseq's defaults,
+/// `--eps`, `--noise-type`, `--r3f-lambda`): `sigma` σ = 1e-5,
+/// `normal_noise` = false, `weight` λ = 1.0, `share_dropout_mask` = false.
+///
+/// One `Trainer::step` (`Regularizer`'s protocol with no search; two
+/// forwards, one backward, one optimizer step): clean pass; noised pass;
+/// restore; the backward. Label-free: `Trainer::step(forward, loss_fn,
+/// unlabeled)` takes the term on an unlabeled batch (one pass more). There
+/// is no own-loop `attack()`: the noise is drawn, not found along a gradient.
+///
+/// Official code: facebookresearch/fairseq
+/// `examples/rxf/rxf_src/sentence_prediction_r3f.py`
+/// (`SentencePredictionR3F`, `_get_symm_kl`): clean pass first, noise drawn
+/// after it in float32, the noised pass on the lookup output detached from
+/// the table, `_get_symm_kl` without stop-gradient, fairseq's
+/// sum-over-sample-size equal to the batch mean here. Differences: the noise
+/// is masked on padded positions (fairseq's encoder zeroes padded positions
+/// after the lookup, so no output changes); regression targets, to which
+/// fairseq adds no R3F term, are refused.
+///
+/// Example:
+///   advtrain::R3F r3f(model->embedding, advtrain::R3FOptions().sigma(1e-5));
+///   advtrain::Trainer trainer(optimizer, r3f);
+///   trainer.step([&] { return model->forward(ids); }, loss_fn);
 class R3F : public Regularizer<R3FOptions> {
  public:
   using Regularizer::Regularizer;

@@ -63,32 +63,58 @@ inline void check_options(const SMARTOptions& o, const Attacker& /*target*/) {
       "in [0, 1)");
 }
 
-/// SMART's smoothness-inducing adversarial regularizer: the task loss plus
-/// `weight * sym_kl(f(W + δ), f(W))`, δ found by K ascent steps on
-/// `stable_kl(f(W + δ), f(W))` summed over the batch (not its mean, as
-/// mt-dnn's K-step `SmartPerturbation` in mt_dnn/perturbation.py) from
-/// Gaussian noise, each step normalized row by row (`N`: divide by the row's
-/// max-abs value + norm_eps). A regression output uses squared error: summed
-/// in the ascent, mean in the regularizer. The ascent uses
-/// `torch::autograd::grad`, so nothing accumulates into `.grad` until the one
-/// final backward; `StepResult::passes` counts the K + 2 forward passes
-/// (clean, K ascent steps, final). If an ascent gradient is not finite, the
-/// batch is trained on the task loss alone.
+/// SMART's smoothness-inducing adversarial regularizer, with its optional
+/// Bregman proximal point.
 ///
-/// With `proximal_weight(μ)` > 0, SMART's Bregman proximal point (Jiang et
-/// al., ACL 2020, Algorithm 1, with one inner step): the loss also gets
-/// `μ · sym_kl(f(x; θ), f(x; θ̃))`, `f(x; θ̃)` a pass without grad at the
-/// teacher θ̃ (swapped into the optimizer's parameters and back, bit for
-/// bit), and after each optimizer step `θ̃ ← (1 − β)·θ + β·θ̃`, θ̃ starting
-/// at the parameters of the first step (with `Trainer::accumulate`, call
-/// `update_teacher` after your optimizer step). The teacher is state:
-/// `save`/`load` keep it.
+/// Paper: Jiang, He, Chen, Liu, Gao and Zhao, "SMART: Robust and Efficient
+/// Fine-Tuning for Pre-trained Natural Language Models through Principled
+/// Regularized Optimization", ACL 2020.
 ///
+/// Rule: the task loss plus `weight * sym_kl(f(W + δ), f(W))` (a batch mean,
+/// gradients through both outputs); δ from `N(0, 1) * noise_var` by K steps
+/// `δ ← N(δ + α·g)`, g the gradient of `stable_kl(f(W + δ), f(W))` summed
+/// over the batch (not its mean, as mt-dnn's K-step `SmartPerturbation`),
+/// `N` dividing each row (per example: each token's vector) by its max-abs
+/// value + norm_eps. A regression output uses squared error: summed in the
+/// ascent, mean in the regularizer. If an ascent gradient is not finite, the
+/// batch is trained on the task loss alone. With `proximal_weight(μ)` > 0
+/// (the paper's Algorithm 1, one inner step): `+ μ · sym_kl(f(x; θ),
+/// f(x; θ̃))`, `f(x; θ̃)` a pass without grad at the teacher θ̃ (swapped into
+/// the optimizer's parameters and back, bit for bit), and after each
+/// optimizer step `θ̃ ← (1 − β)·θ + β·θ̃`, θ̃ starting at the parameters of
+/// the first step (with `Trainer::accumulate`, call `update_teacher` after
+/// your optimizer step); the teacher is state: `save`/`load` keep it.
+///
+/// Options (`SMARTOptions`, each field documented there): `steps` K = 1,
+/// `alpha` α = 1e-3, `noise_var` = 1e-5, `norm_eps` = 1e-6, `weight` = 1.0,
+/// `share_dropout_mask` = false, `regression` = false, `proximal_weight` μ =
+/// 0 (off), `proximal_beta` β = 0.99.
+///
+/// One `Trainer::step` (`Regularizer`'s protocol; label-free: it may take
+/// the regularizer on an unlabeled batch): clean pass; K ascent passes by
+/// `torch::autograd::grad` (nothing accumulates into `.grad`); a pass at the
+/// final δ; restore; the one backward; the optimizer step.
+/// `StepResult::passes` counts K + 2 (+ 1 at the teacher, + 1 unlabeled).
 /// The clean pass's graph stays alive while the table is perturbed, so the
 /// table is written without bumping its autograd version and is restored
-/// before the final backward. With a table tied to an output layer, that
-/// layer's part of the regularizer's gradient is therefore taken at W, not at
-/// W + δ.
+/// before the backward: with a table tied to an output layer, that layer's
+/// part of the regularizer's gradient is taken at W, not at W + δ.
+///
+/// Official code: namisan/mt-dnn `mt_dnn/perturbation.py`
+/// (`SmartPerturbation`), `mt_dnn/loss.py` (`stable_kl`, `SymKlCriterion`,
+/// `MseCriterion`), `mt_dnn/model.py`; none for the proximal point.
+/// Differences: mt-dnn perturbs the output of BERT's whole embeddings
+/// module, the library the lookup it is given; only mt-dnn's default
+/// normalization (`norm_p = inf`, per token); δ is masked on padded
+/// positions; a non-finite ascent gradient skips the regularizer (mt-dnn
+/// returns 0); a regression output is compared element by element; `alpha`
+/// is mt-dnn's older default (its newer `train.py` uses 1e-5).
+///
+/// Example:
+///   advtrain::SMART smart(model->embedding,  // or (*model, "embedding")
+///                         advtrain::SMARTOptions().weight(1.0));
+///   advtrain::Trainer trainer(optimizer, smart);
+///   trainer.step([&] { return model->forward(ids); }, loss_fn);
 class SMART : public Regularizer<SMARTOptions> {
  public:
   /// On a `PerturbedEmbedding`, as in the official code: N normalizes each

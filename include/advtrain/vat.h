@@ -68,16 +68,50 @@ inline torch::Tensor scale_l2(
 
 } // namespace detail
 
-/// Virtual adversarial training: the task loss plus
-/// `weight · KL(sg(q) ‖ p(x + r))` (batch mean), q and p the softmaxes of
-/// the clean and perturbed outputs. As the official `virtual_adversarial_loss`
-/// (tensorflow/models, research/adversarial_text/adversarial_losses.py):
-/// `d ~ N(0, 1)`; `power_iterations` times `d ← scale(mask·d, ξ)` and
+/// VAT, virtual adversarial training: a label-free regularizer, the KL
+/// divergence between the outputs at x and at x + r, r found by power
+/// iteration from a random direction.
+///
+/// Paper: Miyato, Dai and Goodfellow, "Adversarial Training Methods for
+/// Semi-Supervised Text Classification", ICLR 2017.
+///
+/// Rule: the task loss plus `weight · KL(sg(q) ‖ p(x + r))` (batch mean), q
+/// and p the softmaxes of the clean and perturbed outputs: `d ~ N(0, 1)`;
+/// `power_iterations` (K) times `d ← scale(mask·d, ξ)` and
 /// `d ← ∇_d KL(sg(q) ‖ p(x + d))`; then `r = scale(d, ε)`, `scale` being
-/// `detail::scale_l2` (per example on embedding outputs, over the whole
-/// tensor on a table). Label-free: with `Trainer::step(forward, loss_fn,
-/// unlabeled)` the KL is taken on the unlabeled batch, as the official code
-/// takes it on its unlabeled batch. Classification outputs only.
+/// `detail::scale_l2` (the official `_scale_l2`: per example on embedding
+/// outputs, over the whole tensor on a table). Classification outputs only
+/// (logits `[B, C]`, C ≥ 2).
+///
+/// Options (`VATOptions`, each field documented there with its official
+/// flag; the official defaults): `epsilon` ε = 5.0, `xi` ξ = 0.1,
+/// `power_iterations` K = 1, `weight` = 1.0, `share_dropout_mask` = false.
+///
+/// One `Trainer::step` (`Regularizer`'s protocol; K + 2 forward passes, one
+/// backward, one optimizer step): clean pass; K power iterations, each a
+/// pass and a gradient by `torch::autograd::grad`; a pass at r; restore; the
+/// backward. Label-free: with `Trainer::step(forward, loss_fn, unlabeled)`
+/// the KL is taken on the unlabeled batch after a clean pass there (one pass
+/// more), as the official code takes it on its unlabeled batch; with
+/// `Trainer::step(forward, loss_fn)`, on the labeled batch, reusing the
+/// task pass's output as q.
+///
+/// Official code: tensorflow/models
+/// `research/adversarial_text/adversarial_losses.py`
+/// (`virtual_adversarial_loss`, `_scale_l2`, `_mask_by_length`,
+/// `_kl_divergence_with_logits`), `graphs.py`. As there, d is masked inside
+/// the power iteration only, so with `power_iterations(0)` the random
+/// direction is not masked. Differences: the mask drops padded positions
+/// only (the official `length − 1` also drops the eos token); the binary
+/// branch (one logit, sigmoid) is not implemented: outputs `[B]` and
+/// `[B, 1]` are refused; d is drawn in the target's dtype from LibTorch's
+/// generator (TensorFlow: float32, its own stream).
+///
+/// Example, with an unlabeled batch:
+///   advtrain::VAT vat(model->embedding, advtrain::VATOptions().epsilon(1.0));
+///   advtrain::Trainer trainer(optimizer, vat);
+///   trainer.step([&] { return model->forward(ids); }, loss_fn,
+///                [&] { return model->forward(unlabeled_ids); });
 class VAT : public Regularizer<VATOptions> {
  public:
   using Regularizer::Regularizer;

@@ -40,21 +40,55 @@ inline void check_options(const YOPOOptions& o, const Attacker& /*target*/) {
   check_option(o.init_mag() >= 0, kind, "init_mag", o.init_mag(), ">= 0");
 }
 
-/// YOPO on the per-example target. The model is split at its first layer
-/// after the embedding lookup: its forward must compute
-/// `rest(yopo.first(embedding(ids)))`, where `first` is the callable given
-/// here (e.g. positions + LayerNorm + first block) and `rest` the remainder.
+/// YOPO ("You Only Propagate Once") on the per-example target. The model is
+/// split at its first layer after the embedding lookup: its forward must
+/// compute `rest(yopo.first(embedding(ids)))`, where `first` is the callable
+/// given here (e.g. positions + LayerNorm + first block) and `rest` the
+/// remainder.
 ///
-/// Each of the m full passes runs forward at E + δ and backward of loss / m
-/// (parameter gradients average over the passes); between two full passes,
-/// the co-state `p = ∂L/∂z0` at the first layer's output z0 is held fixed and
-/// δ takes n steps on `H = Σ first(E + δ) ⊙ p` through `first` alone, each
-/// `δ ← δ + α * ∇δH / max(‖∇δH‖, 1e-10)` per example, projected to ε. No
-/// inner steps follow the last full pass (their δ would never be used). This
-/// is the protocol of FreeLB's fairseq YOPO (zhuchen03/FreeLB,
-/// fairseq-RoBERTa/fairseq/tasks/sentence_prediction.py, `yopo_train_step`
-/// and `yopo_inner_steps`). `∇δH` comes from `torch::autograd::grad`, so the
-/// first layer's parameters get no gradient from the inner steps.
+/// Paper: Zhang, Zhang, Lu, Zhu and Dong, "You Only Propagate Once:
+/// Accelerating Adversarial Training via Maximal Principle", NeurIPS 2019.
+///
+/// Rule: each of the m full passes runs forward at E + δ and backward of
+/// loss / m (parameter gradients average over the passes); between two full
+/// passes, the co-state `p = ∂L/∂z0` at the first layer's output z0 is held
+/// fixed and δ takes n steps on `H = Σ first(E + δ) ⊙ p` through `first`
+/// alone, each `δ ← δ + α * ∇δH / max(‖∇δH‖, 1e-10)` per example (L2 over
+/// its unpadded [L, H]), projected to ε. No inner steps follow the last full
+/// pass (their δ would never be used). δ starts at
+/// `U(−1, 1)·mask·init_mag/√(Lᵢ·H)`, not projected. `∇δH` comes from
+/// `torch::autograd::grad`, so the first layer's parameters get no gradient
+/// from the inner steps.
+///
+/// Options (`YOPOOptions`, each field documented there): `steps` m = 3,
+/// `inner_steps` n = 2, `alpha` α = 1.33e-2, `epsilon` ε = 0.4, `init_mag` =
+/// 0.64 (0: δ starts at 0), `share_dropout_mask` = true (the inner passes
+/// draw the full passes' masks too).
+///
+/// One `Trainer::step`: m full passes, (m − 1)·n inner passes through
+/// `first` alone (`StepResult::passes` counts the former, `inner_passes()`
+/// the latter); restore; one optimizer step.
+///
+/// Official code: FreeLB's fairseq YOPO, zhuchen03/FreeLB
+/// `fairseq-RoBERTa/fairseq/tasks/sentence_prediction.py`
+/// (`yopo_train_step`, `yopo_inner_steps`), whose `--adv-steps K` is
+/// `steps(K + 1)`. Differences: the gradient is masked before the
+/// per-example norm and step; fairseq reseeds its generator every update,
+/// the library draws on from the running stream; with `init_mag = 0`
+/// fairseq fails, the library starts from δ = 0. The original YOPO code
+/// (a1600012888, images) runs inner steps after every full pass and
+/// backpropagates H into the first layer; the library follows the fairseq
+/// NLP version.
+///
+/// Example:
+///   advtrain::YOPO yopo(
+///       model->embedding,  // a PerturbedEmbedding
+///       [&](const torch::Tensor& e) { return model->first(e); },
+///       advtrain::YOPOOptions().steps(3).inner_steps(2));
+///   advtrain::Trainer trainer(optimizer, yopo);
+///   trainer.step(
+///       [&] { return model->rest(yopo.first(model->embedding(ids))); },
+///       loss_fn);
 class YOPO : public Strategy<YOPOOptions> {
  public:
   using FirstLayer = std::function<torch::Tensor(const torch::Tensor&)>;
