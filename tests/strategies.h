@@ -42,6 +42,9 @@ struct StrategyCase {
   /// On each example's embedded tokens; null: not supported (YOPO, which
   /// needs the model split at its first layer, has its own tests).
   PerExample per_example;
+  /// Whether, per example, the strategy replaces the lookup's output (ASCC's
+  /// combination of candidates) rather than adding a δ to it.
+  bool substitutes_lookup = false;
 };
 
 namespace detail {
@@ -157,9 +160,26 @@ inline const std::vector<StrategyCase>& strategies() {
               module, target, AWPOptions().epsilon(0.05).share_dropout_mask(s));
         };
     l.push_back(std::move(awp));
+    StrategyCase ascc; // per example only: it needs the ids of a lookup
+    ascc.name = "ASCC";
+    ascc.passes = 5;
+    ascc.substitutes_lookup = true;
+    ascc.per_example = [](const PerturbedEmbedding& e, bool s) {
+      // Each id's candidates: itself and the next two ids (padding: itself).
+      const int64_t v = e->options.num_embeddings();
+      const auto i = torch::arange(v).unsqueeze(1);
+      const auto ids = (i + torch::arange(3)).remainder(v);
+      auto mask = torch::ones({v, 3}, torch::kBool);
+      mask[0].slice(0, 1).fill_(false);
+      return std::make_unique<ASCC>(
+          e,
+          SubstitutionTable(ids, mask),
+          ASCCOptions().steps(2).search_lr(0.5).share_dropout_mask(s));
+    };
+    l.push_back(std::move(ascc));
     for (auto& c : l) { // their noise
       c.draws_random = c.name == "SMART" || c.name == "VAT" ||
-                       c.name == "R3F" || c.name == "LLR";
+                       c.name == "R3F" || c.name == "LLR" || c.name == "ASCC";
     }
     return l;
   }();

@@ -220,6 +220,26 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
     model->yopo = yopo.get();
     return yopo;
   }
+  if (method == "ASCC") {
+    REQUIRE_FALSE(table);
+    const json& s = c.at("substitutes");
+    advtrain::SubstitutionTable candidates(
+        to_tensor(s.at("ids"), torch::kLong),
+        to_tensor(s.at("mask"), torch::kBool));
+    return std::make_unique<advtrain::ASCC>(
+        model->embedding,
+        std::move(candidates),
+        with_share(
+            advtrain::ASCCOptions()
+                .steps(count("steps"))
+                .search_lr(num("search_lr"))
+                .search_weight_decay(num("search_weight_decay"))
+                .entropy_weight(num("entropy_weight"))
+                .clean_weight(num("clean_weight"))
+                .adv_weight(num("adv_weight"))
+                .kl_weight(num("kl_weight")),
+            o));
+  }
   FAIL("unknown method " << method);
   return nullptr;
 }
@@ -315,4 +335,8 @@ TEST_CASE("Conformance: R3F, fairseq", "[conformance]") {
 
 TEST_CASE("Conformance: AWP, the widely copied class", "[conformance]") {
   check_file("awp_class.json");
+}
+
+TEST_CASE("Conformance: ASCC, the official code", "[conformance]") {
+  check_file("ascc_official.json");
 }

@@ -354,10 +354,30 @@ TEST_CASE(
       torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
       advtrain::Trainer trainer(opt, *attacker);
       const auto slot = model->embedding->perturbation();
-      // For each pass: ‖δ‖ of the premise's lookup and the hypothesis's.
+      // For each pass: ‖δ‖ of the premise's lookup and the hypothesis's;
+      // where the strategy replaces the lookups (ASCC), how far each moved
+      // from the plain lookup.
       std::vector<std::pair<double, double>> norms;
       const auto r = trainer.step(
           [&] {
+            if (c.substitutes_lookup) { // PairNet's forward, spelled out
+              const auto a = premises(), b = hypotheses();
+              const auto ea = model->embedding(a), eb = model->embedding(b);
+              const auto moved = [&](const torch::Tensor& e,
+                                     const torch::Tensor& x) {
+                return (e - torch::nn::functional::embedding(
+                                x, model->embedding->weight))
+                    .norm()
+                    .item<double>();
+              };
+              norms.emplace_back(moved(ea, a), moved(eb, b));
+              const auto pool = [](const torch::Tensor& e,
+                                   const torch::Tensor& x) {
+                const auto m = x.ne(0).unsqueeze(-1).to(torch::kDouble);
+                return (e * m).sum(1) / m.sum(1).clamp_min(1);
+              };
+              return model->fc(torch::cat({pool(ea, a), pool(eb, b)}, 1));
+            }
             const auto out = model->forward(premises(), hypotheses());
             REQUIRE(slot->lookups() == 2);
             CHECK(slot->delta(0).size(1) == premises().size(1));

@@ -419,6 +419,9 @@ TEST_CASE(
     "Shared dropout masks: equal within a step with the option", "[dropout]") {
   const bool share = GENERATE(true, false);
   for (const auto& c : strategies()) {
+    if (!c.on_table) {
+      continue; // per example only (ASCC)
+    }
     INFO(c.name << ", share_dropout_mask " << share);
     torch::manual_seed(5);
     DropNet model;
@@ -509,6 +512,9 @@ TEST_CASE(
     "[trainer]") {
   const int fail_at = GENERATE(1, 2, 3, 4);
   for (const auto& c : strategies()) {
+    if (!c.on_table) {
+      continue; // per example only (ASCC)
+    }
     if (fail_at > c.passes || (c.optimizer_steps > 1 && fail_at > 1)) {
       continue; // later replays keep their completed optimizer steps
     }
@@ -594,18 +600,24 @@ TEST_CASE(
     "[trainer]") {
   for (const auto& c : strategies()) {
     INFO(c.name);
-    check_before_optimizer_step(c);
+    if (c.on_table) { // (per example only: ASCC)
+      check_before_optimizer_step(c);
+    }
   }
 }
 
 namespace {
 
-// A throwaway strategy, to show what a new one costs: options, a check, and
-// the three hooks of the regularizer protocol. Gaussian noise of scale
+// A throwaway strategy, to show what a new one costs: options with their
+// traits (no search: the noise is the perturbation), a check, and the three
+// hooks of the regularizer protocol. Gaussian noise of scale
 // sigma on the table, and a symmetric KL with gradients through both outputs
 // (R3F-like).
 struct NoiseRegOptions {
   static constexpr const char* kind = "NoiseReg";
+  static constexpr advtrain::Traits traits =
+      advtrain::Traits().searches(false).untracked_writes(true).label_free(
+          true);
   TORCH_ARG(double, sigma) = 0.1;
   TORCH_ARG(double, weight) = 1.0;
   TORCH_ARG(bool, share_dropout_mask) = false;
@@ -626,13 +638,6 @@ class NoiseReg : public advtrain::Regularizer<NoiseRegOptions> {
       data(i).add_(torch::randn_like(data(i)), options_.sigma());
     }
   }
-  int64_t search_steps() const override {
-    return 0;
-  }
-  torch::Tensor search_objective(
-      const torch::Tensor&, const torch::Tensor&) const override {
-    return {};
-  }
   torch::Tensor penalty(
       const torch::Tensor& adv, const torch::Tensor& clean) const override {
     const auto la = torch::log_softmax(adv, -1);
@@ -642,14 +647,6 @@ class NoiseReg : public advtrain::Regularizer<NoiseRegOptions> {
   }
   double weight() const override {
     return options_.weight();
-  }
-  torch::Tensor perturb(
-      size_t,
-      torch::Tensor&,
-      const torch::Tensor&,
-      const advtrain::Geometry&,
-      const torch::Tensor&) override {
-    return {}; // no search
   }
 };
 

@@ -3,6 +3,8 @@
 // The example's settings: the Config struct and the command line that fills
 // it (options, defaults and checks).
 
+#include "neighbours.h"
+
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 #include <CLI/CLI.hpp>
@@ -33,6 +35,11 @@ struct Config {
   int64_t pwws_sample = 200;
   int64_t test_sample = 0; // score on the first N texts of the test split
 
+  // PWWS's synonym sources: wordnet, counterfitted or both (two attacks).
+  std::string attack_synonyms = "both";
+  // The substitution set the candidate-set methods (ASCC) train with.
+  std::string train_synonyms = "counterfitted";
+  std::string neighbours = TEXT_CLASSIFIER_NEIGHBOURS;
   double pwws_budget = 0.25;
   std::vector<double> pwws_budgets = {0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4};
   std::string tuned; // CSV of each method's options (sweep.sh's tuned.csv)
@@ -235,6 +242,25 @@ inline std::optional<int> parse_command_line(
          "score on the first N texts of the test (or validation) split "
          "only (0: all)")
       ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app.add_option(
+         "--attack-synonyms",
+         c.attack_synonyms,
+         "PWWS's synonym source: wordnet, counterfitted (the neighbours "
+         "file), or both (two attacks, reported apart)")
+      ->check(CLI::IsMember({"wordnet", "counterfitted", "both"}))
+      ->capture_default_str();
+  app.add_option(
+         "--train-synonyms",
+         c.train_synonyms,
+         "the substitution set ASCC trains with: counterfitted or wordnet "
+         "(attacking with the other source gives the cross-source figure)")
+      ->check(CLI::IsMember({"counterfitted", "wordnet"}))
+      ->capture_default_str();
+  app.add_option(
+         "--neighbours",
+         c.neighbours,
+         "the counter-fitted neighbours' JSON file {word: [substitutes]}")
       ->capture_default_str();
   app.add_option(
          "--pwws-budget",

@@ -89,7 +89,8 @@ struct Data {
   /// (the table's other rows start random).
   std::unordered_map<int64_t, std::vector<float>> pretrained;
   int64_t pretrained_dim = 0;
-  size_t synonyms_added = 0; // vocabulary words that came in as synonyms
+  size_t synonyms_added = 0;   // vocabulary words that came in as synonyms
+  size_t neighbours_added = 0; // ... as counter-fitted neighbours
 
   /// Sentences `idx` as a batch.
   Batch batch(const std::vector<size_t>& idx, int64_t max_len) const {
@@ -109,11 +110,16 @@ inline std::vector<std::string> default_files(const std::string& dataset) {
 }
 
 /// Adds to `d`'s vocabulary every word of its texts (under `validation`,
-/// of the training and validation splits only), and every WordNet
-/// synonym of those words, that has a vector in the file at `path`, and keeps
-/// the vectors of the vocabulary's words: substitutes of an attack are then
-/// real words with real vectors rather than the unknown token.
-inline void add_pretrained(Data& d, const std::string& path, bool validation) {
+/// of the training and validation splits only), every WordNet synonym of
+/// those words, and (given `neighbours`) their counter-fitted neighbours,
+/// that has a vector in the file at `path`, and keeps the vectors of the
+/// vocabulary's words: substitutes of an attack are then real words with
+/// real vectors rather than the unknown token.
+inline void add_pretrained(
+    Data& d,
+    const std::string& path,
+    bool validation,
+    const NeighbourMap* neighbours = nullptr) {
   WordNet& wordnet = shared_wordnet();
   std::vector<std::string> order; // words in the order they are met
   std::unordered_set<std::string> wanted;
@@ -147,6 +153,16 @@ inline void add_pretrained(Data& d, const std::string& path, bool validation) {
       want(s);
     }
   }
+  // The neighbours after every synonym: WordNet's words keep their ids.
+  const size_t before_neighbours = order.size();
+  for (size_t i = 0; neighbours != nullptr && i < text_words; ++i) {
+    const auto it = neighbours->find(order[i]);
+    if (it != neighbours->end()) {
+      for (const auto& s : it->second) {
+        want(s);
+      }
+    }
+  }
   const auto vectors = read_word_vectors(path, wanted);
   d.pretrained_dim = vectors.dimensions;
   for (size_t i = 0; i < order.size(); ++i) {
@@ -156,7 +172,9 @@ inline void add_pretrained(Data& d, const std::string& path, bool validation) {
     }
     const bool is_new = !d.vocab->contains(order[i]);
     d.pretrained.emplace(d.vocab->add(order[i]), it->second);
-    d.synonyms_added += is_new && i >= text_words ? 1 : 0;
+    d.synonyms_added +=
+        is_new && i >= text_words && i < before_neighbours ? 1 : 0;
+    d.neighbours_added += is_new && i >= before_neighbours ? 1 : 0;
   }
 }
 
@@ -227,7 +245,15 @@ inline Data load(const Config& c) {
   }
   d.vocab = std::make_unique<Vocabulary>(train_tokens, c.min_count);
   if (c.embeddings == "glove") {
-    add_pretrained(d, c.glove, c.validation);
+    const bool uses_neighbours =
+        (c.pwws_sample != 0 && c.attack_synonyms != "wordnet") ||
+        ((c.method == "all" || c.method == "ascc") &&
+         c.train_synonyms == "counterfitted");
+    add_pretrained(
+        d,
+        c.glove,
+        c.validation,
+        uses_neighbours ? &shared_neighbours(c.neighbours) : nullptr);
   }
   return d;
 }

@@ -139,6 +139,16 @@ class Vocabulary {
     const auto it = ids_.find(token);
     return it == ids_.end() ? kUnknown : it->second;
   }
+  /// The word of each id ("<pad>" and "<unk>" for the two reserved ones).
+  std::vector<std::string> words() const {
+    std::vector<std::string> out(static_cast<size_t>(size()));
+    out[kPad] = "<pad>";
+    out[kUnknown] = "<unk>";
+    for (const auto& [token, i] : ids_) {
+      out[static_cast<size_t>(i)] = token;
+    }
+    return out;
+  }
 
  private:
   std::unordered_map<std::string, int64_t> ids_;

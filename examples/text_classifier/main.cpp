@@ -1,8 +1,9 @@
 // Trains a small text classifier with one adversarial-training method of
 // advtrain and reports clean test accuracy and test accuracy under a PGD
 // attack on the embedded sentences (the same attack for every method), at
-// several radii, and under PWWS, a word-substitution attack with WordNet's
-// synonyms.
+// several radii, and under PWWS, a word-substitution attack, with WordNet's
+// synonyms and with the counter-fitted neighbours (two sources kept apart).
+// ASCC trains with one of them (--train-synonyms).
 //
 //   text_classifier --method fgm --epochs 8
 //   text_classifier --data my.json --method pgd --steps 3 --epsilon 0.5
@@ -17,6 +18,7 @@
 //   data.h      the data set loaded and split, and batches of token ids
 //   glove.h     pretrained word vectors (wink-embeddings JSON)
 //   wordnet.h   WordNet synonyms and stop words
+//   neighbours.h  the counter-fitted neighbours (substitutes/)
 //   model.h     the classifier: bag of words, LSTM or transformer
 //   methods.h   the table of adversarial-training methods
 //   evaluate.h  accuracy and accuracy under the PGD attack
@@ -57,11 +59,18 @@ int run(int argc, char** argv) {
   const Group group = join_group(c);
   torch::set_num_threads(static_cast<int>(c.threads));
 
-  // Problems with the options' file or WordNet show before any training.
+  // Problems with the options' file, WordNet or the neighbours file show
+  // before any training.
   const auto tuned = c.tuned.empty() ? std::map<std::string, std::string>{}
                                      : read_tuned(c.tuned, c.dataset);
-  if (c.pwws_sample != 0 && c.reports()) {
+  const bool attacks = c.pwws_sample != 0 && c.reports();
+  if (attacks && c.attack_synonyms != "counterfitted") {
     shared_wordnet();
+  }
+  const bool ascc = c.method == "all" || c.method == "ascc";
+  if ((attacks && c.attack_synonyms != "wordnet") ||
+      (ascc && c.train_synonyms == "counterfitted")) {
+    shared_neighbours(c.neighbours);
   }
   const Data d = load(c);
   if (c.reports()) {

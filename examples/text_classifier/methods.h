@@ -20,12 +20,19 @@
 
 namespace example {
 
+/// The candidate sets of the model's vocabulary from the --train-synonyms
+/// source (built when a method asks for them).
+using TableSource = std::function<advtrain::SubstitutionTable()>;
+
 /// Builds a method's attacker for `model` from the options in `c` (unset
 /// ones keep the library's defaults). `ids` is the caller's tensor of the
 /// batch in training, which YOPO's first layer reads: it must outlive the
-/// attacker.
+/// attacker; `table` gives the candidate sets (ASCC).
 using AttackerFactory = std::function<std::unique_ptr<advtrain::Attacker>(
-    Classifier& model, const Config& c, const torch::Tensor& ids)>;
+    Classifier& model,
+    const Config& c,
+    const torch::Tensor& ids,
+    const TableSource& table)>;
 
 /// One row of the table.
 struct Method {
@@ -56,7 +63,10 @@ inline const std::vector<Method> kMethods = {
     {"fgsm",
      "FGSM (Goodfellow et al.): one step epsilon * sign(g)",
      false,
-     [](Classifier& model, const Config& c, const torch::Tensor&) {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) {
        advtrain::FGSMOptions o;
        if (c.epsilon) {
          o.epsilon(*c.epsilon);
@@ -66,7 +76,10 @@ inline const std::vector<Method> kMethods = {
     {"fgm",
      "FGM (Miyato et al.): one step epsilon * g / |g|",
      false,
-     [](Classifier& model, const Config& c, const torch::Tensor&) {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) {
        advtrain::FGMOptions o;
        if (c.epsilon) {
          o.epsilon(*c.epsilon);
@@ -76,7 +89,10 @@ inline const std::vector<Method> kMethods = {
     {"pgd",
      "PGD (Madry et al.): ascent steps projected into the epsilon-ball",
      false,
-     [](Classifier& model, const Config& c, const torch::Tensor&) {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) {
        advtrain::PGDOptions o;
        if (c.epsilon) {
          o.epsilon(*c.epsilon);
@@ -95,7 +111,10 @@ inline const std::vector<Method> kMethods = {
     {"freeat",
      "FreeAT (Shafahi et al.): each batch replayed, the perturbation kept",
      false,
-     [](Classifier& model, const Config& c, const torch::Tensor&) {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) {
        advtrain::FreeATOptions o;
        if (c.epsilon) {
          o.epsilon(*c.epsilon);
@@ -114,7 +133,10 @@ inline const std::vector<Method> kMethods = {
     {"freelb",
      "FreeLB (Zhu et al.): the gradients of the ascent steps averaged",
      false,
-     [](Classifier& model, const Config& c, const torch::Tensor&) {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) {
        advtrain::FreeLBOptions o;
        if (c.epsilon) {
          o.epsilon(*c.epsilon);
@@ -136,7 +158,10 @@ inline const std::vector<Method> kMethods = {
     {"smart",
      "SMART (Jiang et al.): a smoothness regularizer on the outputs",
      false,
-     [](Classifier& model, const Config& c, const torch::Tensor&) {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) {
        advtrain::SMARTOptions o;
        if (c.alpha) {
          o.alpha(*c.alpha);
@@ -155,7 +180,10 @@ inline const std::vector<Method> kMethods = {
     {"vat",
      "VAT (Miyato et al.): KL to the output at a power-iteration direction",
      false,
-     [](Classifier& model, const Config& c, const torch::Tensor&) {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) {
        advtrain::VATOptions o;
        if (c.epsilon) {
          o.epsilon(*c.epsilon);
@@ -171,7 +199,10 @@ inline const std::vector<Method> kMethods = {
     {"r3f",
      "R3F (Aghajanyan et al.): symmetric KL to the output under noise",
      false,
-     [](Classifier& model, const Config& c, const torch::Tensor&) {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) {
        advtrain::R3FOptions o;
        if (c.noise_var) {
          o.sigma(*c.noise_var);
@@ -184,7 +215,10 @@ inline const std::vector<Method> kMethods = {
     {"llr",
      "LLR (Qin et al.): the loss's distance from its linear expansion",
      false,
-     [](Classifier& model, const Config& c, const torch::Tensor&) {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) {
        advtrain::LLROptions o;
        if (c.epsilon) {
          o.epsilon(*c.epsilon);
@@ -206,8 +240,10 @@ inline const std::vector<Method> kMethods = {
     {"awp",
      "AWP (Wu et al.): the weights perturbed, relative to their norms",
      false,
-     [](Classifier& model, const Config& c, const torch::Tensor&)
-         -> std::unique_ptr<advtrain::Attacker> {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) -> std::unique_ptr<advtrain::Attacker> {
        advtrain::AWPOptions o;
        if (c.epsilon) {
          o.epsilon(*c.epsilon);
@@ -223,8 +259,10 @@ inline const std::vector<Method> kMethods = {
     {"yopo",
      "YOPO (Zhang et al.): inner ascent through the first layer only",
      true,
-     [](Classifier& model, const Config& c, const torch::Tensor& ids)
-         -> std::unique_ptr<advtrain::Attacker> {
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor& ids,
+        const TableSource&) -> std::unique_ptr<advtrain::Attacker> {
        advtrain::YOPOOptions o;
        if (c.epsilon) {
          o.epsilon(*c.epsilon);
@@ -245,6 +283,26 @@ inline const std::vector<Method> kMethods = {
          return model->first(e, ids);
        };
        return std::make_unique<advtrain::YOPO>(model->embedding, first, o);
+     }},
+    {"ascc",
+     "ASCC (Dong et al.): each word as the worst convex combination of its "
+     "substitutes (--train-synonyms), found by Adam steps",
+     true,
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource& table) {
+       advtrain::ASCCOptions o;
+       if (c.steps) {
+         o.steps(*c.steps);
+       }
+       if (c.alpha) {
+         o.search_lr(*c.alpha);
+       }
+       if (c.weight) {
+         o.kl_weight(*c.weight);
+       }
+       return std::make_unique<advtrain::ASCC>(model->embedding, table(), o);
      }},
 };
 
@@ -278,9 +336,10 @@ inline std::unique_ptr<advtrain::Attacker> make_attacker(
     const std::string& method,
     Classifier& model,
     const Config& c,
-    const torch::Tensor& current_ids) {
+    const torch::Tensor& current_ids,
+    const TableSource& table) {
   const Method& m = find_method(method);
-  return m.make ? m.make(model, c, current_ids) : nullptr;
+  return m.make ? m.make(model, c, current_ids, table) : nullptr;
 }
 
 } // namespace example

@@ -37,7 +37,8 @@ struct Outcome {
   int64_t epochs = 0;
   double seconds = 0, passes_per_step = 0; // over all epochs
   Evaluation scores;
-  PWWSScores pwws; // texts == 0: not run
+  PWWSScores pwws;    // with WordNet's synonyms; texts == 0: not run
+  PWWSScores pwws_cf; // with the counter-fitted neighbours
   // Training texts used with their labels, and without (--labeled).
   int64_t labeled = 0, unlabeled = 0;
 };
@@ -66,11 +67,12 @@ inline void print_data(const Config& c, const Data& d) {
   if (c.embeddings == "glove") {
     fmt::print(
         "embeddings: {}-d pretrained vectors for {} of {} words ({} added as "
-        "WordNet synonyms){}\n",
+        "WordNet synonyms, {} as counter-fitted neighbours){}\n",
         d.pretrained_dim,
         d.pretrained.size(),
         d.vocab->size(),
         d.synonyms_added,
+        d.neighbours_added,
         c.freeze_embeddings ? ", frozen" : "");
   }
 }
@@ -131,30 +133,38 @@ inline void print_results(const Outcome& o, const Config& c) {
       o.method,
       c.split_name(),
       fmt::join(curve, "  "));
-  if (o.pwws.texts > 0) {
-    std::vector<std::string> budget;
-    for (size_t i = 0; i < c.pwws_budgets.size(); ++i) {
-      budget.push_back(fmt::format(
-          "{:g}: {:.1f}%", c.pwws_budgets[i], 100 * o.pwws.at_budget[i]));
-    }
-    fmt::print(
-        "result: method {}  PWWS (WordNet, budget {:g} of the words) on {} "
-        "{} texts: clean {:.1f}%  under attack {:.1f}%  success {:.1f}%  "
-        "words changed {:.1f}%  queries/text {:.0f}\n",
-        o.method,
-        c.pwws_budget,
-        o.pwws.texts,
-        c.split_name(),
-        100 * o.pwws.clean,
-        100 * o.pwws.accuracy,
-        100 * o.pwws.success,
-        100 * o.pwws.changed,
-        o.pwws.queries);
-    fmt::print(
-        "result: method {}  PWWS accuracy by budget  {}\n",
-        o.method,
-        fmt::join(budget, "  "));
-  }
+  const auto print_pwws =
+      [&](const PWWSScores& s, const char* source, const char* label) {
+        if (s.texts == 0) {
+          return;
+        }
+        std::vector<std::string> budget;
+        for (size_t i = 0; i < c.pwws_budgets.size(); ++i) {
+          budget.push_back(fmt::format(
+              "{:g}: {:.1f}%", c.pwws_budgets[i], 100 * s.at_budget[i]));
+        }
+        fmt::print(
+            "result: method {}  PWWS ({}, budget {:g} of the words) on {} "
+            "{} texts: clean {:.1f}%  under attack {:.1f}%  success {:.1f}%  "
+            "words changed {:.1f}%  queries/text {:.0f}\n",
+            o.method,
+            source,
+            c.pwws_budget,
+            s.texts,
+            c.split_name(),
+            100 * s.clean,
+            100 * s.accuracy,
+            100 * s.success,
+            100 * s.changed,
+            s.queries);
+        fmt::print(
+            "result: method {}  {} accuracy by budget  {}\n",
+            o.method,
+            label,
+            fmt::join(budget, "  "));
+      };
+  print_pwws(o.pwws, "WordNet", "PWWS");
+  print_pwws(o.pwws_cf, "counter-fitted neighbours", "PWWS (counter-fitted)");
   std::fflush(stdout);
 }
 
@@ -162,20 +172,25 @@ inline void print_results(const Outcome& o, const Config& c) {
 inline void print_summary(
     const std::vector<Outcome>& outcomes, const Config& c) {
   fmt::print(
-      "\n{:<8} {:>10} {:>14} {:>14} {:>12} {:>10}\n",
+      "\n{:<8} {:>10} {:>14} {:>14} {:>14} {:>12} {:>10}\n",
       "method",
       "clean acc",
       "acc under PGD",
-      "acc under PWWS",
+      "PWWS WordNet",
+      "PWWS c-fitted",
       "passes/step",
       "train s");
+  const auto acc = [](const PWWSScores& s) {
+    return s.texts > 0 ? fmt::format("{:.1f}%", 100 * s.accuracy) : "-";
+  };
   for (const auto& o : outcomes) {
     fmt::print(
-        "{:<8} {:>9.1f}% {:>13.1f}% {:>14} {:>12.1f} {:>10.2f}\n",
+        "{:<8} {:>9.1f}% {:>13.1f}% {:>14} {:>14} {:>12.1f} {:>10.2f}\n",
         o.method,
         100 * o.scores.clean,
         100 * o.scores.robust,
-        o.pwws.texts > 0 ? fmt::format("{:.1f}%", 100 * o.pwws.accuracy) : "-",
+        acc(o.pwws),
+        acc(o.pwws_cf),
         o.passes_per_step,
         o.seconds);
   }
@@ -207,7 +222,12 @@ inline void write_csv(
     for (const double b : c.pwws_budgets) {
       out << ",pwws_acc_budget_" << b;
     }
-    out << ",model,embeddings,labeled,unlabeled\n";
+    out << ",model,embeddings,labeled,unlabeled,cf_texts,cf_clean_acc,"
+           "cf_acc,cf_success,cf_changed,cf_queries";
+    for (const double b : c.pwws_budgets) {
+      out << ",cf_acc_budget_" << b;
+    }
+    out << '\n';
   }
   for (const auto& o : outcomes) {
     out << c.dataset << ',' << c.split_name() << ',' << o.method << ','
@@ -234,7 +254,21 @@ inline void write_csv(
                  k < o.pwws.at_budget.size() ? o.pwws.at_budget[k] : 0.0);
     }
     out << ',' << c.model << ',' << c.embeddings << ',' << o.labeled << ','
-        << o.unlabeled << '\n';
+        << o.unlabeled << ',' << o.pwws_cf.texts
+        << fmt::format(
+               ",{:.4f},{:.4f},{:.4f},{:.4f},{:.1f}",
+               o.pwws_cf.clean,
+               o.pwws_cf.accuracy,
+               o.pwws_cf.success,
+               o.pwws_cf.changed,
+               o.pwws_cf.queries);
+    for (size_t k = 0; k < c.pwws_budgets.size(); ++k) {
+      out << ','
+          << fmt::format(
+                 "{:.4f}",
+                 k < o.pwws_cf.at_budget.size() ? o.pwws_cf.at_budget[k] : 0.0);
+    }
+    out << '\n';
   }
   if (!out) {
     throw std::runtime_error("cannot write '" + path + "'");

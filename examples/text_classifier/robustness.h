@@ -1,12 +1,16 @@
 #pragma once
 
-// Accuracy under word substitution: the PWWS attack (pwws.h) with WordNet's
-// synonyms (wordnet.h) on a trained model, over a fixed sample of the test
-// split, with accuracy against the budget of changed words.
+// Accuracy under word substitution: the PWWS attack (pwws.h) on a trained
+// model, over a fixed sample of the test split, with accuracy against the
+// budget of changed words; its substitutes come from one of two sources kept
+// apart, WordNet's synonyms (wordnet.h) or the counter-fitted neighbours
+// (neighbours.h), so that a defense trained on one can be attacked with the
+// other.
 
 #include "config.h"
 #include "data.h"
 #include "model.h"
+#include "neighbours.h"
 #include "pwws.h"
 #include "wordnet.h"
 
@@ -14,7 +18,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -69,21 +75,43 @@ inline std::vector<size_t> pwws_sample(const Data& d, const Config& c) {
   return idx;
 }
 
-/// Runs PWWS on the sample: substitutes are WordNet synonyms the vocabulary
-/// holds (others would read as the unknown token), stop words stay.
+/// A word's substitutes from `source` ("wordnet" or "counterfitted", the
+/// neighbours file of `c`), whether in a vocabulary or not.
+inline std::function<std::vector<std::string>(const std::string&)>
+substitutes_from(const std::string& source, const Config& c) {
+  if (source == "wordnet") {
+    WordNet* wordnet = &shared_wordnet();
+    return [wordnet](const std::string& w) { return wordnet->synonyms(w); };
+  }
+  if (source == "counterfitted") {
+    const NeighbourMap* neighbours = &shared_neighbours(c.neighbours);
+    return [neighbours](const std::string& w) {
+      const auto it = neighbours->find(w);
+      return it == neighbours->end() ? std::vector<std::string>{} : it->second;
+    };
+  }
+  throw std::invalid_argument("unknown synonym source '" + source + "'");
+}
+
+/// Runs PWWS on the sample with the substitutes of `source` ("wordnet" or
+/// "counterfitted") the vocabulary holds (others would read as the unknown
+/// token); stop words stay.
 inline PWWSScores evaluate_pwws(
-    Classifier& model, const Data& d, const Config& c) {
+    Classifier& model,
+    const Data& d,
+    const Config& c,
+    const std::string& source = "wordnet") {
   PWWSScores s;
   if (c.pwws_sample == 0) {
     return s;
   }
-  WordNet& wordnet = shared_wordnet();
+  const auto from_source = substitutes_from(source, c);
   const Vocabulary& vocab = *d.vocab;
   const auto classify = probabilities_of(model, vocab);
-  auto synonyms = [&vocab, &wordnet](const std::string& w) {
+  auto synonyms = [&vocab, &from_source](const std::string& w) {
     std::vector<std::string> in_vocab;
-    for (const auto& x : wordnet.synonyms(w)) {
-      if (vocab.contains(x)) {
+    for (const auto& x : from_source(w)) {
+      if (x != w && vocab.contains(x)) {
         in_vocab.push_back(x);
       }
     }

@@ -70,7 +70,24 @@ inline Outcome train(
   torch::optim::Adam optimizer(
       model->parameters(), torch::optim::AdamOptions(c.lr));
   torch::Tensor current_ids; // the batch in training, for YOPO's first layer
-  auto attacker = make_attacker(method, model, c, current_ids);
+  // ASCC's candidates: each vocabulary word, then up to kCandidates - 1 of
+  // its substitutes (the counter-fitted file has at most 8) in the
+  // vocabulary; padding and the unknown word keep themselves.
+  const TableSource table = [&d, &c] {
+    constexpr int64_t kCandidates = 9;
+    const auto from = substitutes_from(c.train_synonyms, c);
+    const auto words = d.vocab->words();
+    advtrain::SubstitutionTable::Substitutes subs;
+    for (const auto& w : words) {
+      auto s = from(w);
+      if (!s.empty()) {
+        subs.emplace(w, std::move(s));
+      }
+    }
+    return advtrain::SubstitutionTable(
+        words, subs, kCandidates, {Vocabulary::kPad, Vocabulary::kUnknown});
+  };
+  auto attacker = make_attacker(method, model, c, current_ids, table);
   auto* yopo = dynamic_cast<advtrain::YOPO*>(attacker.get());
   std::optional<advtrain::Trainer> trainer;
   Reducer reducer(group, model->parameters());
@@ -110,7 +127,7 @@ inline Outcome train(
   // step of a label-free method takes the next unlabeled batch too.
   const bool semi = !d.unlabeled.empty();
   const bool unlabeled_batches =
-      semi && attacker != nullptr && attacker->label_free();
+      semi && attacker != nullptr && attacker->traits().label_free();
   std::vector<size_t> unlabeled = d.unlabeled;
   size_t next_labeled = 0, next_unlabeled = 0;
   const auto bs = static_cast<size_t>(c.batch_size);
@@ -228,7 +245,12 @@ inline Outcome train(
       static_cast<double>(all_passes) / std::max<int64_t>(1, all_batches);
   if (c.reports()) {
     o.scores = evaluate(model, test, c);
-    o.pwws = evaluate_pwws(model, d, c);
+    if (c.attack_synonyms != "counterfitted") {
+      o.pwws = evaluate_pwws(model, d, c, "wordnet");
+    }
+    if (c.attack_synonyms != "wordnet") {
+      o.pwws_cf = evaluate_pwws(model, d, c, "counterfitted");
+    }
     print_results(o, c);
   }
   return o;

@@ -2,6 +2,7 @@
 // norms of advtrain (adversarial training for NLP models on LibTorch).
 #pragma once
 
+#include <advtrain/ascc.h>
 #include <advtrain/attacker.h>
 #include <advtrain/awp.h>
 #include <advtrain/divergence.h>
@@ -18,8 +19,11 @@
 #include <advtrain/regularizer.h>
 #include <advtrain/smart.h>
 #include <advtrain/step.h>
+#include <advtrain/strategy.h>
+#include <advtrain/substitutions.h>
 #include <advtrain/target.h>
 #include <advtrain/trainer.h>
+#include <advtrain/traits.h>
 #include <advtrain/vat.h>
 #include <advtrain/version.h>
 #include <advtrain/yopo.h>

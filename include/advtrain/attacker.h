@@ -1,30 +1,27 @@
-// The base of every strategy: `Attacker` holds a `Target`, moves it by the
-// strategy's rule (`attack`), puts it back bit for bit (`restore`), saves and
-// restores gradients, and runs the strategy's protocol for one batch
-// (`run`). `Strategy<Options>` adds the options and the three ways to name a
-// target.
+// The base of every strategy: `Attacker` holds a `Target` and the
+// strategy's `Traits`, moves the target by the strategy's rule (`attack`),
+// puts it back bit for bit (`restore`), saves and restores gradients, and
+// runs the strategy's protocol for one batch (`run`). `Strategy<Options>`
+// (strategy.h) adds the options and the three ways to name a target.
 #pragma once
 
-#include <advtrain/activation_target.h>
 #include <advtrain/detail/archive.h>
-#include <advtrain/parameter_target.h>
+#include <advtrain/detail/gradient_backup.h>
+#include <advtrain/detail/gradient_checks.h>
+#include <advtrain/detail/gradient_counts.h>
 #include <advtrain/parameters.h>
 #include <advtrain/step.h>
 #include <advtrain/target.h>
+#include <advtrain/traits.h>
 
 #include <c10/util/Type.h>
-#include <fmt/format.h>
 #include <torch/torch.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
-#include <initializer_list>
-#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
-#include <type_traits>
 #include <typeinfo>
 #include <utility>
 #include <vector>
@@ -37,9 +34,12 @@ namespace advtrain {
 /// watches, for PGD-style loops, and saves the state that outlives a batch
 /// (`save`/`load`, or `torch::save(attacker, path)`).
 ///
-/// A strategy supplies two hooks: its rule (`perturb`) and its protocol for
-/// one batch (`run_step`), plus `save_state`/`load_state` when it keeps state
-/// across batches. No call leaves the target perturbed when it throws.
+/// A strategy supplies its protocol for one batch (`run_step`), its rule
+/// (`perturb`) when it searches, `save_state`/`load_state` when it keeps
+/// state across batches and `on_new_step` when a step starts from a δ of
+/// its own; what it supports and needs is data, its `Traits`
+/// (`Options::traits`), which the base reads. No call leaves the target
+/// perturbed when it throws.
 class Attacker {
  public:
   /// Restores the target if it is still perturbed.
@@ -64,7 +64,12 @@ class Attacker {
   /// overwritten while it is (that case warns: a `restore()` is missing), so
   /// `restore()` always returns to the values of before the first attack.
   void attack(bool is_first_attack) {
-    check_attack();
+    TORCH_CHECK(
+        traits_.searches(),
+        "advtrain: ",
+        kind_,
+        ": the perturbation is drawn, not found along a gradient, so there is "
+        "no attack(); train with Trainer::step");
     target_->sync(kind_);
     const std::vector<torch::Tensor> grads = target_grads();
     torch::NoGradGuard no_grad;
@@ -98,26 +103,18 @@ class Attacker {
       // when the step is read. (Per example nothing is measured: δ is no
       // optimizer or module parameter, so zero_grad() does not touch its
       // gradient.)
-      struct Group {
-        int64_t& group;
-        Group(int64_t& g, int64_t id) : group(g) {
-          group = id;
-        }
-        ~Group() {
-          group = -1;
-        }
-      } in_group{group_, uses_gradient() ? ++attacks_ : -1};
+      const auto in_group = counts_.group(traits_.uses_gradient());
       for (size_t i = 0; i < grads.size(); ++i) {
         const Move m = target_->move(
             i,
             grads[i],
-            uses_gradient(),
-            moves_gradient_rows_only(),
-            untracked_writes(),
+            traits_.uses_gradient(),
+            traits_.moves_gradient_rows(),
+            traits_.untracked_writes(),
             usable,
             rule);
         norms.push_back(std::move(m.norm));
-        if (uses_gradient() && !target_->measures_gradient_norm()) {
+        if (traits_.uses_gradient() && !target_->measures_gradient_norm()) {
           note_finite_gradient(i, grads[i]);
         }
       }
@@ -158,17 +155,7 @@ class Attacker {
   /// Saves a copy of the `.grad` of every watched parameter (those whose grad
   /// is undefined are skipped).
   void backup_grad() {
-    TORCH_CHECK(
-        !watched_.empty(),
-        "advtrain: backup_grad() has no parameters to watch; build the "
-        "attacker from a module or call watch_grads(parameters) first");
-    grad_backup_.clear();
-    grad_backup_.reserve(watched_.size());
-    for (const auto& p : watched_) {
-      const auto& g = p.grad();
-      grad_backup_.push_back(g.defined() ? g.detach().clone() : g);
-    }
-    has_grad_backup_ = true;
+    grad_backup_.save();
   }
 
   /// Puts the gradients saved by `backup_grad()` back in place of the current
@@ -177,25 +164,13 @@ class Attacker {
   /// without a `backup_grad()` since the last one throws and changes nothing
   /// (the clean gradient would otherwise be missing from the step).
   void restore_grad() {
-    TORCH_CHECK(
-        has_grad_backup_,
-        "advtrain: ",
-        kind_,
-        ": restore_grad() without backup_grad() (or a second time since "
-        "it); call backup_grad() after the clean backward");
-    has_grad_backup_ = false;
-    for (size_t i = 0; i < grad_backup_.size(); ++i) {
-      watched_[i].mutable_grad() = std::move(grad_backup_[i]);
-    }
-    grad_backup_.clear();
+    grad_backup_.put_back(kind_);
   }
 
   /// Sets the parameters whose gradients `backup_grad()`/`restore_grad()`
   /// handle (`Trainer` gives it the optimizer's parameters when none are set).
   void watch_grads(std::vector<torch::Tensor> params) {
-    grad_backup_.clear();
-    has_grad_backup_ = false;
-    watched_ = std::move(params);
+    grad_backup_.watch(std::move(params));
   }
 
   /// Runs the strategy's protocol for one batch in `ctx` (what
@@ -238,12 +213,7 @@ class Attacker {
         "advtrain: ",
         kind_,
         ": save() while the targets are perturbed; call restore() first");
-    archive.write("advtrain.kind", c10::IValue(std::string(kind_)));
-    archive.write("advtrain.type", c10::IValue(type_name()));
-    archive.write("advtrain.steps_done", c10::IValue(steps_done_));
-    archive.write(
-        "advtrain.steps_checksum",
-        c10::IValue(detail::checksum({torch::tensor(steps_done_)})));
+    detail::write_header(archive, kind_, type_name(), steps_done_);
     save_state(archive);
   }
 
@@ -257,42 +227,9 @@ class Attacker {
         "advtrain: ",
         kind_,
         ": load() while the targets are perturbed; call restore() first");
-    c10::IValue kind;
-    TORCH_CHECK(
-        archive.try_read("advtrain.kind", kind) && kind.isString(),
-        "advtrain: ",
-        kind_,
-        ": the archive holds no advtrain attacker state");
-    TORCH_CHECK(
-        kind.toStringRef() == kind_,
-        "advtrain: the archive holds the state of ",
-        kind.toStringRef(),
-        ", not of ",
-        kind_);
-    c10::IValue type;
-    if (archive.try_read("advtrain.type", type)) { // (older archives: none)
-      TORCH_CHECK(
-          type.isString() && type.toStringRef() == type_name(),
-          "advtrain: the archive holds the state of ",
-          type.isString() ? type.toStringRef() : std::string("?"),
-          ", not of ",
-          type_name());
-    }
-    c10::IValue steps;
-    TORCH_CHECK(
-        archive.try_read("advtrain.steps_done", steps) && steps.isInt() &&
-            steps.toInt() >= 0,
-        "advtrain: ",
-        kind_,
-        ": the archive's step count is missing or not a count; nothing was "
-        "loaded");
-    detail::check_checksum(
-        archive,
-        "advtrain.steps_checksum",
-        {torch::tensor(steps.toInt())},
-        kind_);
+    const int64_t steps = detail::read_header(archive, kind_, type_name());
     load_state(archive); // checks everything before it changes anything
-    steps_done_ = steps.toInt();
+    steps_done_ = steps;
   }
 
   /// The strategy's C++ type, as archives name it
@@ -316,7 +253,7 @@ class Attacker {
   }
   /// The parameters whose gradients are watched.
   const std::vector<torch::Tensor>& watched() const noexcept {
-    return watched_;
+    return grad_backup_.watched();
   }
   /// Whether the target is perturbed (backed up and not yet restored).
   bool is_perturbed() const noexcept {
@@ -339,11 +276,11 @@ class Attacker {
   /// Bytes the attacker holds now beyond the model: backups (whole tables,
   /// or only the rows a batch moved), saved gradients, persistent δ.
   int64_t held_bytes() const {
-    int64_t n = extra_bytes() + target_->backup_bytes();
-    for (const auto& t : grad_backup_) {
+    int64_t n = target_->backup_bytes();
+    for (const auto& t : persistent_) {
       n += detail::bytes_of(t);
     }
-    return n;
+    return n + grad_backup_.bytes();
   }
   /// The largest `held_bytes()` seen after an `attack()` or before a
   /// `restore()`.
@@ -355,37 +292,45 @@ class Attacker {
   bool per_example() const noexcept {
     return target_->per_example();
   }
-  /// Whether the strategy's loss needs no label beyond the task loss's, so a
-  /// step may take it on an unlabeled batch (the regularizers).
-  virtual bool label_free() const {
-    return false;
+  /// What the strategy supports and needs (`Options::traits`).
+  const Traits& traits() const noexcept {
+    return traits_;
   }
-  /// Whether the passes of one `Trainer::step` share their dropout masks.
-  virtual bool share_dropout_mask() const {
-    return false;
+  /// Whether the passes of one `Trainer::step` share their dropout masks
+  /// (the `share_dropout_mask` option).
+  bool share_dropout_mask() const noexcept {
+    return share_dropout_mask_;
   }
   /// How many times a gradient with a non-finite norm was met (and skipped),
   /// as of the last step's (or own-loop `attack()`'s) host read.
   int64_t nonfinite_gradients() const noexcept {
-    return nonfinite_gradients_;
+    return counts_.nonfinite();
   }
   /// How many times `attack()` found every target's gradient exactly zero
   /// (nothing moved; typically `zero_grad()` ran between the backward and
   /// `attack()`), as of the last host read.
   int64_t zero_gradients() const noexcept {
-    return zero_gradients_;
+    return counts_.zero();
   }
 
  protected:
-  /// `kind` names the strategy in error messages and archives.
-  Attacker(std::unique_ptr<Target> target, const char* kind)
-      : target_(std::move(target)), kind_(kind) {}
-  /// Parameters of `module` (the module's parameters are watched).
+  /// `kind` names the strategy in error messages and archives; `traits`
+  /// says what it supports; `share_dropout_mask` whether a step's passes
+  /// share their dropout masks. The parameters of `module`, when given, are
+  /// the ones whose gradients are watched.
   Attacker(
       std::unique_ptr<Target> target,
-      const NamedParameters& module,
-      const char* kind)
-      : target_(std::move(target)), kind_(kind), watched_(module.tensors()) {}
+      const char* kind,
+      Traits traits,
+      bool share_dropout_mask,
+      const NamedParameters* module = nullptr)
+      : target_(std::move(target)),
+        kind_(kind),
+        traits_(traits),
+        share_dropout_mask_(share_dropout_mask),
+        grad_backup_(
+            module != nullptr ? module->tensors()
+                              : std::vector<torch::Tensor>{}) {}
 
   /// The rule: moves tensor `i` (`w`, its data, or the rows of it that
   /// moved) along its gradient `g`; `geo` says where norms are taken (on a
@@ -393,14 +338,18 @@ class Attacker {
   /// is zero and `geo.gnorm` 1); `origin` is its backed-up value (per
   /// example δ = 0). Returns ‖δᵢ‖ after the move, a 0-dim tensor on the
   /// device (undefined: not measured); nothing in it may read the device to
-  /// the host. Runs under NoGradGuard. Where `uses_gradient()` is false, `g`
-  /// is undefined.
+  /// the host. Runs under NoGradGuard. Where `traits().uses_gradient()` is
+  /// false, `g` is undefined. Only strategies whose traits say they search
+  /// define it: `attack()` refuses the others before it gets here.
   virtual torch::Tensor perturb(
-      size_t i,
-      torch::Tensor& w,
-      const torch::Tensor& g,
-      const Geometry& geo,
-      const torch::Tensor& origin) = 0;
+      size_t /*i*/,
+      torch::Tensor& /*w*/,
+      const torch::Tensor& /*g*/,
+      const Geometry& /*geo*/,
+      const torch::Tensor& /*origin*/) {
+    TORCH_INTERNAL_ASSERT(false, kind_, " declares no search rule");
+    return {};
+  }
 
   /// The protocol for one batch (docs/design.md, "Protocols"), reporting in
   /// `ctx.figures`; called by `run`, whose caller (`Trainer`) restores
@@ -411,39 +360,13 @@ class Attacker {
   virtual void save_state(torch::serialize::OutputArchive& /*archive*/) const {}
   virtual void load_state(torch::serialize::InputArchive& /*archive*/) {}
 
-  /// Whether the rule moves only the rows where the gradient is nonzero
-  /// (FGSM, FGM, PGD, FreeLB); then a table backs up and moves those rows
-  /// alone.
-  virtual bool moves_gradient_rows_only() const {
-    return false;
-  }
-  /// Whether the rule, given a sparse gradient, moves only its rows (then
-  /// the table backs up and moves those rows alone); the others refuse
-  /// sparse gradients.
-  virtual bool moves_sparse_rows_only() const {
-    return moves_gradient_rows_only();
-  }
-  /// Whether `attack()` moves along the gradient (and so needs one).
-  virtual bool uses_gradient() const {
-    return true;
-  }
-  /// Whether writes to the target leave its autograd version alone (a
-  /// regularizer: its clean graph stays usable while the target is
-  /// perturbed; see `Target::data`).
-  virtual bool untracked_writes() const {
-    return false;
-  }
-  /// State held beyond backups and saved gradients (FreeAT's δ).
-  virtual int64_t extra_bytes() const {
-    return 0;
-  }
-  /// Refuses `attack()` where the strategy has no move along a gradient
-  /// (R3F); called before anything is backed up.
-  virtual void check_attack() const {}
-
   /// Called when a `Trainer` step begins, before its first forward: set the
   /// step's start here (`target().set_start`).
   virtual void on_new_step() {}
+
+  /// State that outlives a batch (FreeAT's δ), counted in `held_bytes()`;
+  /// undefined entries hold nothing.
+  std::vector<torch::Tensor> persistent_;
 
   /// The target, to write into.
   Target& target() noexcept {
@@ -452,11 +375,11 @@ class Attacker {
   /// Backs the target up unless it already is.
   void backup() {
     target_->backup(
-        this, kind_, moves_gradient_rows_only(), untracked_writes());
+        this, kind_, traits_.moves_gradient_rows(), traits_.untracked_writes());
   }
   /// Tensor `i` to write into (see `untracked_writes`).
   torch::Tensor data(size_t i) const {
-    return target_->data(i, untracked_writes());
+    return target_->data(i, traits_.untracked_writes());
   }
   /// Tensor `i`'s backed-up value; only while perturbed.
   const torch::Tensor& origin(size_t i) const {
@@ -476,21 +399,13 @@ class Attacker {
   /// step: a non-finite one is counted, once per step where `once` (a
   /// regularizer's search, which stops moving at the first).
   void note_norm(size_t i, const torch::Tensor& gnorm, bool once = false) {
-    pending_.push_back(Pending{i, group_, once});
-    pending_norms_.push_back(gnorm);
+    counts_.note_norm(i, gnorm, once);
   }
 
-  /// Per example, where no norm of a whole tensor is taken: whether `g`
-  /// (undefined: no gradient) is finite, kept to be read with the step like
-  /// a norm (log 1 = 0 where finite, log 0 = -inf where not) and counted as
-  /// a non-finite norm is; it belongs to no attack's group of norms.
+  /// Per example, where no norm of a whole tensor is taken: whether `g` is
+  /// finite, kept to be read and counted as a norm is.
   void note_finite_gradient(size_t i, const torch::Tensor& g) {
-    if (!g.defined()) {
-      return;
-    }
-    pending_.push_back(Pending{i, -1, false});
-    pending_norms_.push_back(
-        torch::isfinite(g.detach()).all().to(torch::kFloat).log());
+    counts_.note_finite(i, g);
   }
 
   /// The geometry of a step of tensor `i` along its gradient `g`, or none
@@ -521,39 +436,16 @@ class Attacker {
   std::vector<double> read_step(
       StepContext& ctx, const std::vector<torch::Tensor>& extra = {}) {
     std::vector<torch::Tensor> all = extra;
-    const size_t counts = append_counts(all);
+    const size_t counts = counts_.append(all);
     std::vector<double> values = ctx.read_figures(all);
-    take_counts(values.data() + extra.size(), counts);
+    counts_.take(values.data() + extra.size(), counts, kind_, target_names());
     values.resize(extra.size());
     return values;
   }
 
   /// Refuses a sparse gradient `g` of tensor `i` unless `accepted`.
   void check_sparse(size_t i, const torch::Tensor& g, bool accepted) const {
-    if (!g.defined() || !g.is_sparse()) {
-      return;
-    }
-    TORCH_CHECK(
-        g.sparse_dim() == 1,
-        "advtrain: ",
-        kind_,
-        ": the sparse gradient of ",
-        target_names()[i],
-        " has ",
-        g.sparse_dim(),
-        " sparse dimensions; only row-sparse gradients (one sparse "
-        "dimension, as an embedding's) are supported");
-    TORCH_CHECK(
-        accepted,
-        "advtrain: ",
-        kind_,
-        ": the gradient of ",
-        target_names()[i],
-        " is sparse (nn::EmbeddingOptions().sparse(true)); ",
-        kind_,
-        " moves the whole tensor, so it needs a dense gradient. Sparse "
-        "gradients work with FGSM, FGM, PGD, FreeLB and AWP on the table; "
-        "use a dense embedding here");
+    detail::check_sparse(kind_, target_names()[i], g, accepted);
   }
 
   /// The `Trainer` step running now, if any.
@@ -574,9 +466,9 @@ class Attacker {
   /// none when nothing is pending.
   void settle() {
     std::vector<torch::Tensor> counts;
-    const size_t n = append_counts(counts);
+    const size_t n = counts_.append(counts);
     if (n > 0) {
-      take_counts(detail::to_host(counts).data(), n);
+      counts_.take(detail::to_host(counts).data(), n, kind_, target_names());
     }
   }
 
@@ -592,224 +484,25 @@ class Attacker {
   }
 
  private:
-  /// Appends the gradient norms kept since the last read to `values`;
-  /// returns how many.
-  size_t append_counts(std::vector<torch::Tensor>& values) const {
-    values.insert(values.end(), pending_norms_.begin(), pending_norms_.end());
-    return pending_norms_.size();
-  }
-
-  /// Takes the `n` values `append_counts` appended: counts the non-finite
-  /// norms and the attacks whose norms were all zero, warns, and forgets
-  /// them.
-  void take_counts(const double* values, size_t n) {
-    TORCH_INTERNAL_ASSERT(n == pending_.size());
-    bool once_counted = false;
-    for (size_t k = 0; k < n; ++k) {
-      const Pending& p = pending_[k];
-      if (!std::isfinite(values[k]) && !(p.once && once_counted)) {
-        once_counted = once_counted || p.once;
-        note_nonfinite(p.target);
-      }
-      // A group is one attack's norms, in order: all zero?
-      const bool last_of_group =
-          p.group >= 0 && (k + 1 == n || pending_[k + 1].group != p.group);
-      if (last_of_group) {
-        bool zero = true;
-        for (size_t j = k + 1; j-- > 0 && pending_[j].group == p.group;) {
-          zero = zero && values[j] == 0.0;
-        }
-        if (zero) {
-          note_zero_gradients();
-        }
-      }
-    }
-    pending_.clear();
-    pending_norms_.clear();
-  }
-
-  void note_nonfinite(size_t i) {
-    ++nonfinite_gradients_;
-    if (!warned_nonfinite_) {
-      warned_nonfinite_ = true;
-      TORCH_WARN(
-          "advtrain: ",
-          kind_,
-          ": the gradient of ",
-          target_names()[i],
-          " has a non-finite norm; no perturbation from it, training goes on "
-          "(warned once per attacker; see nonfinite_gradients())");
-    }
-  }
-
-  void note_zero_gradients() {
-    ++zero_gradients_;
-    if (!warned_zero_) {
-      warned_zero_ = true;
-      TORCH_WARN(
-          "advtrain: ",
-          kind_,
-          ": attack() found every target gradient exactly zero, so nothing "
-          "was perturbed; run the loss's backward() right before attack() "
-          "(zero_grad() in between leaves zero-filled gradients) (warned "
-          "once per attacker; see zero_gradients())");
-    }
-  }
-
   /// The target's gradients, checked; undefined where a tensor got none.
   std::vector<torch::Tensor> target_grads() const {
-    std::vector<torch::Tensor> grads;
-    bool any = false;
-    const auto& ts = targets();
-    const auto& names = target_names();
-    for (size_t i = 0; i < ts.size(); ++i) {
-      const torch::Tensor& g = ts[i].grad();
-      if (g.defined()) {
-        check_sparse(i, g, moves_sparse_rows_only());
-        TORCH_CHECK(
-            g.sizes() == ts[i].sizes() &&
-                g.scalar_type() == ts[i].scalar_type() &&
-                g.device() == ts[i].device(),
-            "advtrain: the gradient of ",
-            names[i],
-            " (",
-            g.scalar_type(),
-            g.sizes(),
-            " on ",
-            g.device(),
-            ") does not match the tensor (",
-            ts[i].scalar_type(),
-            ts[i].sizes(),
-            " on ",
-            ts[i].device(),
-            ")");
-        any = true;
-      }
-      grads.push_back(g);
-    }
-    TORCH_CHECK(
-        any || !uses_gradient(),
-        "advtrain: attack() found no gradient on [",
-        fmt::format("{}", fmt::join(names, ", ")),
-        "]; run the loss's backward() first, and zero_grad() only after "
-        "restore() (LibTorch 2's zero_grad() drops the gradients)");
-    return grads;
+    return detail::checked_gradients(
+        targets(),
+        target_names(),
+        kind_,
+        traits_.accepts_sparse(),
+        /*needs_one=*/traits_.uses_gradient());
   }
 
   std::unique_ptr<Target> target_;
   const char* kind_;
-  std::vector<torch::Tensor> watched_;
-  std::vector<torch::Tensor> grad_backup_;
-  bool has_grad_backup_ = false;
-  torch::Tensor perturbation_norm_; // 0-dim; undefined: 0
-  /// A gradient norm kept to be read with the step: its tensor, the attack
-  /// that measured it (-1: none), and whether a non-finite one counts once.
-  struct Pending {
-    size_t target;
-    int64_t group;
-    bool once;
-  };
-  std::vector<Pending> pending_;
-  std::vector<torch::Tensor> pending_norms_; // not yet read, as pending_
-  int64_t group_ = -1;                       // the attack measuring now
-  int64_t attacks_ = 0;
+  Traits traits_;
+  bool share_dropout_mask_;
+  detail::GradientBackup grad_backup_; // the watched parameters' gradients
+  torch::Tensor perturbation_norm_;    // 0-dim; undefined: 0
+  detail::GradientCounts counts_;
   int64_t steps_done_ = 0;
   int64_t peak_bytes_ = 0;
-  int64_t nonfinite_gradients_ = 0;
-  bool warned_nonfinite_ = false;
-  int64_t zero_gradients_ = 0;
-  bool warned_zero_ = false;
-};
-
-/// Refuses an option of a strategy in its constructor, naming the field:
-/// `Kind: Invalid field: value (must be rule)` (what `check_options`
-/// overloads call). A floating-point option must also be finite: no option
-/// means "unbounded" by infinity (FreeLB's `epsilon(0)` does).
-template <typename T>
-void check_option(
-    bool ok,
-    const char* kind,
-    const char* field,
-    const T& value,
-    const char* rule) {
-  if constexpr (std::is_floating_point_v<T>) {
-    TORCH_CHECK(
-        std::isfinite(value),
-        kind,
-        ": Invalid ",
-        field,
-        ": ",
-        value,
-        " (must be finite and ",
-        rule,
-        ")");
-  }
-  TORCH_CHECK(
-      ok, kind, ": Invalid ", field, ": ", value, " (must be ", rule, ")");
-}
-
-/// The base of a strategy with options `Options`: the three ways to name its
-/// target — tensors, a module and a substring of parameter names, or a
-/// `PerturbedEmbedding` (each example's embedded tokens) — which strategies
-/// inherit (`using Strategy::Strategy`), and the options, validated once by
-/// `check_options(options, attacker)` (an overload next to each options
-/// struct, which names the strategy in `Options::kind`).
-template <typename Options>
-class Strategy : public Attacker {
- public:
-  /// Perturbs `params` (e.g. embedding tables).
-  explicit Strategy(std::vector<torch::Tensor> params, Options options = {})
-      : Attacker(
-            std::make_unique<ParameterTarget>(std::move(params), Options::kind),
-            Options::kind),
-        options_(std::move(options)) {
-    check_options(options_, *this);
-  }
-  /// Perturbs the parameters of `module` whose names contain
-  /// `name_contains`; the module's parameters are the ones whose gradients
-  /// `backup_grad()`/`restore_grad()` handle.
-  Strategy(
-      const NamedParameters& module,
-      const std::string& name_contains,
-      Options options = {})
-      : Attacker(
-            std::make_unique<ParameterTarget>(
-                module, name_contains, Options::kind),
-            module,
-            Options::kind),
-        options_(std::move(options)) {
-    check_options(options_, *this);
-  }
-  /// Perturbs the tensors of a braced list: `FGM({table})`.
-  explicit Strategy(
-      std::initializer_list<torch::Tensor> params, Options options = {})
-      : Strategy(std::vector<torch::Tensor>(params), std::move(options)) {}
-  /// Perturbs each example's output of `embedding` (docs/design.md,
-  /// "Targets").
-  explicit Strategy(const PerturbedEmbedding& embedding, Options options = {})
-      : Strategy(embedding->perturbation(), std::move(options)) {}
-  /// Perturbs each example's embeddings where the model applies `slot`
-  /// (`(*slot)(embeds, mask)`), for a model that takes embeddings
-  /// (`inputs_embeds`) rather than owning a `PerturbedEmbedding`.
-  explicit Strategy(std::shared_ptr<Perturbation> slot, Options options = {})
-      : Attacker(
-            std::make_unique<ActivationTarget>(
-                std::vector<std::shared_ptr<Perturbation>>{std::move(slot)},
-                Options::kind),
-            Options::kind),
-        options_(std::move(options)) {
-    check_options(options_, *this);
-  }
-
-  const Options& options() const noexcept {
-    return options_;
-  }
-  bool share_dropout_mask() const override {
-    return options_.share_dropout_mask();
-  }
-
- protected:
-  Options options_;
 };
 
 /// `archive << attacker`, so that `torch::save(attacker, path)` works.

@@ -4,7 +4,7 @@
 // gradient at the perturbed weights.
 #pragma once
 
-#include <advtrain/attacker.h>
+#include <advtrain/strategy.h>
 
 #include <cstdint>
 #include <string>
@@ -17,6 +17,7 @@ namespace advtrain {
 /// through the widely copied `AWP` class: `adv_lr`, `adv_eps`, `adv_step`).
 struct AWPOptions {
   static constexpr const char* kind = "AWP";
+  static constexpr Traits traits = Traits().moves_sparse_rows(true);
   /// Step α, relative to each weight's norm (`adv_lr`).
   TORCH_ARG(double, alpha) = 1.0;
   /// Relative bound ε: each element stays within `w₀ ± ε·|w₀|` (`adv_eps`).
@@ -104,12 +105,6 @@ class AWP : public Strategy<AWPOptions> {
   }
 
  protected:
-  /// On a sparse table gradient, only its rows move (the others would move
-  /// by 0, and their box holds them at their value).
-  bool moves_sparse_rows_only() const override {
-    return true;
-  }
-
   torch::Tensor perturb(
       size_t i,
       torch::Tensor& w,

@@ -2,7 +2,7 @@
 // one step under two norm policies, on the table or per example.
 #pragma once
 
-#include <advtrain/attacker.h>
+#include <advtrain/strategy.h>
 
 #include <string>
 #include <utility>
@@ -31,10 +31,6 @@ class FastGradient : public Strategy<Options> {
   void run_step(StepContext& ctx) override {
     this->run_single_attack(ctx);
   }
-
-  bool moves_gradient_rows_only() const override {
-    return true;
-  }
 };
 
 } // namespace detail
@@ -42,6 +38,7 @@ class FastGradient : public Strategy<Options> {
 /// Options of FGM (Miyato et al., ICLR 2017).
 struct FGMOptions {
   static constexpr const char* kind = "FGM";
+  static constexpr Traits traits = Traits().moves_gradient_rows(true);
   /// Radius ε: the perturbation is `ε * g / ‖g‖`.
   TORCH_ARG(double, epsilon) = 1.0;
   /// Whether the clean and the adversarial pass draw the same dropout masks.
@@ -96,6 +93,7 @@ class FGM : public detail::FastGradient<L2, FGMOptions> {
 /// Options of FGSM (Goodfellow et al., ICLR 2015).
 struct FGSMOptions {
   static constexpr const char* kind = "FGSM";
+  static constexpr Traits traits = Traits().moves_gradient_rows(true);
   /// Per-element size ε: the perturbation is `ε * sign(g)`.
   TORCH_ARG(double, epsilon) = 0.01;
   /// Whether the clean and the adversarial pass draw the same dropout masks.

@@ -2,7 +2,7 @@
 // batch replayed m times with an optimizer step per replay.
 #pragma once
 
-#include <advtrain/attacker.h>
+#include <advtrain/strategy.h>
 
 #include <algorithm>
 #include <string>
@@ -16,6 +16,7 @@ namespace advtrain {
 /// 2019).
 struct FreeATOptions {
   static constexpr const char* kind = "FreeAT";
+  static constexpr Traits traits = Traits().uses_gradient(false);
   /// Bound ε of the perturbation (per element for `FreeAT`, L2 for
   /// `FreeATL2`).
   TORCH_ARG(double, epsilon) = 0.01;
@@ -108,27 +109,15 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
 
   /// The persistent perturbations (undefined until first used).
   const std::vector<torch::Tensor>& deltas() const noexcept {
-    return deltas_;
+    return persistent_;
   }
 
   /// Forgets δ (the next batch starts from zero).
   void reset_delta() {
-    deltas_.clear();
+    persistent_.clear();
   }
 
  protected:
-  bool uses_gradient() const override {
-    return false;
-  }
-
-  int64_t extra_bytes() const override {
-    int64_t n = 0;
-    for (const auto& d : deltas_) {
-      n += d.defined() ? static_cast<int64_t>(d.nbytes()) : 0;
-    }
-    return n;
-  }
-
   torch::Tensor perturb(
       size_t i,
       torch::Tensor& w,
@@ -171,7 +160,7 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
       // non-finite step that throws) leaves δ as it found it.
       std::vector<torch::Tensor> kept;
       if (ctx.before_optimizer_step || ctx.throw_on_nonfinite) {
-        for (const auto& d : deltas_) {
+        for (const auto& d : persistent_) {
           kept.push_back(d.defined() ? d.clone() : d);
         }
       }
@@ -183,7 +172,7 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
       } catch (...) {
         if (ctx.optimizer_steps == steps &&
             (ctx.before_optimizer_step || ctx.throw_on_nonfinite)) {
-          deltas_ = std::move(kept);
+          persistent_ = std::move(kept);
         }
         throw;
       }
@@ -195,10 +184,10 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
 
   void save_state(torch::serialize::OutputArchive& archive) const override {
     std::vector<torch::Tensor> saved;
-    for (size_t i = 0; i < deltas_.size(); ++i) {
-      if (deltas_[i].defined()) {
-        archive.write("freeat.delta." + std::to_string(i), deltas_[i]);
-        saved.push_back(deltas_[i]);
+    for (size_t i = 0; i < persistent_.size(); ++i) {
+      if (persistent_[i].defined()) {
+        archive.write("freeat.delta." + std::to_string(i), persistent_[i]);
+        saved.push_back(persistent_[i]);
       }
     }
     archive.write("freeat.checksum", c10::IValue(detail::checksum(saved)));
@@ -234,7 +223,7 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
       loaded[i] = target().fit_saved(i, d, kind());
     }
     detail::check_checksum(archive, "freeat.checksum", read, kind());
-    deltas_ = std::move(loaded);
+    persistent_ = std::move(loaded);
   }
 
  private:
@@ -280,10 +269,10 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   torch::Tensor& delta(size_t i, const torch::Tensor& t) {
     // (Per example a step's lookups are counted as the forward meets them.)
     const size_t n = std::max(target().size(), i + 1);
-    if (deltas_.size() < n) {
-      deltas_.resize(n);
+    if (persistent_.size() < n) {
+      persistent_.resize(n);
     }
-    torch::Tensor& d = deltas_[i];
+    torch::Tensor& d = persistent_[i];
     if (!d.defined() || d.sizes() != t.sizes()) {
       torch::NoGradGuard no_grad;
       torch::Tensor fresh = torch::zeros_like(t, torch::requires_grad(false));
@@ -300,8 +289,6 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
     }
     return d;
   }
-
-  std::vector<torch::Tensor> deltas_;
 };
 
 /// FreeAT with sign steps and element-wise clamp to [-ε, ε] (docs/design.md,

@@ -2,8 +2,8 @@
 // `FreeLB` (L2) and `FreeLBLInf` (the official L∞ rule).
 #pragma once
 
-#include <advtrain/attacker.h>
 #include <advtrain/pgd.h>
+#include <advtrain/strategy.h>
 
 #include <string>
 #include <utility>
@@ -14,6 +14,7 @@ namespace advtrain {
 /// Options of FreeLB (Zhu et al., ICLR 2020).
 struct FreeLBOptions {
   static constexpr const char* kind = "FreeLB";
+  static constexpr Traits traits = Traits().moves_gradient_rows(true);
   /// Ascent step α: `δ ← δ + α * g / ‖g‖` (L2; `FreeLBLInf`: over ‖g‖∞).
   TORCH_ARG(double, alpha) = 0.1;
   /// Passes K per batch, with an ascent step between two passes.

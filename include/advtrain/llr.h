@@ -3,7 +3,7 @@
 // loss, with the gradient of the loss kept in the graph.
 #pragma once
 
-#include <advtrain/attacker.h>
+#include <advtrain/strategy.h>
 
 #include <cmath>
 #include <cstdint>
@@ -17,6 +17,7 @@ namespace advtrain {
 /// Local Linearization").
 struct LLROptions {
   static constexpr const char* kind = "LLR";
+  static constexpr Traits traits = Traits().untracked_writes(true);
   /// Radius ε of the ball δ ranges over.
   TORCH_ARG(double, epsilon) = 0.1;
   /// Size α of each ascent step on γ.
@@ -88,10 +89,6 @@ class BasicLLR : public Strategy<LLROptions> {
   using Strategy::Strategy;
 
  protected:
-  bool untracked_writes() const override {
-    return true;
-  }
-
   /// A projected step along ∇_δ γ.
   torch::Tensor perturb(
       size_t /*i*/,

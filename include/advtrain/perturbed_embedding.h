@@ -41,6 +41,14 @@ class Perturbation {
       std::function<void(size_t lookup, torch::Tensor&, const torch::Tensor&)>;
   /// Called at the end of every lookup that adds δ.
   using LookupHook = std::function<void()>;
+  /// The embedding's own lookup of any shape of ids (`[B, L, S]` gives
+  /// `[B, L, S, H]`), with its options (padding_idx and the rest).
+  using LookupFunction = std::function<torch::Tensor(const torch::Tensor& ids)>;
+  /// Replaces a `PerturbedEmbedding`'s output: given the batch's ids and the
+  /// module's lookup, returns the embeddings the model gets (ASCC's convex
+  /// combination of each token's candidates).
+  using Substitution = std::function<torch::Tensor(
+      const torch::Tensor& ids, const LookupFunction&)>;
 
   /// E + δ when armed, training and with autograd on; E unchanged otherwise.
   torch::Tensor apply(
@@ -169,6 +177,22 @@ class Perturbation {
   void set_lookup_hook(LookupHook hook) {
     lookup_hook_ = std::move(hook);
   }
+  /// While set, a `PerturbedEmbedding`'s forward returns `substitution(ids,
+  /// lookup)` instead of its lookup, in any mode (ASCC's passes at the
+  /// candidates' combination); none (the default, and after every pass that
+  /// set it): the lookup. A model that takes embeddings has no ids here, so
+  /// a substitution needs a `PerturbedEmbedding`.
+  void set_substitution(Substitution substitution) {
+    substitution_ = std::move(substitution);
+  }
+  bool substituting() const noexcept {
+    return static_cast<bool>(substitution_);
+  }
+  torch::Tensor substitute(
+      const torch::Tensor& ids, const LookupFunction& lookup) {
+    return substitution_(ids, lookup);
+  }
+
   /// While set, the lookup output added to δ is detached from the table
   /// (R3F's noised pass: no gradient reaches the table through it).
   void set_detached(bool detached) {
@@ -182,6 +206,7 @@ class Perturbation {
       reset();
       initializer_ = nullptr;
       lookup_hook_ = nullptr;
+      substitution_ = nullptr;
       detached_ = false;
     }
   }
@@ -202,6 +227,7 @@ class Perturbation {
   size_t next_ = 0; // the next lookup's index in the pass
   Initializer initializer_;
   LookupHook lookup_hook_;
+  Substitution substitution_;
   int armers_ = 0;
   bool detached_ = false;
   bool held_ = false;
@@ -222,6 +248,11 @@ class PerturbedEmbeddingImpl : public torch::nn::EmbeddingImpl {
   /// `padding_idx` (if set) are masked, others not.
   torch::Tensor forward(
       const torch::Tensor& ids, const torch::Tensor& mask = {}) {
+    if (perturbation_->substituting()) {
+      return perturbation_->substitute(ids, [this](const torch::Tensor& x) {
+        return torch::nn::EmbeddingImpl::forward(x);
+      });
+    }
     const torch::Tensor e = torch::nn::EmbeddingImpl::forward(ids);
     if (!perturbation_->armed() || !is_training()) {
       return e;

@@ -3,7 +3,7 @@
 // that FreeLB shares.
 #pragma once
 
-#include <advtrain/attacker.h>
+#include <advtrain/strategy.h>
 
 #include <string>
 #include <utility>
@@ -14,6 +14,7 @@ namespace advtrain {
 /// Options of PGD (Madry et al., ICLR 2018).
 struct PGDOptions {
   static constexpr const char* kind = "PGD";
+  static constexpr Traits traits = Traits().moves_gradient_rows(true);
   /// Radius ε of the ball the perturbation is projected back into.
   TORCH_ARG(double, epsilon) = 1.0;
   /// Size α of each ascent step.
@@ -44,10 +45,6 @@ class ProjectedAscent : public Strategy<Options> {
       const torch::Tensor& origin) override {
     return projected_step<Norm>(
         w, g, this->options_.alpha(), this->options_.epsilon(), origin, geo);
-  }
-
-  bool moves_gradient_rows_only() const override {
-    return true;
   }
 };
 

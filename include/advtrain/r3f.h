@@ -17,6 +17,8 @@ namespace advtrain {
 /// (`--eps`, `--noise-type`, `--r3f-lambda`).
 struct R3FOptions {
   static constexpr const char* kind = "R3F";
+  static constexpr Traits traits =
+      Traits().searches(false).untracked_writes(true).label_free(true);
   /// Scale σ of the noise: `U(−σ, σ)`, or `N(0, σ²)` with `normal_noise`.
   TORCH_ARG(double, sigma) = 1e-5;
   /// Gaussian noise instead of uniform.
@@ -96,30 +98,6 @@ class R3F : public Regularizer<R3FOptions> {
       at::add_out(
           w, origin(i), detail::masked(z.to(w.dtype()), target().geometry(i)));
     }
-  }
-
-  /// No search: the noise is the perturbation.
-  int64_t search_steps() const override {
-    return 0;
-  }
-  void check_attack() const override {
-    TORCH_CHECK(
-        false,
-        "R3F: the noise is drawn, not found along a gradient, so there is no "
-        "attack(); train with Trainer::step");
-  }
-  torch::Tensor perturb(
-      size_t /*i*/,
-      torch::Tensor& /*w*/,
-      const torch::Tensor& /*g*/,
-      const Geometry& /*geo*/,
-      const torch::Tensor& /*origin*/) override {
-    return {}; // never called: no search, no attack()
-  }
-  torch::Tensor search_objective(
-      const torch::Tensor& /*adv*/,
-      const torch::Tensor& /*clean*/) const override {
-    return {};
   }
 
   double weight() const override {

@@ -3,7 +3,7 @@
 // the start, the search and the penalty.
 #pragma once
 
-#include <advtrain/attacker.h>
+#include <advtrain/strategy.h>
 
 #include <cmath>
 #include <cstdint>
@@ -37,23 +37,27 @@ template <typename Options>
 class Regularizer : public Strategy<Options> {
  public:
   using Strategy<Options>::Strategy;
-
-  /// The penalty needs no label, so the step may take it on an unlabeled
-  /// batch.
-  bool label_free() const override {
-    return true;
-  }
+  static_assert(
+      Options::traits.label_free() && Options::traits.untracked_writes(),
+      "a regularizer's penalty needs no label, and its clean graph must "
+      "survive the perturbation: declare label_free and untracked_writes");
 
  protected:
   /// Puts the search's first δ on the target (each tensor through `data(i)`,
   /// from `origin(i)`; per example δ = 0 before). Runs under NoGradGuard.
   virtual void start() = 0;
-  /// Steps of the search.
-  virtual int64_t search_steps() const = 0;
+  /// Steps of the search; a strategy that does not search
+  /// (`traits.searches()` false: the start is the perturbation) has none.
+  virtual int64_t search_steps() const {
+    return 0;
+  }
   /// What the search climbs, at the perturbed output `adv` (`clean`
-  /// detached).
+  /// detached); only strategies that search define it.
   virtual torch::Tensor search_objective(
-      const torch::Tensor& adv, const torch::Tensor& clean) const = 0;
+      const torch::Tensor& /*adv*/, const torch::Tensor& /*clean*/) const {
+    TORCH_INTERNAL_ASSERT(false, Options::kind, " declares no search");
+    return {};
+  }
   /// The penalty added to the task loss.
   virtual torch::Tensor penalty(
       const torch::Tensor& adv, const torch::Tensor& clean) const = 0;
@@ -68,10 +72,6 @@ class Regularizer : public Strategy<Options> {
   /// The search step running now (0-based; during `perturb`).
   int64_t search_step() const noexcept {
     return search_step_;
-  }
-
-  bool untracked_writes() const override {
-    return true;
   }
 
   /// A term added to the loss once the target is restored, from the
@@ -128,6 +128,10 @@ class Regularizer : public Strategy<Options> {
     // regularizer is left out of the loss, decided at the step's one host
     // read, before the backward.
     torch::Tensor finite;
+    TORCH_INTERNAL_ASSERT(
+        Options::traits.searches() || search_steps() == 0,
+        Options::kind,
+        " declares no search but has search steps");
     for (; search_step_ < search_steps(); ++search_step_) {
       const torch::Tensor objective =
           search_objective(perturbed(), clean.detach());

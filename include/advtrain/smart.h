@@ -17,6 +17,8 @@ namespace advtrain {
 /// Options of SMART (Jiang et al., ACL 2020).
 struct SMARTOptions {
   static constexpr const char* kind = "SMART";
+  static constexpr Traits traits =
+      Traits().untracked_writes(true).label_free(true);
   /// Ascent steps K on the perturbation.
   TORCH_ARG(int64_t, steps) = 1;
   /// Ascent step α: `δ ← N(δ + α * g)`.

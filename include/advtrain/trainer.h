@@ -57,7 +57,7 @@ class Trainer {
     TORCH_CHECK(
         unlabeled, "advtrain: Trainer::step: the unlabeled forward is empty");
     TORCH_CHECK(
-        attacker_.label_free(),
+        attacker_.traits().label_free(),
         "advtrain: ",
         attacker_.kind(),
         " needs labels for its perturbed passes, so it cannot train on an "

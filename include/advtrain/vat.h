@@ -17,6 +17,8 @@ namespace advtrain {
 /// code's (tensorflow/models, research/adversarial_text).
 struct VATOptions {
   static constexpr const char* kind = "VAT";
+  static constexpr Traits traits =
+      Traits().untracked_writes(true).label_free(true);
   /// Norm of the perturbation r (`perturb_norm_length`).
   TORCH_ARG(double, epsilon) = 5.0;
   /// Norm of the finite-difference probe of each power iteration

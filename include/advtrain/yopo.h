@@ -2,7 +2,7 @@
 // steps through the model's first layer alone, per example.
 #pragma once
 
-#include <advtrain/attacker.h>
+#include <advtrain/strategy.h>
 
 #include <functional>
 #include <optional>
@@ -13,6 +13,7 @@ namespace advtrain {
 /// Options of YOPO ("You Only Propagate Once", Zhang et al., NeurIPS 2019).
 struct YOPOOptions {
   static constexpr const char* kind = "YOPO";
+  static constexpr Traits traits = Traits();
   /// Full forward+backward passes m per batch.
   TORCH_ARG(int64_t, steps) = 3;
   /// Cheap ascent steps n after each full pass, through the first layer only.
