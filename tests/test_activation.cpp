@@ -304,7 +304,7 @@ TEST_CASE("SMART per example equals the plain computation", "[activation]") {
 }
 
 TEST_CASE(
-    "YOPO equals the plain computation; n = 1 is PGD-like",
+    "YOPO equals the plain computation, n = 1 is PGD-like",
     "[activation][yopo]") {
   const int64_t n = GENERATE(1, 2);
   const int64_t m_steps = 3;

@@ -158,7 +158,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "YOPO's full and inner passes share the first pass's masks; a new start "
+    "YOPO's full and inner passes share the first pass's masks, a new start "
     "every step",
     "[random][yopo]") {
   const auto x = padded_ids();

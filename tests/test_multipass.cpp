@@ -716,11 +716,14 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "Every strategy's state saves and loads; another's archive is refused",
+    "Every strategy's state saves and loads, another's archive is refused",
     "[state]") {
   const auto& list = strategies();
   for (size_t k = 0; k < list.size(); ++k) {
     const auto& c = list[k];
+    if (!c.on_table) {
+      continue; // per example only (ASCC): its own test
+    }
     INFO(c.name);
     auto model = make_model();
     auto attacker = c.on_table(*model, "embedding", false);
@@ -755,8 +758,11 @@ TEST_CASE(
     step_on(trainer_copy, copy, other_ids(), batch_labels());
     CHECK(equal_all(copy->parameters(), model->parameters()));
 
-    const auto& other = list[(k + 1) % list.size()];
-    auto stranger = other.on_table(*model, "embedding", false);
+    size_t next = (k + 1) % list.size();
+    while (!list[next].on_table) {
+      next = (next + 1) % list.size();
+    }
+    auto stranger = list[next].on_table(*model, "embedding", false);
     if (std::string(stranger->kind()) != attacker->kind()) {
       CHECK_THROWS_WITH(
           torch::load(*stranger, file),

@@ -11,6 +11,7 @@
 #include <advtrain/substitutions.h>
 
 #include <cmath>
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -284,7 +285,7 @@ TEST_CASE("ASCC's step equals the plain computation", "[ascc]") {
 }
 
 TEST_CASE(
-    "ASCC: candidates' rows get gradient; without substitutes it is "
+    "ASCC: candidates' rows get gradient, without substitutes it is "
     "the clean step",
     "[ascc]") {
   const auto x = fixture::padded_ids();
@@ -387,6 +388,46 @@ TEST_CASE(
             return fixture::cross_entropy(out, y);
           }),
       Contains("did not look its ids up"));
+  const auto loss = [&](const torch::Tensor& out) {
+    return fixture::cross_entropy(out.reshape({3, -1}).narrow(1, 0, 3), y);
+  };
+  CHECK_THROWS_WITH(
+      trainer.step(
+          [&] {
+            return model->fc(model->embedding(torch::tensor({1, 2, 3})));
+          },
+          loss),
+      Contains("non-empty batch of sequences ([B, L] ids)"));
+  CHECK_THROWS_WITH(
+      trainer.step(
+          [&] { return model->fc(model->embedding(fixture::padded_ids())); },
+          loss),
+      Contains("logits [B, C] with C >= 2"));
   CHECK(fixture::equal_all(fixture::clone_all(model->parameters()), before));
   CHECK_FALSE(model->embedding->perturbation()->substituting());
+}
+
+TEST_CASE(
+    "ASCC's state saves and loads, another's archive is refused",
+    "[ascc][state]") {
+  auto model = fixture::make_act();
+  advtrain::ASCC ascc(model->embedding, small_table());
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+  advtrain::Trainer trainer(opt, ascc);
+  const auto x = fixture::padded_ids();
+  const auto y = fixture::batch_labels();
+  trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) { return fixture::cross_entropy(out, y); });
+  const std::string file =
+      std::string(P_tmpdir) + "/advtrain_test_state_ascc.pt";
+  torch::save(ascc, file);
+  auto copy = fixture::make_act();
+  advtrain::ASCC loaded(copy->embedding, small_table());
+  torch::load(loaded, file);
+  CHECK(loaded.steps_done() == 1);
+  advtrain::FGM fgm(copy->embedding);
+  CHECK_THROWS_WITH(torch::load(fgm, file), Contains("state of ASCC"));
+  CHECK(fgm.steps_done() == 0);
+  std::remove(file.c_str());
 }

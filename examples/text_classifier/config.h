@@ -289,11 +289,15 @@ inline std::optional<int> parse_command_line(
       c.epsilon,
       "radius: fgsm fgm pgd freeat freelb yopo vat llr awp (relative)");
   app.add_option(
-      "--alpha", c.alpha, "ascent step: pgd freeat freelb smart yopo llr awp");
+      "--alpha",
+      c.alpha,
+      "ascent step: pgd freeat freelb smart yopo llr awp; ascc: its Adam's "
+      "learning rate");
   app.add_option(
       "--steps",
       c.steps,
-      "steps: pgd freelb smart yopo (m) vat (power iterations) llr awp");
+      "steps: pgd freelb smart yopo (m) vat (power iterations) llr awp "
+      "ascc (Adam steps)");
   app.add_option("--inner-steps", c.inner_steps, "YOPO's inner steps n");
   app.add_option(
       "--init-mag", c.init_mag, "random start: freelb yopo (activations)");
@@ -303,7 +307,8 @@ inline std::optional<int> parse_command_line(
          c.norm,
          "the ball of pgd and freelb (default l2) and freeat (default linf)")
       ->check(CLI::IsMember({"l2", "linf"}));
-  app.add_option("--weight", c.weight, "regularizer weight: smart vat r3f llr");
+  app.add_option(
+      "--weight", c.weight, "regularizer weight: smart vat r3f llr ascc (KL)");
   app.add_option("--noise-var", c.noise_var, "noise scale: smart r3f (sigma)");
   app.add_option("--lr", c.lr, "Adam's learning rate")->capture_default_str();
   app.add_option("--batch-size", c.batch_size)

@@ -245,15 +245,9 @@ inline Data load(const Config& c) {
   }
   d.vocab = std::make_unique<Vocabulary>(train_tokens, c.min_count);
   if (c.embeddings == "glove") {
-    const bool uses_neighbours =
-        (c.pwws_sample != 0 && c.attack_synonyms != "wordnet") ||
-        ((c.method == "all" || c.method == "ascc") &&
-         c.train_synonyms == "counterfitted");
-    add_pretrained(
-        d,
-        c.glove,
-        c.validation,
-        uses_neighbours ? &shared_neighbours(c.neighbours) : nullptr);
+    // The neighbours always join (not only when an attack or ASCC uses
+    // them), so that the trained model does not depend on what is measured.
+    add_pretrained(d, c.glove, c.validation, &shared_neighbours(c.neighbours));
   }
   return d;
 }

@@ -68,7 +68,7 @@ int run(int argc, char** argv) {
     shared_wordnet();
   }
   const bool ascc = c.method == "all" || c.method == "ascc";
-  if ((attacks && c.attack_synonyms != "wordnet") ||
+  if (c.embeddings == "glove" || (attacks && c.attack_synonyms != "wordnet") ||
       (ascc && c.train_synonyms == "counterfitted")) {
     shared_neighbours(c.neighbours);
   }

@@ -80,9 +80,10 @@ inline void print_data(const Config& c, const Data& d) {
 /// The line before a method's epochs.
 inline void print_method(const Outcome& o, const Config& c) {
   fmt::print(
-      "method: {} ({}), {} epochs, batch {}{}, Adam lr {}\n",
+      "method: {} ({}{}), {} epochs, batch {}{}, Adam lr {}\n",
       o.method,
       o.target,
+      o.options.empty() ? "" : "; " + o.options,
       o.epochs,
       c.batch_size,
       c.world_size > 1 ? fmt::format(" over {} processes", c.world_size) : "",

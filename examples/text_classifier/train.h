@@ -114,6 +114,12 @@ inline Outcome train(
   o.method = method;
   o.target = target_of(method, c);
   o.options = attacker ? c.options() : "";
+  if (dynamic_cast<advtrain::ASCC*>(attacker.get()) != nullptr) {
+    // The source it trained with, so that a row says which attack is the
+    // cross-source one.
+    o.options +=
+        (o.options.empty() ? "" : ";") + ("train_synonyms=" + c.train_synonyms);
+  }
   o.epochs = epochs;
   o.labeled = static_cast<int64_t>(d.train.size());
   if (c.reports()) {

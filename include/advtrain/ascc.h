@@ -197,6 +197,11 @@ class ASCC : public Strategy<ASCCOptions> {
       torch::NoGradGuard no_grad;
       slot_->set_substitution([&](const torch::Tensor& ids,
                                   const Perturbation::LookupFunction& lookup) {
+        TORCH_CHECK(
+            ids.dim() == 2 && ids.numel() > 0,
+            "ASCC: needs a non-empty batch of sequences ([B, L] ids), got "
+            "ids of shape ",
+            ids.sizes());
         Lookup& l = lookups.emplace_back();
         l.cands = gather(ids);
         const torch::Tensor e = lookup(ids);
@@ -214,6 +219,11 @@ class ASCC : public Strategy<ASCCOptions> {
         !lookups.empty(),
         "ASCC: the forward did not look its ids up in the PerturbedEmbedding "
         "ASCC was built on");
+    TORCH_CHECK(
+        clean_search.dim() == 2 && clean_search.size(1) >= 2,
+        "ASCC: the model's output must be logits [B, C] with C >= 2 "
+        "classes, got shape ",
+        clean_search.sizes());
     const torch::Tensor p_clean = torch::softmax(clean_search.detach(), 1);
     std::vector<torch::Tensor> weights;
     for (auto& l : lookups) {

@@ -68,8 +68,9 @@ class Attacker {
         traits_.searches(),
         "advtrain: ",
         kind_,
-        ": the perturbation is drawn, not found along a gradient, so there is "
-        "no attack(); train with Trainer::step");
+        ": its perturbation is not a move of the target along its gradient "
+        "(drawn noise, or a search of its own), so there is no attack(); "
+        "train with Trainer::step");
     target_->sync(kind_);
     const std::vector<torch::Tensor> grads = target_grads();
     torch::NoGradGuard no_grad;
