@@ -160,26 +160,44 @@ inline const std::vector<StrategyCase>& strategies() {
               module, target, AWPOptions().epsilon(0.05).share_dropout_mask(s));
         };
     l.push_back(std::move(awp));
-    StrategyCase ascc; // per example only: it needs the ids of a lookup
-    ascc.name = "ASCC";
-    ascc.passes = 5;
-    ascc.substitutes_lookup = true;
-    ascc.per_example = [](const PerturbedEmbedding& e, bool s) {
-      // Each id's candidates: itself and the next two ids (padding: itself).
+    // Each id's candidates: itself and the next two ids (padding: itself),
+    // the last of the second order.
+    const auto candidates = [](const PerturbedEmbedding& e) {
       const int64_t v = e->options.num_embeddings();
       const auto i = torch::arange(v).unsqueeze(1);
       const auto ids = (i + torch::arange(3)).remainder(v);
       auto mask = torch::ones({v, 3}, torch::kBool);
       mask[0].slice(0, 1).fill_(false);
+      auto first = torch::full({v}, 2, torch::kLong);
+      first[0] = 1;
+      return SubstitutionTable(ids, mask, first);
+    };
+    StrategyCase ascc; // per example only: it needs the ids of a lookup
+    ascc.name = "ASCC";
+    ascc.passes = 5;
+    ascc.substitutes_lookup = true;
+    ascc.per_example = [candidates](const PerturbedEmbedding& e, bool s) {
       return std::make_unique<ASCC>(
           e,
-          SubstitutionTable(ids, mask),
+          candidates(e),
           ASCCOptions().steps(2).search_lr(0.5).share_dropout_mask(s));
     };
     l.push_back(std::move(ascc));
+    StrategyCase dne; // per example only, as ASCC
+    dne.name = "DNE";
+    dne.passes = 3;
+    dne.substitutes_lookup = true;
+    dne.per_example = [candidates](const PerturbedEmbedding& e, bool s) {
+      return std::make_unique<DNE>(
+          e,
+          candidates(e),
+          DNEOptions().steps(2).step_size(1.0).share_dropout_mask(s));
+    };
+    l.push_back(std::move(dne));
     for (auto& c : l) { // their noise
       c.draws_random = c.name == "SMART" || c.name == "VAT" ||
-                       c.name == "R3F" || c.name == "LLR" || c.name == "ASCC";
+                       c.name == "R3F" || c.name == "LLR" || c.name == "ASCC" ||
+                       c.name == "DNE";
     }
     return l;
   }();

@@ -240,6 +240,24 @@ std::unique_ptr<advtrain::Attacker> make_attacker(
                 .kl_weight(num("kl_weight")),
             o));
   }
+  if (method == "DNE") {
+    REQUIRE_FALSE(table);
+    const json& s = c.at("substitutes");
+    advtrain::SubstitutionTable candidates(
+        to_tensor(s.at("ids"), torch::kLong),
+        to_tensor(s.at("mask"), torch::kBool),
+        to_tensor(s.at("first_order"), torch::kLong));
+    return std::make_unique<advtrain::DNE>(
+        model->embedding,
+        std::move(candidates),
+        with_share(
+            advtrain::DNEOptions()
+                .alpha(num("alpha"))
+                .decay(num("decay"))
+                .steps(count("steps"))
+                .step_size(num("step_size")),
+            o));
+  }
   FAIL("unknown method " << method);
   return nullptr;
 }
@@ -263,6 +281,13 @@ void check_file(const std::string& file) {
     }
     const auto init = clone_all(model->parameters());
     auto attacker = make_attacker(c, model);
+    if (c.contains("clamp_gradients")) {
+      // The official trainer's per-backward clamp, as a user sets it.
+      const double g = c.at("clamp_gradients");
+      for (auto& p : model->parameters()) {
+        p.register_hook([g](torch::Tensor grad) { return grad.clamp(-g, g); });
+      }
+    }
     torch::optim::SGD opt(
         model->parameters(),
         torch::optim::SGDOptions(c.at("lr").get<double>()));
@@ -298,6 +323,21 @@ void check_file(const std::string& file) {
     }
     // The golden moved the parameters: a no-op would not pass.
     CHECK(max_diff_all(model->parameters(), init) > 1e-3);
+    if (c.contains("ensemble")) {
+      // DNE's prediction-time ensemble at the trained parameters.
+      const json& e = c.at("ensemble");
+      const json& b = data.at(e.at("batch").get<size_t>());
+      const auto ids = to_tensor(b.at("ids"), torch::kLong);
+      model->eval();
+      torch::manual_seed(e.at("seed").get<uint64_t>());
+      auto& dne = dynamic_cast<advtrain::DNE&>(*attacker);
+      const torch::Tensor probs = dne.predict(
+          [&] { return model->forward(ids); }, e.at("members").get<int64_t>());
+      INFO("the ensemble's probabilities");
+      CHECK(
+          max_abs_diff(probs, to_tensor(e.at("probs"), torch::kDouble)) < kTol);
+      model->train();
+    }
     CHECK_FALSE(attacker->is_perturbed());
   }
 }
@@ -339,4 +379,8 @@ TEST_CASE("Conformance: AWP, the widely copied class", "[conformance]") {
 
 TEST_CASE("Conformance: ASCC, the official code", "[conformance]") {
   check_file("ascc_official.json");
+}
+
+TEST_CASE("Conformance: DNE, the official code", "[conformance]") {
+  check_file("dne_official.json");
 }

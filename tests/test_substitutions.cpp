@@ -1,7 +1,7 @@
-// Word substitution: the candidate sets (`SubstitutionTable`) against a
-// plain reading of the mapping, and ASCC's step against the same
-// computation written plainly (the official protocol's replay is in
-// test_conformance.cpp).
+// Word substitution: the candidate sets (`SubstitutionTable`, first and
+// second order) against a plain reading of the mapping, and ASCC's and DNE's
+// steps (and DNE's ensemble) against the same computations written plainly
+// (the official protocols' replays are in test_conformance.cpp).
 
 #include "common.h"
 
@@ -430,4 +430,288 @@ TEST_CASE(
   CHECK_THROWS_WITH(torch::load(fgm, file), Contains("state of ASCC"));
   CHECK(fgm.steps_done() == 0);
   std::remove(file.c_str());
+}
+
+TEST_CASE(
+    "SubstitutionTable::second_order lists the substitutes, then theirs",
+    "[substitutions]") {
+  const auto table = advtrain::SubstitutionTable::second_order(
+      kVocabulary, neighbours(), /*max_candidates=*/5, /*fixed=*/{0, 1});
+  // Written out by hand from the mapping: "good" has great, fine, bad, then
+  // bad's awful; "bad" has awful, whose substitutes are terrible (not in the
+  // vocabulary) and bad itself.
+  const std::vector<std::vector<int64_t>> ids = {
+      {0, 0, 0, 0, 0},
+      {1, 1, 1, 1, 1},
+      {2, 3, 4, 5, 6},
+      {3, 3, 3, 3, 3},
+      {4, 4, 4, 4, 4},
+      {5, 6, 5, 5, 5},
+      {6, 5, 6, 6, 6},
+      {7, 7, 7, 7, 7}};
+  const std::vector<int64_t> valid = {1, 1, 5, 1, 1, 2, 2, 1};
+  const std::vector<int64_t> first = {1, 1, 4, 1, 1, 2, 2, 1};
+  for (size_t i = 0; i < ids.size(); ++i) {
+    INFO("id " << i);
+    for (size_t s = 0; s < 5; ++s) {
+      CHECK(table.ids()[i][s].item<int64_t>() == ids[i][s]);
+      CHECK(
+          table.mask()[i][s].item<bool>() ==
+          (static_cast<int64_t>(s) < valid[i]));
+    }
+    CHECK(table.first_order()[i].item<int64_t>() == first[i]);
+  }
+  // A first-order table's first order is every valid candidate; gather
+  // gives each token's count.
+  const advtrain::SubstitutionTable plain(kVocabulary, neighbours(), 5);
+  CHECK(torch::equal(plain.first_order(), plain.mask().sum(1)));
+  const auto c = table.gather(torch::tensor({{2, 5}, {6, 0}}));
+  CHECK(torch::equal(c.first_order, torch::tensor({{4, 2}, {2, 1}})));
+  // S = 4 cuts the second order first.
+  const auto cut =
+      advtrain::SubstitutionTable::second_order(kVocabulary, neighbours(), 4);
+  CHECK(cut.ids()[2][3].item<int64_t>() == 5);
+  CHECK(cut.first_order()[2].item<int64_t>() == 4);
+  CHECK_THROWS_WITH(
+      advtrain::SubstitutionTable(
+          table.ids(), table.mask(), torch::zeros({8}, torch::kLong)),
+      Contains("first_order must be an int64 [8]"));
+}
+
+namespace {
+
+/// One DNE step on ActNet at `p`, written out: the Dirichlet draws, the
+/// clean pass, K passes up the normalized gradient of the logits; returns
+/// the summed gradients.
+fixture::Plain plain_dne_grads(
+    const fixture::Plain& p,
+    const torch::Tensor& x,
+    const torch::Tensor& y,
+    const advtrain::SubstitutionTable& table,
+    const advtrain::DNEOptions& o,
+    uint64_t seed) {
+  const int64_t B = x.size(0), L = x.size(1), S = table.max_candidates();
+  const auto flat = x.reshape(-1);
+  const auto cand = table.ids().index_select(0, flat).reshape({B, L, S});
+  const auto valid = table.mask().index_select(0, flat).reshape({B, L, S});
+  const auto first =
+      table.first_order().index_select(0, flat).reshape({B, L, 1});
+  torch::manual_seed(seed);
+  // Concentrations: α up to the first order, α·decay after, 1 where invalid
+  // (drawn, then zeroed).
+  auto alpha = torch::empty({B, L, S}, torch::kDouble);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t l = 0; l < L; ++l) {
+      for (int64_t s = 0; s < S; ++s) {
+        alpha[b][l][s] =
+            !valid[b][l][s].item<bool>()
+                ? 1.0
+                : (s < first[b][l][0].item<int64_t>() ? o.alpha()
+                                                      : o.alpha() * o.decay());
+      }
+    }
+  }
+  const auto g = at::_standard_gamma(alpha) * valid.to(torch::kDouble);
+  const auto c = g / g.sum(-1, true);
+  auto z = (c + 1e-6).log();
+  z = z - std::get<0>(z.max(-1, true));
+  auto W = p.W.detach().clone().requires_grad_();
+  auto A = p.A.detach().clone().requires_grad_();
+  auto b = p.b.detach().clone().requires_grad_();
+  const fixture::Plain live{W, A, b};
+  std::vector<torch::Tensor> sum(3);
+  for (int64_t k = 0; k <= o.steps(); ++k) {
+    const auto zl = z.detach().requires_grad_();
+    const auto E = W.index_select(0, cand.reshape(-1)).reshape({B, L, S, -1});
+    const auto e = (zl.softmax(-1).unsqueeze(-1) * E).sum(-2);
+    const double weight = k == 0 ? 1.0 : 1.0 / static_cast<double>(o.steps());
+    const auto loss =
+        fixture::cross_entropy(plain_logits(live, e, x), y) * weight;
+    const auto grads = torch::autograd::grad({loss}, {W, A, b, zl});
+    for (size_t i = 0; i < 3; ++i) {
+      sum[i] = k == 0 ? grads[i] : sum[i] + grads[i];
+    }
+    const auto gz = grads[3];
+    z = zl.detach() + o.step_size() * gz / (gz.norm(2, -1, true) + 1e-6);
+    z = z - std::get<0>(z.max(-1, true));
+  }
+  return {sum[0], sum[1], sum[2]};
+}
+
+advtrain::SubstitutionTable small_second_order() {
+  const std::vector<std::string> words = {
+      "<pad>", "a", "b", "c", "d", "e", "f"};
+  const advtrain::SubstitutionTable::Substitutes subs = {
+      {"a", {"b"}}, {"b", {"a", "d"}}, {"d", {"e"}}, {"e", {"f"}}};
+  return advtrain::SubstitutionTable::second_order(words, subs, 4, {0});
+}
+
+} // namespace
+
+TEST_CASE("DNE's step equals the plain computation", "[dne]") {
+  const auto table = small_second_order();
+  const auto x = fixture::padded_ids();
+  const auto y = fixture::batch_labels();
+  for (const auto& o :
+       {advtrain::DNEOptions(),
+        advtrain::DNEOptions().alpha(0.3).decay(0.2).steps(1).step_size(0.5)}) {
+    INFO("alpha " << o.alpha() << ", steps " << o.steps());
+    auto model = fixture::make_act();
+    const auto p0 = fixture::Plain::of(model);
+    advtrain::DNE dne(model->embedding, table, o);
+    torch::optim::SGD opt(
+        model->parameters(), torch::optim::SGDOptions(fixture::kLr));
+    advtrain::Trainer trainer(opt, dne);
+    torch::manual_seed(21);
+    const auto r = trainer.step(
+        [&] { return model->forward(x); },
+        [&](const torch::Tensor& out) {
+          return fixture::cross_entropy(out, y);
+        });
+    const auto want = fixture::sgd(p0, plain_dne_grads(p0, x, y, table, o, 21));
+    CHECK(fixture::max_abs_diff(model->embedding->weight, want.W) < 1e-10);
+    CHECK(fixture::max_abs_diff(model->fc->weight, want.A) < 1e-10);
+    CHECK(fixture::max_abs_diff(model->fc->bias, want.b) < 1e-10);
+    CHECK(r.passes == o.steps() + 1);
+    CHECK(r.adv_loss > r.loss); // up the loss
+    CHECK(r.perturbation_norm > 0);
+    CHECK_FALSE(model->embedding->perturbation()->substituting());
+  }
+}
+
+TEST_CASE("DNE's ensemble weights each member by its confidence", "[dne]") {
+  const auto table = small_second_order();
+  const auto x = fixture::padded_ids();
+  auto model = fixture::make_act();
+  model->eval();
+  advtrain::DNE dne(
+      model->embedding, table, advtrain::DNEOptions().alpha(0.5).decay(0.5));
+  torch::manual_seed(5);
+  const auto probs = dne.predict([&] { return model->forward(x); }, 3);
+  // By hand: three draws, each member's softmax, w = Σ (max p − p)³.
+  const auto p = fixture::Plain::of(model);
+  const int64_t B = 3, L = 5, S = 4;
+  const auto flat = x.reshape(-1);
+  const auto cand = table.ids().index_select(0, flat).reshape({B, L, S});
+  const auto valid =
+      table.mask().index_select(0, flat).reshape({B, L, S}).to(torch::kDouble);
+  const auto E = p.W.index_select(0, cand.reshape(-1)).reshape({B, L, S, -1});
+  torch::manual_seed(5);
+  auto num = torch::zeros({B, 3}, torch::kDouble);
+  auto den = torch::zeros({B, 1}, torch::kDouble);
+  auto mean = torch::zeros({B, 3}, torch::kDouble);
+  for (int m = 0; m < 3; ++m) {
+    // α = 0.5 everywhere valid (decay 0.5 on the second order: 0.25).
+    const auto first =
+        table.first_order().index_select(0, flat).reshape({B, L, 1});
+    const auto second = torch::arange(S).reshape({1, 1, S}).ge(first);
+    const auto alpha = torch::full({B, L, S}, 0.5, torch::kDouble)
+                           .masked_fill(second, 0.25)
+                           .masked_fill(valid.eq(0), 1.0);
+    const auto g = at::_standard_gamma(alpha) * valid;
+    auto z = (g / g.sum(-1, true) + 1e-6).log();
+    const auto e = (z.softmax(-1).unsqueeze(-1) * E).sum(-2);
+    const auto q = plain_logits(p, e, x).softmax(1);
+    const auto w = (std::get<0>(q.max(1, true)) - q).pow(3).sum(1, true);
+    num = num + w * q;
+    den = den + w;
+    mean = mean + q / 3.0;
+  }
+  CHECK(fixture::max_abs_diff(probs, num / den) < 1e-12);
+  CHECK(fixture::max_abs_diff(probs.sum(1), torch::ones({B})) < 1e-12);
+  // The weighting matters: not the plain mean.
+  CHECK(fixture::max_abs_diff(probs, mean) > 1e-6);
+  CHECK_FALSE(model->embedding->perturbation()->substituting());
+  // A model that outputs the same logits for every class: the plain mean.
+  const auto uniform = dne.predict([&] { return model->forward(x) * 0.0; }, 2);
+  CHECK(
+      fixture::max_abs_diff(
+          uniform, torch::full({B, 3}, 1.0 / 3, torch::kDouble)) < 1e-12);
+  CHECK_THROWS_WITH(
+      dne.predict([&] { return model->forward(x); }, 0),
+      Contains("Invalid members: 0"));
+}
+
+TEST_CASE(
+    "DNE: without substitutes it is the clean step, and bad input is "
+    "refused",
+    "[dne][errors]") {
+  const auto x = fixture::padded_ids();
+  const auto y = fixture::batch_labels();
+  SECTION("no substitutes: every candidate is the token") {
+    const std::vector<std::string> words = {
+        "<pad>", "a", "b", "c", "d", "e", "f"};
+    auto model = fixture::make_act();
+    const auto p0 = fixture::Plain::of(model);
+    advtrain::DNE dne(
+        model->embedding, advtrain::SubstitutionTable(words, {}, 3));
+    torch::optim::SGD opt(
+        model->parameters(), torch::optim::SGDOptions(fixture::kLr));
+    advtrain::Trainer trainer(opt, dne);
+    trainer.step(
+        [&] { return model->forward(x); },
+        [&](const torch::Tensor& out) {
+          return fixture::cross_entropy(out, y);
+        });
+    // The clean loss's gradient, with weight 1 + K · (1 / K) = 2.
+    auto W = p0.W.clone().requires_grad_();
+    auto A = p0.A.clone().requires_grad_();
+    auto b = p0.b.clone().requires_grad_();
+    const auto e = W.index_select(0, x.reshape(-1)).reshape({3, 5, -1});
+    const auto loss =
+        2.0 * fixture::cross_entropy(plain_logits({W, A, b}, e, x), y);
+    const auto g = torch::autograd::grad({loss}, {W, A, b});
+    const auto want = fixture::sgd(p0, {g[0], g[1], g[2]});
+    CHECK(fixture::max_abs_diff(model->embedding->weight, want.W) < 1e-12);
+    CHECK(fixture::max_abs_diff(model->fc->weight, want.A) < 1e-12);
+  }
+  SECTION("refusals") {
+    auto model = fixture::make_act();
+    const std::vector<std::string> five = {"a", "b", "c", "d", "e"};
+    CHECK_THROWS_WITH(
+        advtrain::DNE(
+            model->embedding, advtrain::SubstitutionTable(five, {}, 2)),
+        Contains("DNE: the substitution table has 5 ids, the embedding 7"));
+    const auto table = small_second_order();
+    CHECK_THROWS_WITH(
+        advtrain::DNE(model->embedding, table, advtrain::DNEOptions().alpha(0)),
+        Contains("DNE: Invalid alpha: 0"));
+    CHECK_THROWS_WITH(
+        advtrain::DNE(
+            model->embedding, table, advtrain::DNEOptions().decay(-1)),
+        Contains("DNE: Invalid decay: -1"));
+    CHECK_THROWS_WITH(
+        advtrain::DNE(
+            model->embedding, table, advtrain::DNEOptions().steps(-1)),
+        Contains("DNE: Invalid steps: -1"));
+    CHECK_THROWS_WITH(
+        advtrain::DNE(
+            model->embedding, table, advtrain::DNEOptions().step_size(NAN)),
+        Contains("must be finite"));
+    advtrain::DNE dne(model->embedding, table);
+    CHECK_THROWS_WITH(dne.attack(), Contains("no attack()"));
+    const auto before = fixture::clone_all(model->parameters());
+    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+    advtrain::Trainer trainer(opt, dne);
+    CHECK_THROWS_WITH(
+        trainer.step(
+            [&] {
+              return model->fc(
+                  torch::ones({3, fixture::kHidden}, torch::kDouble));
+            },
+            [&](const torch::Tensor& out) {
+              return fixture::cross_entropy(out, y);
+            }),
+        Contains("DNE: the forward did not look its ids up"));
+    CHECK_THROWS_WITH(
+        trainer.step(
+            [&] { return model->fc(model->embedding(fixture::padded_ids())); },
+            [&](const torch::Tensor& out) {
+              return fixture::cross_entropy(
+                  out.reshape({3, -1}).narrow(1, 0, 3), y);
+            }),
+        Contains("DNE: the model's output must be logits [B, C]"));
+    CHECK(fixture::equal_all(fixture::clone_all(model->parameters()), before));
+    CHECK_FALSE(model->embedding->perturbation()->substituting());
+  }
 }

@@ -33,11 +33,13 @@ struct Config {
   bool freeze_embeddings = false;
   // PWWS on the first pwws_sample texts of the test split (0: none).
   int64_t pwws_sample = 200;
+  // DNE's prediction: an ensemble of this many drawn combinations.
+  int64_t ensemble = 16;
   int64_t test_sample = 0; // score on the first N texts of the test split
 
   // PWWS's synonym sources: wordnet, counterfitted or both (two attacks).
   std::string attack_synonyms = "both";
-  // The substitution set the candidate-set methods (ASCC) train with.
+  // The substitution set the candidate-set methods (ASCC, DNE) train with.
   std::string train_synonyms = "counterfitted";
   std::string neighbours = TEXT_CLASSIFIER_NEIGHBOURS;
   double pwws_budget = 0.25;
@@ -60,6 +62,7 @@ struct Config {
   std::string store;
   // Strategy options; unset ones keep the library's defaults.
   std::optional<double> epsilon, alpha, weight, noise_var, init_mag;
+  std::optional<double> dir_alpha, dir_decay; // DNE's Dirichlet
   std::optional<int64_t> steps, replays, inner_steps;
 
   /// Rank 0 (or the only process) reports; other ranks stay quiet.
@@ -86,6 +89,8 @@ struct Config {
     add("replays", replays);
     add("weight", weight);
     add("noise_var", noise_var);
+    add("dir_alpha", dir_alpha);
+    add("dir_decay", dir_decay);
     if (!norm.empty()) {
       o.push_back("norm=" + norm);
     }
@@ -116,6 +121,8 @@ inline Config with_options(Config c, const std::string& options) {
                                   : name == "weight"    ? &c.weight
                                   : name == "noise_var" ? &c.noise_var
                                   : name == "init_mag"  ? &c.init_mag
+                                  : name == "dir_alpha" ? &c.dir_alpha
+                                  : name == "dir_decay" ? &c.dir_decay
                                                         : nullptr;
     std::optional<int64_t>* count = name == "steps"         ? &c.steps
                                     : name == "replays"     ? &c.replays
@@ -253,7 +260,8 @@ inline std::optional<int> parse_command_line(
   app.add_option(
          "--train-synonyms",
          c.train_synonyms,
-         "the substitution set ASCC trains with: counterfitted or wordnet "
+         "the substitution set ASCC and DNE train with: counterfitted or "
+         "wordnet "
          "(attacking with the other source gives the cross-source figure)")
       ->check(CLI::IsMember({"counterfitted", "wordnet"}))
       ->capture_default_str();
@@ -291,13 +299,13 @@ inline std::optional<int> parse_command_line(
   app.add_option(
       "--alpha",
       c.alpha,
-      "ascent step: pgd freeat freelb smart yopo llr awp; ascc: its Adam's "
-      "learning rate");
+      "ascent step: pgd freeat freelb smart yopo llr awp dne; ascc: its "
+      "Adam's learning rate");
   app.add_option(
       "--steps",
       c.steps,
       "steps: pgd freelb smart yopo (m) vat (power iterations) llr awp "
-      "ascc (Adam steps)");
+      "ascc (Adam steps) dne (ascent passes)");
   app.add_option("--inner-steps", c.inner_steps, "YOPO's inner steps n");
   app.add_option(
       "--init-mag", c.init_mag, "random start: freelb yopo (activations)");
@@ -310,6 +318,21 @@ inline std::optional<int> parse_command_line(
   app.add_option(
       "--weight", c.weight, "regularizer weight: smart vat r3f llr ascc (KL)");
   app.add_option("--noise-var", c.noise_var, "noise scale: smart r3f (sigma)");
+  app.add_option(
+      "--dir-alpha",
+      c.dir_alpha,
+      "dne: Dirichlet concentration of a word and its substitutes");
+  app.add_option(
+      "--dir-decay",
+      c.dir_decay,
+      "dne: factor on --dir-alpha for the substitutes' substitutes");
+  app.add_option(
+         "--ensemble",
+         c.ensemble,
+         "dne: drawn combinations averaged per prediction (clean accuracy "
+         "and the attacks)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app.add_option("--lr", c.lr, "Adam's learning rate")->capture_default_str();
   app.add_option("--batch-size", c.batch_size)
       ->check(CLI::PositiveNumber)

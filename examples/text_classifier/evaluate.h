@@ -1,8 +1,9 @@
 #pragma once
 
-// How a trained model is scored: accuracy, and accuracy under the PGD attack
-// on the embedded sentences (the same attack whatever the training method),
-// at the evaluation radius and along --eval-epsilons.
+// How a trained model is scored: accuracy (of its predictor: DNE's is an
+// ensemble), and accuracy under the PGD attack on the embedded sentences (the
+// same attack on the single model whatever the training method), at the
+// evaluation radius and along --eval-epsilons.
 
 #include "config.h"
 #include "data.h"
@@ -11,6 +12,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace example {
@@ -51,23 +53,48 @@ inline double accuracy(Classifier& model, const Batch& batch) {
   return robust_accuracy(model, batch, 0.0, 1);
 }
 
+/// How a trained model predicts: class probabilities [B, C] of a batch of
+/// ids [B, L], the model in eval mode; empty: the softmax of its output.
+using Predictor = std::function<torch::Tensor(const torch::Tensor& ids)>;
+
+/// The share of `batch` that `predict` (or the plain model) gets right.
+inline double accuracy(
+    Classifier& model, const Batch& batch, const Predictor& predict) {
+  if (!predict) {
+    return accuracy(model, batch);
+  }
+  model->eval();
+  torch::NoGradGuard no_grad;
+  return predict(batch.ids)
+      .argmax(1)
+      .eq(batch.labels)
+      .to(torch::kDouble)
+      .mean()
+      .item<double>();
+}
+
 /// A trained model's scores on the test (or validation) split.
 struct Evaluation {
-  double clean = 0;  // accuracy
+  double clean = 0;  // accuracy of the predictor
   double robust = 0; // accuracy under PGD of radius --attack-epsilon
   std::vector<double> robust_at; // accuracy at each of --eval-epsilons
 };
 
-/// Scores `model` on `test` with --attack-steps steps of PGD.
+/// Scores `model` on `test` with --attack-steps steps of PGD (on the single
+/// model; `predict` gives the clean accuracy).
 inline Evaluation evaluate(
-    Classifier& model, const Batch& test, const Config& c) {
+    Classifier& model,
+    const Batch& test,
+    const Config& c,
+    const Predictor& predict = {}) {
   Evaluation ev;
-  ev.clean = accuracy(model, test);
+  const double plain = accuracy(model, test);
+  ev.clean = predict ? accuracy(model, test, predict) : plain;
   ev.robust = robust_accuracy(model, test, c.attack_epsilon, c.attack_steps);
   for (const double eps : c.eval_epsilons) {
     // The attack is deterministic: the radii already measured are reused.
     ev.robust_at.push_back(
-        eps == 0 ? ev.clean
+        eps == 0 ? plain
         : eps == c.attack_epsilon
             ? ev.robust
             : robust_accuracy(model, test, eps, c.attack_steps));

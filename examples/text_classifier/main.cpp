@@ -3,7 +3,7 @@
 // attack on the embedded sentences (the same attack for every method), at
 // several radii, and under PWWS, a word-substitution attack, with WordNet's
 // synonyms and with the counter-fitted neighbours (two sources kept apart).
-// ASCC trains with one of them (--train-synonyms).
+// ASCC and DNE train with one of them (--train-synonyms).
 //
 //   text_classifier --method fgm --epochs 8
 //   text_classifier --data my.json --method pgd --steps 3 --epsilon 0.5
@@ -67,9 +67,10 @@ int run(int argc, char** argv) {
   if (attacks && c.attack_synonyms != "counterfitted") {
     shared_wordnet();
   }
-  const bool ascc = c.method == "all" || c.method == "ascc";
+  const bool substitutes =
+      c.method == "all" || find_method(c.method).substitutes;
   if (c.embeddings == "glove" || (attacks && c.attack_synonyms != "wordnet") ||
-      (ascc && c.train_synonyms == "counterfitted")) {
+      (substitutes && c.train_synonyms == "counterfitted")) {
     shared_neighbours(c.neighbours);
   }
   const Data d = load(c);

@@ -21,13 +21,15 @@
 namespace example {
 
 /// The candidate sets of the model's vocabulary from the --train-synonyms
-/// source (built when a method asks for them).
-using TableSource = std::function<advtrain::SubstitutionTable()>;
+/// source (built when a method asks for them): each word's substitutes
+/// (ASCC's), or with theirs (`second_order`, DNE's neighbourhoods).
+using TableSource =
+    std::function<advtrain::SubstitutionTable(bool second_order)>;
 
 /// Builds a method's attacker for `model` from the options in `c` (unset
 /// ones keep the library's defaults). `ids` is the caller's tensor of the
 /// batch in training, which YOPO's first layer reads: it must outlive the
-/// attacker; `table` gives the candidate sets (ASCC).
+/// attacker; `table` gives the candidate sets (ASCC, DNE).
 using AttackerFactory = std::function<std::unique_ptr<advtrain::Attacker>(
     Classifier& model,
     const Config& c,
@@ -43,6 +45,8 @@ struct Method {
   bool per_example = false;
   /// Empty for plain training (no attacker).
   AttackerFactory make;
+  /// Trains with the substitutes of --train-synonyms.
+  bool substitutes = false;
 };
 
 /// `T` on the model's embedding: the weight table, or (`--target
@@ -302,8 +306,35 @@ inline const std::vector<Method> kMethods = {
        if (c.weight) {
          o.kl_weight(*c.weight);
        }
-       return std::make_unique<advtrain::ASCC>(model->embedding, table(), o);
-     }},
+       return std::make_unique<advtrain::ASCC>(
+           model->embedding, table(false), o);
+     },
+     true},
+    {"dne",
+     "DNE (Zhou et al.): each word as a Dirichlet-drawn combination of its "
+     "neighbourhood (--train-synonyms, second order) moved up the loss; "
+     "predictions average --ensemble combinations",
+     true,
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource& table) {
+       advtrain::DNEOptions o;
+       if (c.steps) {
+         o.steps(*c.steps);
+       }
+       if (c.alpha) {
+         o.step_size(*c.alpha);
+       }
+       if (c.dir_alpha) {
+         o.alpha(*c.dir_alpha);
+       }
+       if (c.dir_decay) {
+         o.decay(*c.dir_decay);
+       }
+       return std::make_unique<advtrain::DNE>(model->embedding, table(true), o);
+     },
+     true},
 };
 
 /// The methods' names, in the table's order.

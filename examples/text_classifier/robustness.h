@@ -9,6 +9,7 @@
 
 #include "config.h"
 #include "data.h"
+#include "evaluate.h"
 #include "model.h"
 #include "neighbours.h"
 #include "pwws.h"
@@ -37,11 +38,16 @@ struct PWWSScores {
   std::vector<double> at_budget; // accuracy at each of --pwws-budgets
 };
 
-/// The model as PWWS sees it: texts (token strings) to class probabilities,
-/// in eval mode, in batches of `chunk` texts.
+/// The model as PWWS sees it: texts (token strings) to class probabilities
+/// (of `predict`, or the softmax of the model's output), in eval mode, in
+/// batches of `chunk` texts.
 inline pwws::Classifier probabilities_of(
-    Classifier& model, const Vocabulary& vocab, int64_t chunk = 256) {
-  return [&model, &vocab, chunk](const std::vector<pwws::Text>& texts) {
+    Classifier& model,
+    const Vocabulary& vocab,
+    const Predictor& predict = {},
+    int64_t chunk = 256) {
+  return [&model, &vocab, predict, chunk](
+             const std::vector<pwws::Text>& texts) {
     torch::NoGradGuard no_grad;
     model->eval();
     std::vector<std::vector<double>> out;
@@ -53,9 +59,10 @@ inline pwws::Classifier probabilities_of(
           [&](size_t b) -> const pwws::Text& { return texts[s + b]; },
           vocab,
           std::numeric_limits<int64_t>::max());
-      const auto p = torch::softmax(model->forward(ids), 1)
-                         .to(torch::kDouble)
-                         .contiguous();
+      const auto p =
+          (predict ? predict(ids) : torch::softmax(model->forward(ids), 1))
+              .to(torch::kDouble)
+              .contiguous();
       const auto pa = p.accessor<double, 2>();
       for (int64_t i = 0; i < p.size(0); ++i) {
         out.emplace_back(pa[i].data(), pa[i].data() + p.size(1));
@@ -95,19 +102,21 @@ substitutes_from(const std::string& source, const Config& c) {
 
 /// Runs PWWS on the sample with the substitutes of `source` ("wordnet" or
 /// "counterfitted") the vocabulary holds (others would read as the unknown
-/// token); stop words stay.
+/// token); stop words stay. The attack queries `predict` (empty: the
+/// model's softmax).
 inline PWWSScores evaluate_pwws(
     Classifier& model,
     const Data& d,
     const Config& c,
-    const std::string& source = "wordnet") {
+    const std::string& source = "wordnet",
+    const Predictor& predict = {}) {
   PWWSScores s;
   if (c.pwws_sample == 0) {
     return s;
   }
   const auto from_source = substitutes_from(source, c);
   const Vocabulary& vocab = *d.vocab;
-  const auto classify = probabilities_of(model, vocab);
+  const auto classify = probabilities_of(model, vocab, predict);
   auto synonyms = [&vocab, &from_source](const std::string& w) {
     std::vector<std::string> in_vocab;
     for (const auto& x : from_source(w)) {

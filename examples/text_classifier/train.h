@@ -70,11 +70,13 @@ inline Outcome train(
   torch::optim::Adam optimizer(
       model->parameters(), torch::optim::AdamOptions(c.lr));
   torch::Tensor current_ids; // the batch in training, for YOPO's first layer
-  // ASCC's candidates: each vocabulary word, then up to kCandidates - 1 of
-  // its substitutes (the counter-fitted file has at most 8) in the
-  // vocabulary; padding and the unknown word keep themselves.
-  const TableSource table = [&d, &c] {
-    constexpr int64_t kCandidates = 9;
+  // The candidates: each vocabulary word, then up to 8 of its substitutes
+  // in the vocabulary (ASCC's; the counter-fitted file has at most 8), or
+  // its neighbourhood of the second order cut at 32 (DNE's; the official
+  // cut is 64, halved for the CPU's time); padding and the unknown word
+  // keep themselves.
+  const TableSource table = [&d, &c](bool second_order) {
+    const int64_t size = second_order ? 32 : 9;
     const auto from = substitutes_from(c.train_synonyms, c);
     const auto words = d.vocab->words();
     advtrain::SubstitutionTable::Substitutes subs;
@@ -84,8 +86,10 @@ inline Outcome train(
         subs.emplace(w, std::move(s));
       }
     }
-    return advtrain::SubstitutionTable(
-        words, subs, kCandidates, {Vocabulary::kPad, Vocabulary::kUnknown});
+    const std::vector<int64_t> fixed = {Vocabulary::kPad, Vocabulary::kUnknown};
+    return second_order ? advtrain::SubstitutionTable::second_order(
+                              words, subs, size, fixed)
+                        : advtrain::SubstitutionTable(words, subs, size, fixed);
   };
   auto attacker = make_attacker(method, model, c, current_ids, table);
   auto* yopo = dynamic_cast<advtrain::YOPO*>(attacker.get());
@@ -114,11 +118,14 @@ inline Outcome train(
   o.method = method;
   o.target = target_of(method, c);
   o.options = attacker ? c.options() : "";
-  if (dynamic_cast<advtrain::ASCC*>(attacker.get()) != nullptr) {
+  if (find_method(method).substitutes) {
     // The source it trained with, so that a row says which attack is the
     // cross-source one.
     o.options +=
         (o.options.empty() ? "" : ";") + ("train_synonyms=" + c.train_synonyms);
+  }
+  if (dynamic_cast<advtrain::DNE*>(attacker.get()) != nullptr) {
+    o.options += ";ensemble=" + std::to_string(c.ensemble);
   }
   o.epochs = epochs;
   o.labeled = static_cast<int64_t>(d.train.size());
@@ -250,12 +257,19 @@ inline Outcome train(
   o.passes_per_step =
       static_cast<double>(all_passes) / std::max<int64_t>(1, all_batches);
   if (c.reports()) {
-    o.scores = evaluate(model, test, c);
+    // DNE predicts by its ensemble, which the attacks query too.
+    Predictor predict;
+    if (auto* dne = dynamic_cast<advtrain::DNE*>(attacker.get())) {
+      predict = [dne, &model, &c](const torch::Tensor& ids) {
+        return dne->predict([&] { return model->forward(ids); }, c.ensemble);
+      };
+    }
+    o.scores = evaluate(model, test, c, predict);
     if (c.attack_synonyms != "counterfitted") {
-      o.pwws = evaluate_pwws(model, d, c, "wordnet");
+      o.pwws = evaluate_pwws(model, d, c, "wordnet", predict);
     }
     if (c.attack_synonyms != "wordnet") {
-      o.pwws_cf = evaluate_pwws(model, d, c, "counterfitted");
+      o.pwws_cf = evaluate_pwws(model, d, c, "counterfitted", predict);
     }
     print_results(o, c);
   }

@@ -6,6 +6,7 @@
 #include <advtrain/attacker.h>
 #include <advtrain/awp.h>
 #include <advtrain/divergence.h>
+#include <advtrain/dne.h>
 #include <advtrain/fgm.h>
 #include <advtrain/fgsm.h>
 #include <advtrain/freeat.h>

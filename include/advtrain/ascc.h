@@ -3,6 +3,7 @@
 // Adam steps, per example on a `PerturbedEmbedding`.
 #pragma once
 
+#include <advtrain/detail/substitution_strategy.h>
 #include <advtrain/perturbed_embedding.h>
 #include <advtrain/strategy.h>
 #include <advtrain/substitutions.h>
@@ -10,7 +11,6 @@
 #include <torch/torch.h>
 
 #include <cstdint>
-#include <memory>
 #include <utility>
 #include <vector>
 
@@ -121,7 +121,7 @@ inline void check_options(const ASCCOptions& o, const Attacker& /*target*/) {
 ///   advtrain::ASCC ascc(model->embedding, table);
 ///   advtrain::Trainer trainer(optimizer, ascc);
 ///   trainer.step([&] { return model->forward(ids); }, loss_fn);
-class ASCC : public Strategy<ASCCOptions> {
+class ASCC : public detail::SubstitutionStrategy<ASCCOptions> {
  public:
   /// ASCC on `embedding`'s lookups, with the candidates of `table` (one row
   /// per id of the embedding's vocabulary).
@@ -129,124 +129,60 @@ class ASCC : public Strategy<ASCCOptions> {
       const PerturbedEmbedding& embedding,
       SubstitutionTable table,
       ASCCOptions options = {})
-      : Strategy(embedding, std::move(options)),
-        slot_(embedding->perturbation()),
-        table_(std::move(table)) {
-    TORCH_CHECK(
-        table_.vocabulary_size() == embedding->options.num_embeddings(),
-        "ASCC: the substitution table has ",
-        table_.vocabulary_size(),
-        " ids, the embedding ",
-        embedding->options.num_embeddings(),
-        "; build the table from the embedding's vocabulary");
-  }
-
-  const SubstitutionTable& table() const noexcept {
-    return table_;
-  }
+      : SubstitutionStrategy(embedding, std::move(table), std::move(options)) {}
 
  protected:
   void run_step(StepContext& ctx) override {
     StepFigures& r = ctx.figures;
-    // Each lookup of a pass (a sentence pair has two), in call order: its
-    // candidates and their weights w [B, L, S, 1], drawn at the lookup.
-    struct Lookup {
-      Candidates cands;
-      torch::Tensor valid, w, p;
-    };
-    std::vector<Lookup> lookups;
-    size_t next = 0; // the next lookup's index in the pass
-    const auto forward = [&ctx, &next] {
-      next = 0;
-      ++ctx.passes;
-      return ctx.run_forward();
-    };
-    // With shared masks, later passes jump over the draws of w at the same
-    // lookup, as over a random start (no number used twice).
-    const auto at_lookup = [&ctx](bool drew) {
-      if (ctx.replay) {
-        if (drew) {
-          ctx.replay->start_drawn();
-        }
-        ctx.replay->at_lookup();
-      }
-    };
+    candidates_.clear();
+    // Each lookup's validity [B, L, S, 1] and weights w, drawn at the
+    // lookup, then their combination p.
+    std::vector<torch::Tensor> valid, weights, p;
     const auto masked = [](const torch::Tensor& w, const torch::Tensor& v) {
       return w * v + (v - 1) * 500.0;
     };
-    const auto looked_up = [&](const torch::Tensor& ids) -> Lookup& {
-      TORCH_CHECK(
-          next < lookups.size() && lookups[next].cands.ids.sizes().slice(
-                                       0, ids.dim()) == ids.sizes(),
-          "ASCC: the passes of a step must look up the same batches in the "
-          "same order (lookup ",
-          next,
-          " differs from the first pass's)");
-      return lookups[next++];
-    };
-    struct Unset { // no pass outlives the step with a substitution
-      Perturbation& slot;
-      ~Unset() {
-        slot.set_substitution(nullptr);
-      }
-    } unset{*slot_};
 
     // The search's clean output, without grad; each lookup draws its w.
     torch::Tensor clean_search;
     {
       torch::NoGradGuard no_grad;
-      slot_->set_substitution([&](const torch::Tensor& ids,
-                                  const Perturbation::LookupFunction& lookup) {
-        TORCH_CHECK(
-            ids.dim() == 2 && ids.numel() > 0,
-            "ASCC: needs a non-empty batch of sequences ([B, L] ids), got "
-            "ids of shape ",
-            ids.sizes());
-        Lookup& l = lookups.emplace_back();
-        l.cands = gather(ids);
-        const torch::Tensor e = lookup(ids);
-        // (16-bit tables: the weights and their softmax in float32.)
-        const auto dtype = detail::norm_dtype(e);
-        l.valid = l.cands.mask.unsqueeze(-1).to(dtype);
-        l.w = torch::empty(l.valid.sizes(), e.options().dtype(dtype));
-        torch::nn::init::kaiming_normal_(l.w);
-        at_lookup(/*drew=*/true);
-        return e;
-      });
-      clean_search = forward();
+      clean_search =
+          pass(ctx, [&](const torch::Tensor& ids, const auto& lookup) {
+            const size_t i = first_lookup(ids);
+            const torch::Tensor e = lookup(ids);
+            // (16-bit tables: the weights and their softmax in float32.)
+            const auto dtype = detail::norm_dtype(e);
+            valid.push_back(candidates_[i].mask.unsqueeze(-1).to(dtype));
+            weights.push_back(
+                torch::empty(valid[i].sizes(), e.options().dtype(dtype)));
+            torch::nn::init::kaiming_normal_(weights[i]);
+            after_lookup(ctx, /*drew=*/true);
+            return e;
+          });
     }
-    TORCH_CHECK(
-        !lookups.empty(),
-        "ASCC: the forward did not look its ids up in the PerturbedEmbedding "
-        "ASCC was built on");
-    TORCH_CHECK(
-        clean_search.dim() == 2 && clean_search.size(1) >= 2,
-        "ASCC: the model's output must be logits [B, C] with C >= 2 "
-        "classes, got shape ",
-        clean_search.sizes());
+    check_first_pass(clean_search);
     const torch::Tensor p_clean = torch::softmax(clean_search.detach(), 1);
-    std::vector<torch::Tensor> weights;
-    for (auto& l : lookups) {
-      weights.push_back(l.w.requires_grad_(true));
+    for (auto& w : weights) {
+      w.requires_grad_(true);
     }
     torch::optim::Adam adam(
         weights,
         torch::optim::AdamOptions(options_.search_lr())
             .weight_decay(options_.search_weight_decay()));
-    slot_->set_substitution([&](const torch::Tensor& ids,
-                                const Perturbation::LookupFunction& lookup) {
-      const Lookup& l = looked_up(ids);
-      const torch::Tensor e = lookup(l.cands.ids).detach();
-      at_lookup(/*drew=*/false);
-      return (torch::softmax(masked(l.w, l.valid), -2) * e.to(l.w.dtype()))
-          .sum(-2)
-          .to(e.scalar_type());
-    });
     for (int64_t k = 0; k < options_.steps(); ++k) {
-      const torch::Tensor out = forward();
+      const torch::Tensor out =
+          pass(ctx, [&](const torch::Tensor& ids, const auto& lookup) {
+            const size_t i = same_lookup(ids);
+            const torch::Tensor e = lookup(candidates_[i].ids).detach();
+            after_lookup(ctx, /*drew=*/false);
+            return (torch::softmax(masked(weights[i], valid[i]), -2) *
+                    e.to(weights[i].scalar_type()))
+                .sum(-2)
+                .to(e.scalar_type());
+          });
       torch::Tensor entropy;
-      for (const auto& l : lookups) {
-        const torch::Tensor ww = masked(l.w, l.valid);
+      for (size_t i = 0; i < weights.size(); ++i) {
+        const torch::Tensor ww = masked(weights[i], valid[i]);
         const torch::Tensor h =
             (-torch::softmax(ww, -2) * torch::log_softmax(ww, -2))
                 .sum(-2)
@@ -263,33 +199,31 @@ class ASCC : public Strategy<ASCCOptions> {
       }
       adam.step();
     }
-    for (auto& l : lookups) {
-      l.p = torch::softmax(masked(l.w.detach(), l.valid), -2);
+    for (size_t i = 0; i < weights.size(); ++i) {
+      p.push_back(torch::softmax(masked(weights[i].detach(), valid[i]), -2));
     }
 
     // The training passes: clean (the plain lookup), then at the final
     // combination.
-    slot_->set_substitution([&](const torch::Tensor& ids,
-                                const Perturbation::LookupFunction& lookup) {
-      const torch::Tensor e = lookup(ids);
-      at_lookup(/*drew=*/false);
-      return e;
-    });
-    const torch::Tensor clean = forward();
+    const torch::Tensor clean =
+        pass(ctx, [&](const torch::Tensor& ids, const auto& lookup) {
+          same_lookup(ids);
+          const torch::Tensor e = lookup(ids);
+          after_lookup(ctx, /*drew=*/false);
+          return e;
+        });
     const torch::Tensor clean_loss = ctx.loss_of(clean);
     std::vector<torch::Tensor> moved; // ‖Σ p·E[c] − E[x]‖ per lookup
-    slot_->set_substitution([&](const torch::Tensor& ids,
-                                const Perturbation::LookupFunction& lookup) {
-      const Lookup& l = looked_up(ids);
-      const torch::Tensor e = lookup(l.cands.ids);
-      const torch::Tensor mix =
-          (l.p * e.to(l.p.dtype())).sum(-2).to(e.scalar_type());
-      moved.push_back(detail::l2_norm((mix - lookup(ids)).detach()));
-      at_lookup(/*drew=*/false);
-      return mix;
-    });
-    const torch::Tensor adv = forward();
-    slot_->set_substitution(nullptr);
+    const torch::Tensor adv =
+        pass(ctx, [&](const torch::Tensor& ids, const auto& lookup) {
+          const size_t i = same_lookup(ids);
+          const torch::Tensor e = lookup(candidates_[i].ids);
+          const torch::Tensor mix =
+              (p[i] * e.to(p[i].scalar_type())).sum(-2).to(e.scalar_type());
+          moved.push_back(detail::l2_norm((mix - lookup(ids)).detach()));
+          after_lookup(ctx, /*drew=*/false);
+          return mix;
+        });
     const torch::Tensor adv_loss = ctx.loss_fn(adv);
     // (1 / B) · KL_sum, as the official loss multiplies it.
     const torch::Tensor kl = torch::kl_div(
@@ -311,23 +245,6 @@ class ASCC : public Strategy<ASCCOptions> {
     loss.backward();
     ctx.step_optimizer();
   }
-
- private:
-  /// The candidates of a batch of ids, on their device.
-  Candidates gather(const torch::Tensor& ids) {
-    if (table_.ids().device() != ids.device()) {
-      table_ = table_.to(ids.device());
-    }
-    const torch::Tensor flat = ids.reshape({-1}).to(torch::kLong);
-    std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
-    shape.push_back(table_.max_candidates());
-    return {
-        table_.ids().index_select(0, flat).reshape(shape),
-        table_.mask().index_select(0, flat).reshape(shape)};
-  }
-
-  std::shared_ptr<Perturbation> slot_;
-  SubstitutionTable table_;
 };
 
 } // namespace advtrain

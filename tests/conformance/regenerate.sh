@@ -10,7 +10,7 @@ python=/usr/bin/python3
   echo "regenerate.sh: needs Debian's python3-torch 1.13 at $python" >&2
   exit 1
 }
-for replay in fgm_pgd freeat_main_free freelb_hf smart_mtdnn yopo_fairseq vat_tf r3f_fairseq awp_class ascc_official; do
+for replay in fgm_pgd freeat_main_free freelb_hf smart_mtdnn yopo_fairseq vat_tf r3f_fairseq awp_class ascc_official dne_official; do
   echo "== $replay.py"
   "$python" "$replay.py"
 done
