@@ -1,8 +1,10 @@
-// The example's word-substitution attack (PWWS) on a tiny linear model with
-// hand-made synonym sets, WordNet's synonyms, and the reader of pretrained
-// word vectors. Expected values were worked out by hand from the formulas of
-// Ren et al. (ACL 2019), not read off the code.
+// The example's word-substitution attacks (PWWS, and A2T's greedy attack for
+// adversarial augmentation) on a tiny linear model with hand-made synonym
+// sets, WordNet's synonyms, and the reader of pretrained word vectors. Expected
+// values were worked out by hand from the formulas of Ren et al. (ACL 2019),
+// not read off the code.
 
+#include "augment.h"
 #include "glove.h"
 #include "pwws.h"
 #include "wordnet.h"
@@ -284,4 +286,63 @@ TEST_CASE(
   CHECK_THROWS_WITH(
       example::read_word_vectors(bad, {"movie"}), Contains("dimensions"));
   std::filesystem::remove(bad);
+}
+
+TEST_CASE(
+    "A2T's greedy attack follows the importance, keeps only improving "
+    "swaps, and stops at the flip or the budget",
+    "[example][augment]") {
+  using example::augment::attack;
+  using example::augment::Options;
+  const Text text = {"the", "good", "movie", "great"}; // s = 2.5, class 1
+  const std::vector<double> importance = {0, 1, 0, 2}; // great, good, ...
+  SECTION("great -> large, then good -> decent flips") {
+    // great: large gives s = 0.5 (p1 0.622) below big's 0.6 (0.646); then
+    // good: decent gives s = -0.5 (p1 0.378) below fine's -0.3: a flip.
+    const auto r = attack(text, 1, importance, linear_model, synonyms, not_the);
+    CHECK(r.correct);
+    CHECK(r.success);
+    CHECK(r.changed == 2);
+    CHECK(r.queries == 5); // the text, then 2 candidates twice
+    CHECK(r.text == Text{"the", "decent", "movie", "large"});
+  }
+  SECTION("the budget: max(ceil(rate * n), min_words) words") {
+    Options o;
+    o.min_words = 1; // ceil(0.1 * 4) = 1 word
+    const auto r =
+        attack(text, 1, importance, linear_model, synonyms, not_the, o);
+    CHECK_FALSE(r.success);
+    CHECK(r.changed == 1);
+    CHECK(r.queries == 3);
+    CHECK(r.text == Text{"the", "good", "movie", "large"});
+    CHECK(example::augment::max_changes(4, Options()) == 4);
+    CHECK(example::augment::max_changes(41, Options()) == 5);
+    CHECK(example::augment::max_changes(45, Options()) == 5);
+  }
+  SECTION("candidates: only the first substitutes are tried") {
+    Options o;
+    o.candidates = 1; // great -> large, good -> fine (s = -0.3: a flip)
+    const auto r =
+        attack(text, 1, importance, linear_model, synonyms, not_the, o);
+    CHECK(r.success);
+    CHECK(r.queries == 3);
+    CHECK(r.text == Text{"the", "fine", "movie", "large"});
+  }
+  SECTION("a swap that does not lower p(label) is skipped") {
+    // "bad good", class 0 (s = -1.5, p0 0.818). good -> fine (s = -2.3) or
+    // decent (-2.5) raise p0: skipped; bad -> big gives s = 0.6: a flip.
+    const auto r =
+        attack({"bad", "good"}, 0, {1, 2}, linear_model, synonyms, not_the);
+    CHECK(r.success);
+    CHECK(r.changed == 1);
+    CHECK(r.queries == 5);
+    CHECK(r.text == Text{"big", "good"});
+  }
+  SECTION("a text already misclassified is left alone") {
+    const auto r = attack({"bad"}, 1, {1}, linear_model, synonyms, not_the);
+    CHECK_FALSE(r.correct);
+    CHECK_FALSE(r.success);
+    CHECK(r.queries == 1);
+    CHECK(r.text == Text{"bad"});
+  }
 }

@@ -35,6 +35,9 @@ struct Config {
   int64_t pwws_sample = 200;
   // DNE's prediction: an ensemble of this many drawn combinations.
   int64_t ensemble = 16;
+  // A2T's augmentation: the share of the training texts attacked each epoch
+  // after the first, and the largest share of a text's words changed.
+  double augment_share = 0.2, augment_rate = 0.1;
   int64_t test_sample = 0; // score on the first N texts of the test split
 
   // PWWS's synonym sources: wordnet, counterfitted or both (two attacks).
@@ -326,6 +329,20 @@ inline std::optional<int> parse_command_line(
       "--dir-decay",
       c.dir_decay,
       "dne: factor on --dir-alpha for the substitutes' substitutes");
+  app.add_option(
+         "--augment-share",
+         c.augment_share,
+         "a2t: share of the training texts attacked each epoch after the "
+         "first (their successful adversarial texts join the epoch)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  app.add_option(
+         "--augment-rate",
+         c.augment_rate,
+         "a2t: largest share of a text's words its attack changes (at least "
+         "4 words)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
   app.add_option(
          "--ensemble",
          c.ensemble,

@@ -47,6 +47,8 @@ struct Method {
   AttackerFactory make;
   /// Trains with the substitutes of --train-synonyms.
   bool substitutes = false;
+  /// Adds adversarial texts to each epoch after the first (A2T).
+  bool augments = false;
 };
 
 /// `T` on the model's embedding: the weight table, or (`--target
@@ -309,6 +311,15 @@ inline const std::vector<Method> kMethods = {
        return std::make_unique<advtrain::ASCC>(
            model->embedding, table(false), o);
      },
+     true},
+    {"a2t",
+     "A2T-style augmentation (Yoo and Qi): plain steps; each epoch after the "
+     "first, a greedy gradient-ranked attack with the --train-synonyms "
+     "substitutes on --augment-share of the training texts, whose "
+     "successes join the epoch",
+     false,
+     nullptr,
+     true,
      true},
     {"dne",
      "DNE (Zhou et al.): each word as a Dirichlet-drawn combination of its "

@@ -100,6 +100,22 @@ substitutes_from(const std::string& source, const Config& c) {
   throw std::invalid_argument("unknown synonym source '" + source + "'");
 }
 
+/// The substitutes of a word from `source` that `vocab` holds (others would
+/// read as the unknown token), the word itself left out.
+inline pwws::Synonyms in_vocabulary(
+    const std::string& source, const Config& c, const Vocabulary& vocab) {
+  auto from_source = substitutes_from(source, c);
+  return [&vocab, from_source](const std::string& w) {
+    std::vector<std::string> in_vocab;
+    for (const auto& x : from_source(w)) {
+      if (x != w && vocab.contains(x)) {
+        in_vocab.push_back(x);
+      }
+    }
+    return in_vocab;
+  };
+}
+
 /// Runs PWWS on the sample with the substitutes of `source` ("wordnet" or
 /// "counterfitted") the vocabulary holds (others would read as the unknown
 /// token); stop words stay. The attack queries `predict` (empty: the
@@ -114,18 +130,9 @@ inline PWWSScores evaluate_pwws(
   if (c.pwws_sample == 0) {
     return s;
   }
-  const auto from_source = substitutes_from(source, c);
   const Vocabulary& vocab = *d.vocab;
   const auto classify = probabilities_of(model, vocab, predict);
-  auto synonyms = [&vocab, &from_source](const std::string& w) {
-    std::vector<std::string> in_vocab;
-    for (const auto& x : from_source(w)) {
-      if (x != w && vocab.contains(x)) {
-        in_vocab.push_back(x);
-      }
-    }
-    return in_vocab;
-  };
+  const auto synonyms = in_vocabulary(source, c, vocab);
   auto replaceable = [](const std::string& w) { return !is_stop_word(w); };
   pwws::Options o;
   o.budget = c.pwws_budget;

@@ -1,8 +1,11 @@
 #pragma once
 
 // The training loop: one method, a fresh model, the configured epochs, each
-// worker on its share of every batch; then the final evaluation.
+// worker on its share of every batch (with A2T, each epoch after the first
+// also on the adversarial texts of a share of the training split); then the
+// final evaluation.
 
+#include "augment.h"
 #include "config.h"
 #include "data.h"
 #include "evaluate.h"
@@ -13,14 +16,18 @@
 
 #include <advtrain/advtrain.h>
 
+#include <fmt/core.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <random>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace example {
@@ -127,6 +134,15 @@ inline Outcome train(
   if (dynamic_cast<advtrain::DNE*>(attacker.get()) != nullptr) {
     o.options += ";ensemble=" + std::to_string(c.ensemble);
   }
+  const bool augments = find_method(method).augments;
+  if (augments) {
+    if (!d.unlabeled.empty()) {
+      throw std::invalid_argument(
+          method + " trains on labeled texts only: drop --labeled");
+    }
+    o.options += fmt::format(
+        ";augment_share={};augment_rate={}", c.augment_share, c.augment_rate);
+  }
   o.epochs = epochs;
   o.labeled = static_cast<int64_t>(d.train.size());
   if (c.reports()) {
@@ -175,21 +191,121 @@ inline Outcome train(
     }
     return idx;
   };
+  // A2T: the adversarial texts of the running epoch (ids from N = the data
+  // set's size on, in `order`'s numbering) and their labels.
+  const size_t N = d.tokens.size();
+  std::vector<pwws::Text> adv_texts;
+  std::vector<int64_t> adv_labels;
+  const auto text_of = [&](size_t i) -> const pwws::Text& {
+    return i < N ? d.tokens[i] : adv_texts[i - N];
+  };
+  const auto make_batch = [&](const std::vector<size_t>& idx) {
+    if (std::all_of(idx.begin(), idx.end(), [N](size_t i) { return i < N; })) {
+      return d.batch(idx, c.max_len);
+    }
+    Batch b;
+    b.ids = token_ids(
+        idx.size(),
+        [&](size_t k) -> const pwws::Text& { return text_of(idx[k]); },
+        *d.vocab,
+        c.max_len);
+    b.labels = torch::empty({static_cast<int64_t>(idx.size())}, torch::kLong);
+    for (size_t k = 0; k < idx.size(); ++k) {
+      b.labels[static_cast<int64_t>(k)] =
+          idx[k] < N ? d.sentences[idx[k]].label : adv_labels[idx[k] - N];
+    }
+    return b;
+  };
+  // Attacks the first --augment-share of `order` (shuffled) with the
+  // current model; the successes become the epoch's adversarial texts.
+  const auto augment_epoch = [&] {
+    adv_texts.clear();
+    adv_labels.clear();
+    const auto n = static_cast<size_t>(
+        std::llround(c.augment_share * static_cast<double>(order.size())));
+    const auto synonyms = in_vocabulary(c.train_synonyms, c, *d.vocab);
+    const auto classify = probabilities_of(model, *d.vocab);
+    const auto replaceable = [](const std::string& w) {
+      return !is_stop_word(w);
+    };
+    augment::Options ao;
+    ao.rate = c.augment_rate;
+    int64_t queries = 0;
+    constexpr size_t kChunk = 64;
+    for (size_t s = 0; s < n; s += kChunk) {
+      std::vector<size_t> idx(
+          order.begin() + static_cast<std::ptrdiff_t>(s),
+          order.begin() + static_cast<std::ptrdiff_t>(std::min(n, s + kChunk)));
+      const Batch b = d.batch(idx, c.max_len);
+      // Each word's importance: the L1 norm of the gradient of the loss at
+      // the predicted class with respect to its embedding.
+      model->eval();
+      const auto e = model->embed(b.ids).detach().requires_grad_(true);
+      const auto logits = model->head(e, b.ids);
+      const auto loss = torch::nn::functional::cross_entropy(
+          logits,
+          logits.argmax(1).detach(),
+          torch::nn::functional::CrossEntropyFuncOptions().reduction(
+              torch::kSum));
+      const auto importance = torch::autograd::grad({loss}, {e})[0]
+                                  .abs()
+                                  .sum(-1)
+                                  .to(torch::kDouble)
+                                  .contiguous();
+      const auto imp = importance.accessor<double, 2>();
+      for (size_t k = 0; k < idx.size(); ++k) {
+        const auto& t = d.tokens[idx[k]];
+        const pwws::Text text(
+            t.begin(), t.begin() + std::min<int64_t>(c.max_len, t.size()));
+        std::vector<double> scores(text.size());
+        for (size_t j = 0; j < text.size(); ++j) {
+          scores[j] = imp[static_cast<int64_t>(k)][static_cast<int64_t>(j)];
+        }
+        const int64_t label = d.sentences[idx[k]].label;
+        auto r = augment::attack(
+            text, label, scores, classify, synonyms, replaceable, ao);
+        queries += r.queries;
+        if (r.success) {
+          adv_texts.push_back(std::move(r.text));
+          adv_labels.push_back(label);
+        }
+      }
+    }
+    model->train();
+    return std::make_pair(n, queries);
+  };
   int64_t all_batches = 0, all_passes = 0;
   for (int64_t epoch = 1; epoch <= epochs; ++epoch) {
     const auto start = std::chrono::steady_clock::now();
     if (!semi) {
       std::shuffle(order.begin(), order.end(), rng);
     }
+    // The epoch's texts: `order`, and with A2T after the first epoch the
+    // adversarial texts of a share of it, shuffled in.
+    std::vector<size_t> items = order;
+    if (augments && epoch > 1) {
+      const auto [attacked, queries] = augment_epoch();
+      for (size_t k = 0; k < adv_texts.size(); ++k) {
+        items.push_back(N + k);
+      }
+      std::shuffle(items.begin(), items.end(), rng);
+      if (c.reports()) {
+        fmt::print(
+            "augment: {} of {} attacked texts flipped ({} queries)\n",
+            adv_texts.size(),
+            attacked,
+            queries);
+      }
+    }
     model->train();
     EpochStats s;
-    const size_t batches = semi ? steps : (order.size() + bs - 1) / bs;
+    const size_t batches = semi ? steps : (items.size() + bs - 1) / bs;
     for (size_t k = 0; k < batches; ++k) {
       std::vector<size_t> idx =
           semi ? draw(order, next_labeled)
                : std::vector<size_t>(
-                     order.begin() + k * bs,
-                     order.begin() + std::min(order.size(), (k + 1) * bs));
+                     items.begin() + k * bs,
+                     items.begin() + std::min(items.size(), (k + 1) * bs));
       std::vector<size_t> uidx;
       if (unlabeled_batches) {
         uidx = share(draw(unlabeled, next_unlabeled));
@@ -198,7 +314,7 @@ inline Outcome train(
       if (idx.empty() || (unlabeled_batches && uidx.empty())) {
         continue;
       }
-      const Batch b = d.batch(idx, c.max_len);
+      const Batch b = make_batch(idx);
       current_ids = b.ids;
       // The loss takes the labels of the batch the last forward ran on; an
       // unlabeled batch's are -1, no class, so a task loss taken on its
