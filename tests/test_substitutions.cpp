@@ -601,15 +601,18 @@ TEST_CASE("DNE's ensemble weights each member by its confidence", "[dne]") {
   auto den = torch::zeros({B, 1}, torch::kDouble);
   auto mean = torch::zeros({B, 3}, torch::kDouble);
   for (int m = 0; m < 3; ++m) {
-    // α = 0.5 everywhere valid (decay 0.5 on the second order: 0.25).
+    // The first-order hull: α = 0.5 for the token and its substitutes; the
+    // second order, like invalid candidates, drawn at 1, zeroed, and left
+    // out (logit −∞).
     const auto first =
         table.first_order().index_select(0, flat).reshape({B, L, 1});
     const auto second = torch::arange(S).reshape({1, 1, S}).ge(first);
+    const auto used = valid.gt(0).logical_and(second.logical_not());
     const auto alpha = torch::full({B, L, S}, 0.5, torch::kDouble)
-                           .masked_fill(second, 0.25)
-                           .masked_fill(valid.eq(0), 1.0);
-    const auto g = at::_standard_gamma(alpha) * valid;
+                           .masked_fill(used.logical_not(), 1.0);
+    const auto g = at::_standard_gamma(alpha) * used.to(torch::kDouble);
     auto z = (g / g.sum(-1, true) + 1e-6).log();
+    z = z.masked_fill(second, -INFINITY);
     const auto e = (z.softmax(-1).unsqueeze(-1) * E).sum(-2);
     const auto q = plain_logits(p, e, x).softmax(1);
     const auto w = (std::get<0>(q.max(1, true)) - q).pow(3).sum(1, true);
@@ -622,6 +625,9 @@ TEST_CASE("DNE's ensemble weights each member by its confidence", "[dne]") {
   // The weighting matters: not the plain mean.
   CHECK(fixture::max_abs_diff(probs, mean) > 1e-6);
   CHECK_FALSE(model->embedding->perturbation()->substituting());
+  // The table has a second order ("a": b, then b's d) for the hull to drop.
+  CHECK(table.first_order()[1].item<int64_t>() == 2);
+  CHECK(table.mask()[1][2].item<bool>());
   // A model that outputs the same logits for every class: the plain mean.
   const auto uniform = dne.predict([&] { return model->forward(x) * 0.0; }, 2);
   CHECK(
@@ -630,6 +636,10 @@ TEST_CASE("DNE's ensemble weights each member by its confidence", "[dne]") {
   CHECK_THROWS_WITH(
       dne.predict([&] { return model->forward(x); }, 0),
       Contains("Invalid members: 0"));
+  // In the output's dtype.
+  CHECK(
+      dne.predict([&] { return model->forward(x).to(torch::kFloat); }, 1)
+          .scalar_type() == torch::kFloat);
 }
 
 TEST_CASE(
@@ -680,6 +690,10 @@ TEST_CASE(
         advtrain::DNE(
             model->embedding, table, advtrain::DNEOptions().decay(-1)),
         Contains("DNE: Invalid decay: -1"));
+    CHECK_THROWS_WITH(
+        advtrain::DNE(
+            model->embedding, table, advtrain::DNEOptions().decay(1.5)),
+        Contains("DNE: Invalid decay: 1.5 (must be in (0, 1])"));
     CHECK_THROWS_WITH(
         advtrain::DNE(
             model->embedding, table, advtrain::DNEOptions().steps(-1)),

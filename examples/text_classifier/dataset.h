@@ -24,15 +24,14 @@ struct Sentence {
   int64_t label = 0;
 };
 
-/// Reads a JSON array of {"text": string, "class": integer} objects. Entries
-/// with an empty text or a null class (the files' trailing placeholder) are
-/// skipped. Throws std::runtime_error naming the file and the problem.
-inline std::vector<Sentence> read_json_file(const std::string& path) {
+/// The JSON document in the file at `path`. Throws std::runtime_error naming
+/// the file: `missing` (a hint on where the file comes from) when it cannot
+/// be opened, the parser's message when it is not JSON.
+inline nlohmann::json read_json_document(
+    const std::string& path, const std::string& missing) {
   std::ifstream in(path);
   if (!in) {
-    throw std::runtime_error(
-        "cannot open data file '" + path +
-        "' (run scripts/fetch_data.sh to download the default data set)");
+    throw std::runtime_error(missing);
   }
   nlohmann::json doc;
   try {
@@ -41,6 +40,17 @@ inline std::vector<Sentence> read_json_file(const std::string& path) {
     throw std::runtime_error(
         "'" + path + "' is not valid JSON: " + std::string(e.what()));
   }
+  return doc;
+}
+
+/// Reads a JSON array of {"text": string, "class": integer} objects. Entries
+/// with an empty text or a null class (the files' trailing placeholder) are
+/// skipped. Throws std::runtime_error naming the file and the problem.
+inline std::vector<Sentence> read_json_file(const std::string& path) {
+  const nlohmann::json doc = read_json_document(
+      path,
+      "cannot open data file '" + path +
+          "' (run scripts/fetch_data.sh to download the default data set)");
   if (!doc.is_array()) {
     throw std::runtime_error(
         "'" + path + "' must hold a JSON array of {\"text\", \"class\"}");

@@ -5,9 +5,10 @@
 // word-substitution defenses train with, kept apart from WordNet. No
 // LibTorch here.
 
+#include "dataset.h"
+
 #include <nlohmann/json.hpp>
 
-#include <fstream>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -28,20 +29,11 @@ using NeighbourMap = std::unordered_map<std::string, std::vector<std::string>>;
 /// Reads a JSON object {"word": ["substitute", ...]}. Throws
 /// std::runtime_error naming the file and the problem.
 inline NeighbourMap read_neighbours(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) {
-    throw std::runtime_error(
-        "cannot open the neighbours file '" + path +
-        "' (the counter-fitted neighbours ship in "
-        "examples/text_classifier/substitutes/; see --neighbours)");
-  }
-  nlohmann::json doc;
-  try {
-    in >> doc;
-  } catch (const nlohmann::json::exception& e) {
-    throw std::runtime_error(
-        "'" + path + "' is not valid JSON: " + std::string(e.what()));
-  }
+  const nlohmann::json doc = read_json_document(
+      path,
+      "cannot open the neighbours file '" + path +
+          "' (the counter-fitted neighbours ship in "
+          "examples/text_classifier/substitutes/; see --neighbours)");
   if (!doc.is_object()) {
     throw std::runtime_error(
         "'" + path + "' must hold a JSON object {\"word\": [substitutes]}");

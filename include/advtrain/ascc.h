@@ -165,6 +165,8 @@ class ASCC : public detail::SubstitutionStrategy<ASCCOptions> {
     for (auto& w : weights) {
       w.requires_grad_(true);
     }
+    // Each lookup's candidates' embeddings, detached, for the search.
+    std::vector<torch::Tensor> searched;
     torch::optim::Adam adam(
         weights,
         torch::optim::AdamOptions(options_.search_lr())
@@ -173,7 +175,10 @@ class ASCC : public detail::SubstitutionStrategy<ASCCOptions> {
       const torch::Tensor out =
           pass(ctx, [&](const torch::Tensor& ids, const auto& lookup) {
             const size_t i = same_lookup(ids);
-            const torch::Tensor e = lookup(candidates_[i].ids).detach();
+            if (i == searched.size()) { // looked up once: the table is fixed
+              searched.push_back(lookup(candidates_[i].ids).detach());
+            }
+            const torch::Tensor& e = searched[i];
             after_lookup(ctx, /*drew=*/false);
             return (torch::softmax(masked(weights[i], valid[i]), -2) *
                     e.to(weights[i].scalar_type()))

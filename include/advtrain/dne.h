@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -30,7 +31,8 @@ struct DNEOptions {
   /// Dirichlet concentration of a token and its own substitutes
   /// (`dir_alpha`).
   TORCH_ARG(double, alpha) = 1.0;
-  /// Factor on `alpha` for the substitutes' substitutes (`dir_decay`).
+  /// Factor on `alpha` for the substitutes' substitutes (`dir_decay`; 1: the
+  /// same concentration, as the official code takes any decay >= 1).
   TORCH_ARG(double, decay) = 0.5;
   /// Ascent passes on the combination's logits after the clean pass
   /// (`adv_iter`); each adds task loss / steps.
@@ -46,7 +48,8 @@ struct DNEOptions {
 inline void check_options(const DNEOptions& o, const Attacker& /*target*/) {
   const char* kind = DNEOptions::kind;
   check_option(o.alpha() > 0, kind, "alpha", o.alpha(), "> 0");
-  check_option(o.decay() > 0, kind, "decay", o.decay(), "> 0");
+  check_option(
+      o.decay() > 0 && o.decay() <= 1, kind, "decay", o.decay(), "in (0, 1]");
   check_option(o.steps() >= 0, kind, "steps", o.steps(), ">= 0");
   check_option(o.step_size() >= 0, kind, "step_size", o.step_size(), ">= 0");
 }
@@ -80,7 +83,9 @@ inline void check_options(const DNEOptions& o, const Attacker& /*target*/) {
 /// lookup of a pass has its own combination. With shared dropout masks,
 /// later passes jump over the Dirichlet draws. Classification outputs
 /// (logits [B, C]). There is no own-loop `attack()`. `predict` gives the
-/// ensemble's probabilities.
+/// ensemble's probabilities, drawn from the first-order hull (the token and
+/// its substitutes, α for all) as the official code predicts; the
+/// second-order columns take no weight there.
 ///
 /// Official code: dugu9sword/dne `awesome_glue/weighted_embedding.py`
 /// (`WeightedEmbedding.forward`), `weighted_util.py` (the Dirichlet
@@ -98,7 +103,9 @@ inline void check_options(const DNEOptions& o, const Attacker& /*target*/) {
 /// are the table's (the official code cuts a batch's to its largest
 /// neighbourhood; the columns beyond hold weight ≈ 1e-6 each); the official
 /// trainer also clamps each backward's gradients to ±1 per element (its
-/// trainer's setting for every method: hooks on the parameters do it).
+/// trainer's setting for every method: hooks on the parameters do it); the
+/// ensemble's members run one after the other (the official predictor
+/// repeats each text in one batch).
 ///
 /// Example:
 ///   auto table = advtrain::SubstitutionTable::second_order(
@@ -117,27 +124,34 @@ class DNE : public detail::SubstitutionStrategy<DNEOptions> {
       DNEOptions options = {})
       : SubstitutionStrategy(embedding, std::move(table), std::move(options)) {}
 
-  /// The ensemble's class probabilities [B, C] over `members` forwards, each
-  /// at a freshly drawn combination (the model in the mode the caller set,
-  /// `eval()` for prediction; without grad): each member's softmax weighted
-  /// by its confidence `Σ_c (max p − p_c)³`, as the official predictor (a
-  /// plain mean where every member is exactly uniform, which the official
-  /// code divides by zero).
+  /// The ensemble's class probabilities [B, C] (in the output's dtype) over
+  /// `members` forwards, each at a freshly drawn combination of the
+  /// first-order hull — the token and its own substitutes, all with
+  /// concentration α, as the official code predicts (`nbr_2nd = "21"`: the
+  /// second order for training, the first for prediction) — the model in
+  /// the mode the caller set (`eval()` for prediction), without grad: each
+  /// member's softmax weighted by its confidence `Σ_c (max p − p_c)³`, as the
+  /// official predictor (a plain mean where every member is exactly
+  /// uniform, which the official code divides by zero).
   torch::Tensor predict(
       const std::function<torch::Tensor()>& forward, int64_t members = 16) {
     TORCH_CHECK(
         members >= 1, "DNE::predict: Invalid members: ", members, " (>= 1)");
     torch::NoGradGuard no_grad;
     torch::Tensor sum, weight_sum, mean;
+    auto dtype = torch::kFloat;
     for (int64_t m = 0; m < members; ++m) {
       candidates_.clear();
       const torch::Tensor out = substituted(
           forward, [&](const torch::Tensor& ids, const auto& lookup) {
             const size_t i = first_lookup(ids);
             const torch::Tensor e = lookup(candidates_[i].ids);
-            return mix(e, start_logits(i, detail::norm_dtype(e)));
+            return mix(
+                e,
+                start_logits(i, detail::norm_dtype(e), /*first_order=*/true));
           });
       check_first_pass(out);
+      dtype = out.scalar_type();
       const torch::Tensor probs = torch::softmax(out.to(torch::kDouble), 1);
       const torch::Tensor w =
           (std::get<0>(probs.max(1, true)) - probs).pow(3).sum(1, true);
@@ -150,7 +164,7 @@ class DNE : public detail::SubstitutionStrategy<DNEOptions> {
                weight_sum.gt(0),
                sum / weight_sum.clamp_min(1e-300),
                mean / static_cast<double>(members))
-        .to(torch::typeMetaToScalarType(sum.dtype()));
+        .to(dtype);
   }
 
  protected:
@@ -166,7 +180,8 @@ class DNE : public detail::SubstitutionStrategy<DNEOptions> {
           const size_t i = first_lookup(ids);
           const torch::Tensor e = lookup(candidates_[i].ids);
           logits_.push_back(
-              start_logits(i, detail::norm_dtype(e)).requires_grad_(true));
+              start_logits(i, detail::norm_dtype(e), /*first_order=*/false)
+                  .requires_grad_(true));
           after_lookup(ctx, /*drew=*/true);
           return mix(e, logits_[i]);
         });
@@ -209,29 +224,35 @@ class DNE : public detail::SubstitutionStrategy<DNEOptions> {
 
  private:
   /// Lookup i's starting logits log(c + 1e-6) − max [B, L, S] in `dtype`,
-  /// c drawn from its Dirichlet in float64 (a token whose draws all
-  /// underflow, at tiny α, keeps itself).
-  torch::Tensor start_logits(size_t i, torch::ScalarType dtype) const {
+  /// c drawn from its Dirichlet in float64 (gamma draws are at least the
+  /// smallest double, so every sum is positive). `first_order`: the
+  /// prediction's hull, α everywhere and the second order's logits −∞.
+  torch::Tensor start_logits(
+      size_t i, torch::ScalarType dtype, bool first_order) const {
     const Candidates& c = candidates_[i];
     const auto options =
         torch::TensorOptions(torch::kDouble).device(c.ids.device());
     const torch::Tensor column =
         torch::arange(c.ids.size(-1), c.first_order.options())
             .expand(c.ids.sizes());
-    const torch::Tensor invalid = c.mask.logical_not();
+    const torch::Tensor second = column.ge(c.first_order.unsqueeze(-1));
+    const torch::Tensor invalid = first_order
+                                      ? c.mask.logical_not().logical_or(second)
+                                      : c.mask.logical_not();
     const torch::Tensor alpha =
         torch::where(
-            column.lt(c.first_order.unsqueeze(-1)),
-            torch::full({}, options_.alpha(), options),
-            torch::full({}, options_.alpha() * options_.decay(), options))
+            second,
+            torch::full({}, options_.alpha() * options_.decay(), options),
+            torch::full({}, options_.alpha(), options))
             .masked_fill(invalid, 1.0);
     const torch::Tensor gamma =
         at::_standard_gamma(alpha).masked_fill(invalid, 0.0);
-    const torch::Tensor sum = gamma.sum(-1, true);
-    const torch::Tensor coefficients =
-        torch::where(sum.gt(0), gamma / sum, column.eq(0).to(torch::kDouble));
-    const torch::Tensor z = (coefficients + 1e-6).log();
-    return (z - std::get<0>(z.max(-1, true))).to(dtype);
+    torch::Tensor z = (gamma / gamma.sum(-1, true) + 1e-6).log();
+    z = z - std::get<0>(z.max(-1, true));
+    if (first_order) {
+      z = z.masked_fill(second, -std::numeric_limits<double>::infinity());
+    }
+    return z.to(dtype);
   }
 
   /// Σₛ softmax(z)ₛ · E[cₛ]: the candidates' embeddings `e` [B, L, S, H]

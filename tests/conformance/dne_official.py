@@ -33,6 +33,9 @@ Followed (public code index; line numbers approximate):
   allennlpx/predictors/predictor.py: each instance repeated pred_ensemble
       times, probs_e = softmax(logits_e), w_e = sum_c (max p_e - p_e,c)^3,
       w /= sum(w), p = w @ probs.
+  awesome_glue/config.py nbr_2nd = '21' with awesome_glue/task.py: the
+      second-order hull (DecayAlphaHull) for training, the first-order one
+      (SameAlphaHull: alpha for every neighbour) for prediction and attack.
 
 Order of the default generator per step: the Dirichlet draws of the clean
 pass's lookup (torch._standard_gamma over [B, L, S] float64, invalid
@@ -52,7 +55,9 @@ Adaptations (see README.md here):
   * the model is common.py's; the outer optimizer is plain SGD (the
     official DenseSparseAdam); float64 throughout.
   * the ensemble draws its members one after the other (the official code
-    repeats each instance in one batch).
+    repeats each instance in one batch), from the first-order columns of the
+    same table (alpha for all; the second-order columns drawn at 1 and
+    zeroed like invalid ones, their logits -inf: no weight).
 This script is written from a reading of the official code, not copied.
 """
 
@@ -88,20 +93,27 @@ def table():
 CAND_IDS, CAND_MASK, FIRST = (torch.tensor(t) for t in table())
 
 
-def draw_logits(ids, alpha, decay):
+def draw_logits(ids, alpha, decay, first_order_only=False):
     """The clean pass's coefficient logits [B, L, S]: log(c + 1e-6) - max,
-    c ~ Dirichlet over the valid candidates."""
+    c ~ Dirichlet over the valid candidates (for prediction: over the first
+    order, alpha for all, the other logits -inf)."""
     valid = CAND_MASK[ids].bool()
     first = FIRST[ids]
     col = torch.arange(S).expand(valid.shape)
-    a = torch.where(col < first.unsqueeze(-1),
-                    torch.tensor(alpha, dtype=torch.float64),
-                    torch.tensor(alpha * decay, dtype=torch.float64))
+    second = col >= first.unsqueeze(-1)
+    if first_order_only:
+        valid = valid & ~second
+    a = torch.where(second,
+                    torch.tensor(alpha * decay, dtype=torch.float64),
+                    torch.tensor(alpha, dtype=torch.float64))
     a = a.masked_fill(~valid, 1.0)
     g = torch._standard_gamma(a).masked_fill(~valid, 0.0)
     c = g / g.sum(-1, keepdim=True)
     z = (c + 1e-6).log()
-    return z - z.max(-1, keepdim=True)[0]
+    z = z - z.max(-1, keepdim=True)[0]
+    if first_order_only:
+        z = z.masked_fill(second, float("-inf"))
+    return z
 
 
 def forward_at(model, ids, z):
@@ -147,7 +159,8 @@ def ensemble(opts, after, batch, members, seed):
     probs = []
     with torch.no_grad():
         for _ in range(members):
-            z = draw_logits(ids, opts["alpha"], opts["decay"])
+            z = draw_logits(ids, opts["alpha"], opts["decay"],
+                            first_order_only=True)
             probs.append(F.softmax(forward_at(model, ids, z), dim=1))
     probs = torch.stack(probs, 1)                        # [B, M, C]
     w = (probs.max(-1, keepdim=True)[0] - probs).pow(3).sum(-1)   # [B, M]
