@@ -83,6 +83,15 @@ int run(int argc, char** argv) {
   }
   std::vector<Outcome> outcomes;
   for (const auto& m : methods) {
+    if (c.method == "all" && !d.unlabeled.empty() && find_method(m).augments) {
+      if (c.reports()) {
+        fmt::print(
+            "note: {} skipped: its augmentation attacks the whole training "
+            "split, which --labeled leaves partly unlabeled\n",
+            m);
+      }
+      continue;
+    }
     const auto row = tuned.find(m);
     outcomes.push_back(train(
         m, row == tuned.end() ? c : with_options(c, row->second), d, group));
