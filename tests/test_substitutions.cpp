@@ -242,6 +242,28 @@ fixture::Plain plain_ascc_grads(
   return {g[0], g[1], g[2]};
 }
 
+/// One Trainer::step of `attacker` on ActNet `model` (plain SGD, the
+/// default generator seeded with `seed` first) on the padded batch.
+advtrain::StepResult one_step(
+    fixture::ActNet& model, advtrain::Attacker& attacker, uint64_t seed) {
+  torch::optim::SGD opt(
+      model->parameters(), torch::optim::SGDOptions(fixture::kLr));
+  advtrain::Trainer trainer(opt, attacker);
+  torch::manual_seed(seed);
+  const auto x = fixture::padded_ids();
+  const auto y = fixture::batch_labels();
+  return trainer.step(
+      [&] { return model->forward(x); },
+      [&](const torch::Tensor& out) { return fixture::cross_entropy(out, y); });
+}
+
+/// The model's parameters equal the plain computation's.
+void check_equal(fixture::ActNet& model, const fixture::Plain& want) {
+  CHECK(fixture::max_abs_diff(model->embedding->weight, want.W) < 1e-10);
+  CHECK(fixture::max_abs_diff(model->fc->weight, want.A) < 1e-10);
+  CHECK(fixture::max_abs_diff(model->fc->bias, want.b) < 1e-10);
+}
+
 } // namespace
 
 TEST_CASE("ASCC's step equals the plain computation", "[ascc]") {
@@ -259,20 +281,9 @@ TEST_CASE("ASCC's step equals the plain computation", "[ascc]") {
     auto model = fixture::make_act();
     const auto p0 = fixture::Plain::of(model);
     advtrain::ASCC ascc(model->embedding, table, o);
-    torch::optim::SGD opt(
-        model->parameters(), torch::optim::SGDOptions(fixture::kLr));
-    advtrain::Trainer trainer(opt, ascc);
-    torch::manual_seed(11);
-    const auto r = trainer.step(
-        [&] { return model->forward(x); },
-        [&](const torch::Tensor& out) {
-          return fixture::cross_entropy(out, y);
-        });
-    const auto want =
-        fixture::sgd(p0, plain_ascc_grads(p0, x, y, table, o, 11));
-    CHECK(fixture::max_abs_diff(model->embedding->weight, want.W) < 1e-10);
-    CHECK(fixture::max_abs_diff(model->fc->weight, want.A) < 1e-10);
-    CHECK(fixture::max_abs_diff(model->fc->bias, want.b) < 1e-10);
+    const auto r = one_step(model, ascc, 11);
+    check_equal(
+        model, fixture::sgd(p0, plain_ascc_grads(p0, x, y, table, o, 11)));
     CHECK(r.passes == o.steps() + 3);
     CHECK(r.regularizer > 0);
     CHECK(r.perturbation_norm > 0);
@@ -559,19 +570,9 @@ TEST_CASE("DNE's step equals the plain computation", "[dne]") {
     auto model = fixture::make_act();
     const auto p0 = fixture::Plain::of(model);
     advtrain::DNE dne(model->embedding, table, o);
-    torch::optim::SGD opt(
-        model->parameters(), torch::optim::SGDOptions(fixture::kLr));
-    advtrain::Trainer trainer(opt, dne);
-    torch::manual_seed(21);
-    const auto r = trainer.step(
-        [&] { return model->forward(x); },
-        [&](const torch::Tensor& out) {
-          return fixture::cross_entropy(out, y);
-        });
-    const auto want = fixture::sgd(p0, plain_dne_grads(p0, x, y, table, o, 21));
-    CHECK(fixture::max_abs_diff(model->embedding->weight, want.W) < 1e-10);
-    CHECK(fixture::max_abs_diff(model->fc->weight, want.A) < 1e-10);
-    CHECK(fixture::max_abs_diff(model->fc->bias, want.b) < 1e-10);
+    const auto r = one_step(model, dne, 21);
+    check_equal(
+        model, fixture::sgd(p0, plain_dne_grads(p0, x, y, table, o, 21)));
     CHECK(r.passes == o.steps() + 1);
     CHECK(r.adv_loss > r.loss); // up the loss
     CHECK(r.perturbation_norm > 0);
