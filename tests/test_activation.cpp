@@ -251,6 +251,22 @@ TEST_CASE("FreeLB's random start per example", "[activation]") {
       Contains("Invalid init_mag"));
 }
 
+TEST_CASE("FreeLB++ is FreeLB with TextDefender's settings", "[activation]") {
+  // RockyLzy/TextDefender trainer/freelb.py: --adv-learning-rate 0.03,
+  // --adv-init-mag 0.05, --adv-max-norm 0 (unbounded); FreeLB++ models are
+  // trained with --adv-steps 30.
+  const auto o = advtrain::freelb_plus_plus();
+  CHECK(o.alpha() == 0.03);
+  CHECK(o.init_mag() == 0.05);
+  CHECK(o.epsilon() == 0.0);
+  CHECK(o.steps() == 30);
+  auto model = make_act();
+  advtrain::FreeLB freelb(model->embedding, o);
+  const auto r = step(model, freelb, padded_ids(), batch_labels());
+  CHECK(r.passes == 30);
+  CHECK_FALSE(freelb.is_perturbed());
+}
+
 TEST_CASE(
     "FreeAT per example over two batches equals the plain computation",
     "[activation]") {

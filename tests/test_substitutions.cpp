@@ -258,6 +258,48 @@ advtrain::StepResult one_step(
 }
 
 /// The model's parameters equal the plain computation's.
+/// What every substitution strategy (`kind`: its name) refuses in a step:
+/// an own-loop attack, a forward that skips its embedding, ids that are not
+/// [B, L], an output that is not [B, C]; the parameters stay as they were
+/// and the embedding is left plain.
+void check_step_refusals(
+    fixture::ActNet& model,
+    advtrain::Attacker& attacker,
+    const std::string& kind) {
+  CHECK_THROWS_WITH(attacker.attack(), Contains("no attack()"));
+  const auto before = fixture::clone_all(model->parameters());
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
+  advtrain::Trainer trainer(opt, attacker);
+  const auto y = fixture::batch_labels();
+  CHECK_THROWS_WITH(
+      trainer.step(
+          [&] {
+            return model->fc(
+                torch::ones({3, fixture::kHidden}, torch::kDouble));
+          },
+          [&](const torch::Tensor& out) {
+            return fixture::cross_entropy(out, y);
+          }),
+      Contains(kind + ": the forward did not look its ids up"));
+  const auto loss = [&](const torch::Tensor& out) {
+    return fixture::cross_entropy(out.reshape({3, -1}).narrow(1, 0, 3), y);
+  };
+  CHECK_THROWS_WITH(
+      trainer.step(
+          [&] {
+            return model->fc(model->embedding(torch::tensor({1, 2, 3})));
+          },
+          loss),
+      Contains(kind + ": needs a non-empty batch of sequences ([B, L] ids)"));
+  CHECK_THROWS_WITH(
+      trainer.step(
+          [&] { return model->fc(model->embedding(fixture::padded_ids())); },
+          loss),
+      Contains(kind + ": the model's output must be logits [B, C]"));
+  CHECK(fixture::equal_all(fixture::clone_all(model->parameters()), before));
+  CHECK_FALSE(model->embedding->perturbation()->substituting());
+}
+
 void check_equal(fixture::ActNet& model, const fixture::Plain& want) {
   CHECK(fixture::max_abs_diff(model->embedding->weight, want.W) < 1e-10);
   CHECK(fixture::max_abs_diff(model->fc->weight, want.A) < 1e-10);
@@ -383,39 +425,7 @@ TEST_CASE(
           advtrain::ASCCOptions().search_lr(INFINITY)),
       Contains("must be finite"));
   advtrain::ASCC ascc(model->embedding, small_table());
-  CHECK_THROWS_WITH(ascc.attack(), Contains("no attack()"));
-  const auto before = fixture::clone_all(model->parameters());
-  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
-  advtrain::Trainer trainer(opt, ascc);
-  const auto y = fixture::batch_labels();
-  // A forward that does not go through the embedding ASCC was built on.
-  CHECK_THROWS_WITH(
-      trainer.step(
-          [&] {
-            return model->fc(
-                torch::ones({3, fixture::kHidden}, torch::kDouble));
-          },
-          [&](const torch::Tensor& out) {
-            return fixture::cross_entropy(out, y);
-          }),
-      Contains("did not look its ids up"));
-  const auto loss = [&](const torch::Tensor& out) {
-    return fixture::cross_entropy(out.reshape({3, -1}).narrow(1, 0, 3), y);
-  };
-  CHECK_THROWS_WITH(
-      trainer.step(
-          [&] {
-            return model->fc(model->embedding(torch::tensor({1, 2, 3})));
-          },
-          loss),
-      Contains("non-empty batch of sequences ([B, L] ids)"));
-  CHECK_THROWS_WITH(
-      trainer.step(
-          [&] { return model->fc(model->embedding(fixture::padded_ids())); },
-          loss),
-      Contains("logits [B, C] with C >= 2"));
-  CHECK(fixture::equal_all(fixture::clone_all(model->parameters()), before));
-  CHECK_FALSE(model->embedding->perturbation()->substituting());
+  check_step_refusals(model, ascc, "ASCC");
 }
 
 TEST_CASE(
@@ -704,29 +714,6 @@ TEST_CASE(
             model->embedding, table, advtrain::DNEOptions().step_size(NAN)),
         Contains("must be finite"));
     advtrain::DNE dne(model->embedding, table);
-    CHECK_THROWS_WITH(dne.attack(), Contains("no attack()"));
-    const auto before = fixture::clone_all(model->parameters());
-    torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
-    advtrain::Trainer trainer(opt, dne);
-    CHECK_THROWS_WITH(
-        trainer.step(
-            [&] {
-              return model->fc(
-                  torch::ones({3, fixture::kHidden}, torch::kDouble));
-            },
-            [&](const torch::Tensor& out) {
-              return fixture::cross_entropy(out, y);
-            }),
-        Contains("DNE: the forward did not look its ids up"));
-    CHECK_THROWS_WITH(
-        trainer.step(
-            [&] { return model->fc(model->embedding(fixture::padded_ids())); },
-            [&](const torch::Tensor& out) {
-              return fixture::cross_entropy(
-                  out.reshape({3, -1}).narrow(1, 0, 3), y);
-            }),
-        Contains("DNE: the model's output must be logits [B, C]"));
-    CHECK(fixture::equal_all(fixture::clone_all(model->parameters()), before));
-    CHECK_FALSE(model->embedding->perturbation()->substituting());
+    check_step_refusals(model, dne, "DNE");
   }
 }

@@ -115,10 +115,13 @@ inline Config with_options(Config c, const std::string& options) {
       throw std::invalid_argument("option '" + item + "' has no value");
     }
     const auto name = item.substr(0, eq), value = item.substr(eq + 1);
-    if (name == "norm") {
-      c.norm = value;
+    if (name == "norm" || name == "train_synonyms") {
+      (name == "norm" ? c.norm : c.train_synonyms) = value;
       continue;
     }
+    double* setting = name == "augment_share"  ? &c.augment_share
+                      : name == "augment_rate" ? &c.augment_rate
+                                               : nullptr;
     std::optional<double>* real = name == "epsilon"     ? &c.epsilon
                                   : name == "alpha"     ? &c.alpha
                                   : name == "weight"    ? &c.weight
@@ -131,15 +134,20 @@ inline Config with_options(Config c, const std::string& options) {
                                     : name == "replays"     ? &c.replays
                                     : name == "inner_steps" ? &c.inner_steps
                                                             : nullptr;
-    if (real == nullptr && count == nullptr) {
+    if (real == nullptr && count == nullptr && setting == nullptr &&
+        name != "ensemble") {
       throw std::invalid_argument("unknown option '" + name + "'");
     }
     size_t used = 0;
     try {
       if (real != nullptr) {
         *real = std::stod(value, &used);
-      } else {
+      } else if (setting != nullptr) {
+        *setting = std::stod(value, &used);
+      } else if (count != nullptr) {
         *count = std::stoll(value, &used);
+      } else {
+        c.ensemble = std::stoll(value, &used);
       }
     } catch (const std::logic_error&) {
       used = 0;
@@ -183,6 +191,20 @@ inline std::map<std::string, std::string> read_tuned(
   return out;
 }
 
+/// The methods of a --method value: its comma-separated names ("all" stays
+/// one name).
+inline std::vector<std::string> split_methods(const std::string& value) {
+  std::vector<std::string> names;
+  size_t start = 0;
+  while (start <= value.size()) {
+    auto end = value.find(',', start);
+    end = end == std::string::npos ? value.size() : end;
+    names.push_back(value.substr(start, end - start));
+    start = end + 1;
+  }
+  return names;
+}
+
 /// Reads the command line into `c`; `methods` are the values --method takes
 /// besides "all". Returns the exit code when the program is to stop there
 /// (after --help, or a bad option), nothing otherwise.
@@ -208,8 +230,23 @@ inline std::optional<int> parse_command_line(
   app.add_option(
          "--method",
          c.method,
-         fmt::format("all, or one of: {}", fmt::join(methods, " ")))
-      ->check(CLI::IsMember(method_values))
+         fmt::format(
+             "all, or one or more (comma-separated) of: {}",
+             fmt::join(methods, " ")))
+      ->check(CLI::Validator(
+          [method_values](std::string& value) {
+            for (const auto& m : split_methods(value)) {
+              const bool known =
+                  std::find(method_values.begin(), method_values.end(), m) !=
+                  method_values.end();
+              if (!known || (m == "all" && value != "all")) {
+                return "'" + m + "' is not a method (all, or a list of: " +
+                       fmt::format("{}", fmt::join(method_values, " ")) + ")";
+              }
+            }
+            return std::string();
+          },
+          "METHOD[,METHOD...]"))
       ->capture_default_str();
   app.add_option(
          "--target",

@@ -38,6 +38,7 @@
 #include <fmt/core.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <exception>
 #include <map>
 #include <string>
@@ -67,8 +68,14 @@ int run(int argc, char** argv) {
   if (attacks && c.attack_synonyms != "counterfitted") {
     shared_wordnet();
   }
+  std::vector<std::string> methods = split_methods(c.method);
+  if (c.method == "all") {
+    methods = method_names();
+  }
   const bool substitutes =
-      c.method == "all" || find_method(c.method).substitutes;
+      std::any_of(methods.begin(), methods.end(), [](const std::string& m) {
+        return find_method(m).substitutes;
+      });
   if (c.embeddings == "glove" || (attacks && c.attack_synonyms != "wordnet") ||
       (substitutes && c.train_synonyms == "counterfitted")) {
     shared_neighbours(c.neighbours);
@@ -77,13 +84,9 @@ int run(int argc, char** argv) {
   if (c.reports()) {
     print_data(c, d);
   }
-  std::vector<std::string> methods = {c.method};
-  if (c.method == "all") {
-    methods = method_names();
-  }
   std::vector<Outcome> outcomes;
   for (const auto& m : methods) {
-    if (c.method == "all" && !d.unlabeled.empty() && find_method(m).augments) {
+    if (methods.size() > 1 && !d.unlabeled.empty() && find_method(m).augments) {
       if (c.reports()) {
         fmt::print(
             "note: {} skipped: its augmentation attacks the whole training "

@@ -63,6 +63,27 @@ std::unique_ptr<advtrain::Attacker> on_target(
   return std::make_unique<T>(*model, "embedding", std::move(options));
 }
 
+/// FreeLB from `o` with the options set in `c` (FreeLB and FreeLB++).
+inline std::unique_ptr<advtrain::Attacker> freelb(
+    Classifier& model, const Config& c, advtrain::FreeLBOptions o) {
+  if (c.epsilon) {
+    o.epsilon(*c.epsilon);
+  }
+  if (c.alpha) {
+    o.alpha(*c.alpha);
+  }
+  if (c.steps) {
+    o.steps(*c.steps);
+  }
+  if (c.init_mag) {
+    o.init_mag(*c.init_mag);
+  }
+  if (c.norm == "linf") {
+    return on_target<advtrain::FreeLBLInf>(model, c, o);
+  }
+  return on_target<advtrain::FreeLB>(model, c, o);
+}
+
 /// The methods, in the order `--method all` runs them.
 inline const std::vector<Method> kMethods = {
     {"plain", "no attack: plain training, the baseline", false, nullptr},
@@ -143,23 +164,19 @@ inline const std::vector<Method> kMethods = {
         const Config& c,
         const torch::Tensor&,
         const TableSource&) {
-       advtrain::FreeLBOptions o;
-       if (c.epsilon) {
-         o.epsilon(*c.epsilon);
-       }
-       if (c.alpha) {
-         o.alpha(*c.alpha);
-       }
-       if (c.steps) {
-         o.steps(*c.steps);
-       }
-       if (c.init_mag) {
-         o.init_mag(*c.init_mag);
-       }
-       if (c.norm == "linf") {
-         return on_target<advtrain::FreeLBLInf>(model, c, o);
-       }
-       return on_target<advtrain::FreeLB>(model, c, o);
+       return freelb(model, c, advtrain::FreeLBOptions());
+     }},
+    {"freelb++",
+     "FreeLB++ (Li et al., TextDefender): FreeLB with 30 unbounded steps of "
+     "0.03 from a random start, per example",
+     true,
+     [](Classifier& model,
+        const Config& c,
+        const torch::Tensor&,
+        const TableSource&) {
+       Config per_example = c; // its random start needs embedded tokens
+       per_example.target = "activations";
+       return freelb(model, per_example, advtrain::freelb_plus_plus());
      }},
     {"smart",
      "SMART (Jiang et al.): a smoothness regularizer on the outputs",

@@ -44,7 +44,7 @@ struct ASCCOptions {
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
-inline void check_options(const ASCCOptions& o, const Attacker& /*target*/) {
+inline void check_options(const ASCCOptions& o, const Attacker& /*attacker*/) {
   const char* kind = ASCCOptions::kind;
   check_option(o.steps() >= 0, kind, "steps", o.steps(), ">= 0");
   check_option(o.search_lr() > 0, kind, "search_lr", o.search_lr(), "> 0");

@@ -29,7 +29,7 @@ struct AWPOptions {
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
-inline void check_options(const AWPOptions& o, const Attacker& /*target*/) {
+inline void check_options(const AWPOptions& o, const Attacker& /*attacker*/) {
   const char* kind = AWPOptions::kind;
   check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
   check_option(o.epsilon() >= 0, kind, "epsilon", o.epsilon(), ">= 0");

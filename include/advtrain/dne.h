@@ -45,7 +45,7 @@ struct DNEOptions {
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
-inline void check_options(const DNEOptions& o, const Attacker& /*target*/) {
+inline void check_options(const DNEOptions& o, const Attacker& /*attacker*/) {
   const char* kind = DNEOptions::kind;
   check_option(o.alpha() > 0, kind, "alpha", o.alpha(), "> 0");
   check_option(

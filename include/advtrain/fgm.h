@@ -45,7 +45,7 @@ struct FGMOptions {
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
-inline void check_options(const FGMOptions& o, const Attacker& /*target*/) {
+inline void check_options(const FGMOptions& o, const Attacker& /*attacker*/) {
   check_option(
       o.epsilon() > 0, FGMOptions::kind, "epsilon", o.epsilon(), "> 0");
 }
@@ -100,7 +100,7 @@ struct FGSMOptions {
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
-inline void check_options(const FGSMOptions& o, const Attacker& /*target*/) {
+inline void check_options(const FGSMOptions& o, const Attacker& /*attacker*/) {
   check_option(
       o.epsilon() > 0, FGSMOptions::kind, "epsilon", o.epsilon(), "> 0");
 }

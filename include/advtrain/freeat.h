@@ -29,7 +29,8 @@ struct FreeATOptions {
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
-inline void check_options(const FreeATOptions& o, const Attacker& /*target*/) {
+inline void check_options(
+    const FreeATOptions& o, const Attacker& /*attacker*/) {
   const char* kind = FreeATOptions::kind;
   check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
   check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");

@@ -31,9 +31,26 @@ struct FreeLBOptions {
   TORCH_ARG(bool, share_dropout_mask) = true;
 };
 
+/// FreeLB++ (Li, Song, Zhou, Qiu, Huang: "Searching for an Effective
+/// Defender: Benchmarking Defense against Adversarial Word Substitution",
+/// EMNLP 2021): FreeLB per example with many more ascent steps and no bound,
+/// the setting that paper found robust to word substitution. Values from its
+/// code, RockyLzy/TextDefender `trainer/freelb.py` (`add_args`): step
+/// `--adv-learning-rate` 0.03, random start `--adv-init-mag` 0.05,
+/// `--adv-max-norm` 0 (unbounded), L2; 30 passes, the `--adv-steps 30` with
+/// which FreeLB++ models are trained (its default of 5 is plain FreeLB's).
+/// TextDefender's loop (K passes of `loss / K`, an ascent step after each
+/// but the last, the random start `U(-1, 1)·mask·init_mag/√(Lᵢ·H)`) is
+/// `FreeLB`'s. Per example only (`init_mag` > 0).
+///
+///   advtrain::FreeLB freelbpp(model->embedding, advtrain::freelb_plus_plus());
+inline FreeLBOptions freelb_plus_plus() {
+  return FreeLBOptions().alpha(0.03).steps(30).epsilon(0.0).init_mag(0.05);
+}
+
 /// Refuses invalid options; a weight table starts from δ = 0, so `init_mag`
 /// must be 0 there.
-inline void check_options(const FreeLBOptions& o, const Attacker& target) {
+inline void check_options(const FreeLBOptions& o, const Attacker& attacker) {
   const char* kind = FreeLBOptions::kind;
   check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");
   check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
@@ -45,11 +62,11 @@ inline void check_options(const FreeLBOptions& o, const Attacker& target) {
       ">= 0; 0 means unbounded");
   check_option(
       o.init_mag() >= 0 &&
-          (target.target().random_start() || o.init_mag() == 0),
+          (attacker.target().random_start() || o.init_mag() == 0),
       kind,
       "init_mag",
       o.init_mag(),
-      target.target().random_start()
+      attacker.target().random_start()
           ? ">= 0"
           : "0 on a weight table, which starts from delta = 0; init_mag "
             "applies to per-example targets");

@@ -32,7 +32,7 @@ struct LLROptions {
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
-inline void check_options(const LLROptions& o, const Attacker& /*target*/) {
+inline void check_options(const LLROptions& o, const Attacker& /*attacker*/) {
   const char* kind = LLROptions::kind;
   check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
   check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");

@@ -50,7 +50,7 @@ class ProjectedAscent : public Strategy<Options> {
 
 } // namespace detail
 
-inline void check_options(const PGDOptions& o, const Attacker& /*target*/) {
+inline void check_options(const PGDOptions& o, const Attacker& /*attacker*/) {
   const char* kind = PGDOptions::kind;
   check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
   check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");

@@ -29,7 +29,7 @@ struct R3FOptions {
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
-inline void check_options(const R3FOptions& o, const Attacker& /*target*/) {
+inline void check_options(const R3FOptions& o, const Attacker& /*attacker*/) {
   const char* kind = R3FOptions::kind;
   check_option(o.sigma() > 0, kind, "sigma", o.sigma(), "> 0");
   check_option(o.weight() >= 0, kind, "weight", o.weight(), ">= 0");

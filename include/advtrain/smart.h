@@ -44,7 +44,7 @@ struct SMARTOptions {
   TORCH_ARG(double, proximal_beta) = 0.99;
 };
 
-inline void check_options(const SMARTOptions& o, const Attacker& /*target*/) {
+inline void check_options(const SMARTOptions& o, const Attacker& /*attacker*/) {
   const char* kind = SMARTOptions::kind;
   check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
   check_option(o.alpha() >= 0, kind, "alpha", o.alpha(), ">= 0");

@@ -33,7 +33,7 @@ struct VATOptions {
   TORCH_ARG(bool, share_dropout_mask) = false;
 };
 
-inline void check_options(const VATOptions& o, const Attacker& /*target*/) {
+inline void check_options(const VATOptions& o, const Attacker& /*attacker*/) {
   const char* kind = VATOptions::kind;
   check_option(o.epsilon() > 0, kind, "epsilon", o.epsilon(), "> 0");
   check_option(o.xi() > 0, kind, "xi", o.xi(), "> 0");

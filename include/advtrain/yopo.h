@@ -31,7 +31,7 @@ struct YOPOOptions {
   TORCH_ARG(bool, share_dropout_mask) = true;
 };
 
-inline void check_options(const YOPOOptions& o, const Attacker& /*target*/) {
+inline void check_options(const YOPOOptions& o, const Attacker& /*attacker*/) {
   const char* kind = YOPOOptions::kind;
   check_option(o.steps() >= 1, kind, "steps", o.steps(), ">= 1");
   check_option(
