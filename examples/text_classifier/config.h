@@ -116,6 +116,14 @@ inline Config with_options(Config c, const std::string& options) {
     }
     const auto name = item.substr(0, eq), value = item.substr(eq + 1);
     if (name == "norm" || name == "train_synonyms") {
+      const bool known = name == "norm"
+                             ? value == "l2" || value == "linf"
+                             : value == "counterfitted" || value == "wordnet";
+      if (!known) {
+        throw std::invalid_argument(
+            "option '" + name + "': '" + value + "' is not one of " +
+            (name == "norm" ? "l2 linf" : "counterfitted wordnet"));
+      }
       (name == "norm" ? c.norm : c.train_synonyms) = value;
       continue;
     }
@@ -155,6 +163,13 @@ inline Config with_options(Config c, const std::string& options) {
     if (used == 0 || used != value.size()) {
       throw std::invalid_argument(
           "option '" + name + "': '" + value + "' is not a number");
+    }
+    // The ranges the command line holds these to.
+    if ((setting != nullptr && !(*setting >= 0 && *setting <= 1)) ||
+        (name == "ensemble" && c.ensemble < 1)) {
+      throw std::invalid_argument(
+          "option '" + name + "': " + value +
+          (name == "ensemble" ? " is not >= 1" : " is not in [0, 1]"));
     }
   }
   return c;

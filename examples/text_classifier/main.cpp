@@ -41,6 +41,7 @@
 #include <algorithm>
 #include <exception>
 #include <map>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -72,12 +73,18 @@ int run(int argc, char** argv) {
   if (c.method == "all") {
     methods = method_names();
   }
-  const bool substitutes =
-      std::any_of(methods.begin(), methods.end(), [](const std::string& m) {
-        return find_method(m).substitutes;
-      });
+  // Each method's options, read (and checked) before any training.
+  std::vector<Config> configs;
+  bool counterfitted = false;
+  for (const auto& m : methods) {
+    const auto row = tuned.find(m);
+    configs.push_back(row == tuned.end() ? c : with_options(c, row->second));
+    counterfitted =
+        counterfitted || (find_method(m).substitutes &&
+                          configs.back().train_synonyms == "counterfitted");
+  }
   if (c.embeddings == "glove" || (attacks && c.attack_synonyms != "wordnet") ||
-      (substitutes && c.train_synonyms == "counterfitted")) {
+      counterfitted) {
     shared_neighbours(c.neighbours);
   }
   const Data d = load(c);
@@ -85,8 +92,15 @@ int run(int argc, char** argv) {
     print_data(c, d);
   }
   std::vector<Outcome> outcomes;
-  for (const auto& m : methods) {
-    if (methods.size() > 1 && !d.unlabeled.empty() && find_method(m).augments) {
+  for (size_t i = 0; i < methods.size(); ++i) {
+    const std::string& m = methods[i];
+    if (!d.unlabeled.empty() && find_method(m).augments) {
+      if (c.method != "all") { // asked for by name: refused, not skipped
+        throw std::invalid_argument(
+            m +
+            " attacks the whole training split, which --labeled leaves "
+            "partly unlabeled: leave it out of --method");
+      }
       if (c.reports()) {
         fmt::print(
             "note: {} skipped: its augmentation attacks the whole training "
@@ -95,9 +109,7 @@ int run(int argc, char** argv) {
       }
       continue;
     }
-    const auto row = tuned.find(m);
-    outcomes.push_back(train(
-        m, row == tuned.end() ? c : with_options(c, row->second), d, group));
+    outcomes.push_back(train(m, configs[i], d, group));
   }
 
   if (!c.reports()) {

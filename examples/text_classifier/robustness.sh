@@ -3,15 +3,16 @@
 # with its options from tuned.csv) on each data set, with each model, on
 # pretrained GloVe vectors, for several seeds, and measures clean accuracy,
 # accuracy under PGD on the embeddings (L2, radius 1 per text) and under
-# PWWS (WordNet synonyms), all on a fixed sample of the test split (its first
-# --sample texts). Writes, under
-# OUT:
+# PWWS with two synonym sources (WordNet, the counter-fitted neighbours), all
+# on a fixed sample of the test split (its first --sample texts). Writes,
+# under OUT:
 #   results.csv   one row per (data set, model, seed, method)
 #   summary.csv   mean and sample standard deviation over the seeds
 #   summary.md    Markdown tables, one per data set and model
-#   pwws_vs_budget.png   accuracy under PWWS against the budget of changed
-#                 words, one panel per data set and model and synonym source
-#                 (WordNet, and the counter-fitted neighbours)
+#   pwws_vs_budget.png, cf_vs_budget.png   accuracy under PWWS with
+#                 WordNet's synonyms, and with the counter-fitted neighbours,
+#                 against the budget of changed words; a panel per data set
+#                 and model
 # or, with --grid, tunes each method for this setting on a validation split
 # (one seed, the bag of words unless --models says otherwise):
 #   grid.csv      one row per (data set, model, method, grid value)
@@ -23,8 +24,10 @@
 #                 "fallback" in grid.md)
 #   grid.md       every value's figures, the kept ones marked
 #
-# One process per (data set, model, seed) trains all the methods (the word
-# vectors are read once); --jobs processes run at once, one thread each.
+# One process per (data set, model, seed[, grid column]) trains its methods
+# in turn (the word vectors are read once); --jobs processes run at once,
+# one thread each. --tuned takes one options file, or one per model
+# ("bag=FILE lstm=FILE"); --methods a subset (default: every method).
 #
 # Usage: robustness.sh [--bin PATH] [--out DIR] [--seeds "1 2 3"]
 #                      [--models "bag lstm"] [--epochs "bag=10 lstm=2"]
@@ -81,6 +84,11 @@ done
 if [ "$grid" = 1 ]; then # one seed and the bag unless told otherwise
   seeds=${seeds:-1}
   models=${models:-bag}
+  [ "$(echo $seeds | wc -w)" = 1 ] && [ "$(echo $models | wc -w)" = 1 ] || {
+    echo "error: --grid takes one seed and one model (its tuned.csv holds one" \
+      "row per data set and method)" >&2
+    exit 2
+  }
   [ "$out" != "$root/results/robustness" ] || out="$root/results/robustness_grid"
 fi
 seeds=${seeds:-1 2 3}
@@ -240,6 +248,9 @@ if [ "$grid" = 1 ]; then
       cf[n] = $(c["cf_acc"]); meth[n] = m
       if (m == "plain") floor[d] = clean[n] - 0.02 }
     END {
+      for (n = 1; n <= rows; n++) if (!(set[n] in floor)) {
+        print "error: no plain row for " set[n] " (the rule needs it)" > "/dev/stderr"
+        exit 1 }
       for (n = 1; n <= rows; n++) {
         k = key[n]; score = (wn[n] + cf[n]) / 2
         ok = clean[n] >= floor[set[n]] - 1e-9 ? 1 : 0
@@ -257,9 +268,6 @@ if [ "$grid" = 1 ]; then
     awk -F, 'NR > 1 && $8 == "yes" { print $1 "," $3 "," $4 }' \
       "$out/grid_selection.csv" | sort
   } >"$out/tuned.csv"
-  n_models=$(echo $models | wc -w)
-  [ "$n_models" = 1 ] || echo "note: tuned.csv holds one row per data set" \
-    "and method; with several models, split grid_selection.csv by model"
   {
     echo "Made by \`examples/text_classifier/robustness.sh --grid\` in $took s:"
     echo "seed $seeds; epochs $epochs; GloVe vectors,"
@@ -274,14 +282,17 @@ if [ "$grid" = 1 ]; then
         echo
         echo "| method | options | clean | PWWS WordNet | PWWS counter-fitted | kept |"
         echo "|---|---|---|---|---|---|"
-        awk -F, -v d="$dataset" -v mo="$model" '
-          NR > 1 && $1 == d && $2 == mo {
+        awk -F, -v d="$dataset" -v mo="$model" -v order="$methods" '
+          BEGIN { k = split(order, names, " ") }
+          NR > 1 && $1 == d && $2 == mo { row[$3, ++n[$3]] = $0 }
+          END { for (i = 1; i <= k; i++) for (j = 1; j <= n[names[i]]; j++) {
+            $0 = row[names[i], j]
             o = $4; gsub(/"/, "", o); gsub(/;/, " ", o)
-            gsub(/train_synonyms=counterfitted ?/, "", o)
+            gsub(/ ?train_synonyms=counterfitted/, "", o); sub(/^ /, "", o)
             if (o == "") o = "(defaults)"
             b = $8 == "yes" ? "**" : ""
             printf "| %s | %s%s%s | %.1f | %.1f | %.1f | %s |\n", $3, b, o, b,
-              100 * $5, 100 * $6, 100 * $7, ($8 == "yes" ? $9 : "") }' \
+              100 * $5, 100 * $6, 100 * $7, ($8 == "yes" ? $9 : "") } }' \
           "$out/grid_selection.csv"
       done
     done
@@ -323,7 +334,7 @@ texts=$(awk -F, 'NR == 1 { for (i = 1; i <= NF; i++) c[$i] = i; next }
         function pct(name) { return sprintf("%.0f", 100 * $(col[name "_mean"])) }
         $1 == d && $2 == m {
           o = $4; gsub(/"/, "", o); gsub(/;/, " ", o)
-          gsub(/train_synonyms=counterfitted ?/, "", o)
+          gsub(/ ?train_synonyms=counterfitted/, "", o); sub(/^ /, "", o)
           printf "| %s | %s | %s | %s | %s | %s | %s / %s | %s / %s | %.0f / %.0f | %.2f | %.1f |\n",
             $3, o, cell("clean_acc"), cell("acc_eps_1"), cell("pwws_acc"),
             cell("cf_acc"), pct("pwws_success"), pct("cf_success"),
