@@ -74,19 +74,24 @@ std::vector<int> run_workers(
 }
 
 /// Runs fn(rank, group) on `world` threads of this process, each with its
-/// own Gloo group; rethrows the first exception.
-void on_threads(
+/// own Gloo group, and returns what each rank's call returned; rethrows the
+/// first exception. The threads make no assertions: Catch2 reports from one
+/// thread only (v3's output redirection aborts when two threads report at
+/// once), so the tests check the returned values after the join.
+template <class Result>
+std::vector<Result> on_threads(
     int world,
-    const std::function<void(int, c10::intrusive_ptr<c10d::ProcessGroup>)>&
+    const std::function<Result(int, c10::intrusive_ptr<c10d::ProcessGroup>)>&
         fn) {
   const std::string store = temp_path("store");
   std::vector<std::exception_ptr> errors(world);
+  std::vector<Result> results(world);
   std::vector<std::thread> threads;
   for (int rank = 0; rank < world; ++rank) {
     threads.emplace_back([&, rank] {
       try {
         auto s = c10::make_intrusive<c10d::FileStore>(store, world);
-        fn(rank, advtrain::make_gloo_group(s, rank, world));
+        results[rank] = fn(rank, advtrain::make_gloo_group(s, rank, world));
       } catch (...) {
         errors[rank] = std::current_exception();
       }
@@ -101,6 +106,7 @@ void on_threads(
       std::rethrow_exception(e);
     }
   }
+  return results;
 }
 
 } // namespace
@@ -144,17 +150,22 @@ TEST_CASE(
 TEST_CASE(
     "DataParallel averages, broadcasts and keeps undefined gradients",
     "[distributed]") {
-  on_threads(2, [](int rank, c10::intrusive_ptr<c10d::ProcessGroup> group) {
+  struct Seen {
+    torch::Tensor a, b;           // after the broadcast
+    torch::Tensor ga, gb, gc, gd; // after the all-reduce
+    int64_t reductions = 0, world = 0, rank = -1;
+  };
+  using Group = c10::intrusive_ptr<c10d::ProcessGroup>;
+  const auto seen = on_threads<Seen>(2, [](int rank, Group group) {
     const double r = rank;
     auto a = torch::full({2, 3}, 10.0 * (r + 1)).requires_grad_();
     auto b = torch::full({4}, -1.0 - r, torch::kHalf).requires_grad_();
     auto c = torch::zeros({5}).requires_grad_(); // no gradient anywhere
     auto d = torch::zeros({2}, torch::kDouble).requires_grad_();
     advtrain::DataParallel dp(group, {a, b, c, d});
-    // Broadcast: rank 0's values everywhere.
-    REQUIRE(torch::equal(a, torch::full({2, 3}, 10.0)));
-    REQUIRE(torch::equal(b, torch::full({4}, -1.0, torch::kHalf)));
-
+    Seen s;
+    s.a = a.detach().clone();
+    s.b = b.detach().clone();
     a.mutable_grad() = torch::arange(6.0).view({2, 3}) * (r + 1);
     // float16 ends at 65504: summed in float16, 60000 + 60000 would be inf.
     b.mutable_grad() = torch::full({4}, 60000.0, torch::kHalf);
@@ -162,20 +173,39 @@ TEST_CASE(
       d.mutable_grad() = torch::tensor({4.0, -2.0}, torch::kDouble);
     }
     dp.all_reduce_gradients();
-    CHECK(torch::allclose(a.grad(), torch::arange(6.0).view({2, 3}) * 1.5));
-    CHECK(b.grad().scalar_type() == torch::kHalf);
-    CHECK(torch::equal(b.grad(), torch::full({4}, 60000.0, torch::kHalf)));
-    CHECK_FALSE(c.grad().defined());
-    REQUIRE(d.grad().defined());
-    CHECK(torch::equal(d.grad(), torch::tensor({2.0, -1.0}, torch::kDouble)));
-    CHECK(dp.reductions() == 1);
-    CHECK(dp.world_size() == 2);
-    CHECK(dp.rank() == rank);
+    s.ga = a.grad();
+    s.gb = b.grad();
+    s.gc = c.grad();
+    s.gd = d.grad();
+    s.reductions = dp.reductions();
+    s.world = dp.world_size();
+    s.rank = dp.rank();
+    return s;
   });
+  for (int rank = 0; rank < 2; ++rank) {
+    CAPTURE(rank);
+    const Seen& s = seen[rank];
+    // Broadcast: rank 0's values everywhere.
+    CHECK(torch::equal(s.a, torch::full({2, 3}, 10.0)));
+    CHECK(torch::equal(s.b, torch::full({4}, -1.0, torch::kHalf)));
+    CHECK(torch::allclose(s.ga, torch::arange(6.0).view({2, 3}) * 1.5));
+    CHECK(s.gb.scalar_type() == torch::kHalf);
+    CHECK(torch::equal(s.gb, torch::full({4}, 60000.0, torch::kHalf)));
+    CHECK_FALSE(s.gc.defined());
+    REQUIRE(s.gd.defined());
+    CHECK(torch::equal(s.gd, torch::tensor({2.0, -1.0}, torch::kDouble)));
+    CHECK(s.reductions == 1);
+    CHECK(s.world == 2);
+    CHECK(s.rank == rank);
+  }
 }
 
 TEST_CASE("DataParallel refuses bad input", "[distributed][errors]") {
-  on_threads(1, [](int, c10::intrusive_ptr<c10d::ProcessGroup> group) {
+  // One rank: the group is made on this thread, where the checks run.
+  const std::string store = temp_path("store");
+  auto group = advtrain::make_gloo_group(
+      c10::make_intrusive<c10d::FileStore>(store, 1), 0, 1);
+  {
     auto w = torch::zeros({3, 3}).requires_grad_();
     CHECK_THROWS_WITH(
         advtrain::DataParallel(
@@ -191,7 +221,8 @@ TEST_CASE("DataParallel refuses bad input", "[distributed][errors]") {
     CHECK_THROWS_WITH(
         advtrain::make_gloo_group(c10::make_intrusive<c10d::HashStore>(), 2, 2),
         fixture::matchers::Contains("Invalid rank: 2"));
-  });
+  }
+  fs::remove(store);
 }
 
 TEST_CASE(
@@ -199,7 +230,12 @@ TEST_CASE(
     "[distributed][nonfinite]") {
   // The skip is decided on the all-reduced gradients, the same everywhere:
   // no worker waits alone in an all-reduce, and none steps.
-  on_threads(2, [](int rank, c10::intrusive_ptr<c10d::ProcessGroup> group) {
+  struct Seen {
+    int64_t skipped = -1, reductions = -1;
+    bool unchanged = false;
+  };
+  using Group = c10::intrusive_ptr<c10d::ProcessGroup>;
+  const auto seen = on_threads<Seen>(2, [](int rank, Group group) {
     auto model = fixture::make_model();
     advtrain::FGM fgm(*model, "embedding");
     torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(0.1));
@@ -213,8 +249,17 @@ TEST_CASE(
           const auto l = fixture::cross_entropy(out, fixture::batch_labels());
           return rank == 1 ? l * std::numeric_limits<double>::quiet_NaN() : l;
         });
-    CHECK(r.skipped == 1);
-    CHECK(fixture::equal_all(fixture::clone_all(model->parameters()), before));
-    CHECK(dp.reductions() == 1);
+    Seen s;
+    s.skipped = r.skipped;
+    s.unchanged =
+        fixture::equal_all(fixture::clone_all(model->parameters()), before);
+    s.reductions = dp.reductions();
+    return s;
   });
+  for (int rank = 0; rank < 2; ++rank) {
+    CAPTURE(rank);
+    CHECK(seen[rank].skipped == 1);
+    CHECK(seen[rank].unchanged);
+    CHECK(seen[rank].reductions == 1);
+  }
 }
