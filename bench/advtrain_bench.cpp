@@ -12,6 +12,15 @@
 
 #include <sys/resource.h>
 
+// Cachegrind's client requests (valgrind >= 3.22) let one process count its
+// steps alone: --count-from turns the counting on after the warm-up steps.
+#if __has_include(<valgrind/cachegrind.h>)
+#include <valgrind/cachegrind.h>
+#if defined(CACHEGRIND_START_INSTRUMENTATION)
+#define ADVTRAIN_BENCH_CACHEGRIND 1
+#endif
+#endif
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -480,13 +489,16 @@ const std::vector<std::string>& all_methods() {
 }
 
 /// Runs one runner alone for `steps` steps (under valgrind: the difference
-/// of two step counts is the instructions of those steps). Names: "plain",
-/// METHOD (`Trainer::step`), METHOD_floor, METHOD_own.
+/// of two step counts is the instructions of those steps; or, where
+/// `count_from` >= 0, cachegrind started with --instr-at-start=no counts the
+/// steps from `count_from` on alone). Names: "plain", METHOD
+/// (`Trainer::step`), METHOD_floor, METHOD_own.
 void run_alone(
     const Shape& shape,
     torch::Device device,
     const std::string& name,
     int steps,
+    int count_from,
     const std::function<void()>& sync) {
   Setup s(shape, device, 1);
   std::unique_ptr<advtrain::Attacker> attacker;
@@ -515,6 +527,11 @@ void run_alone(
   }
   std::vector<double> ms;
   for (int k = 0; k < steps; ++k) {
+#ifdef ADVTRAIN_BENCH_CACHEGRIND
+    if (k == count_from) {
+      CACHEGRIND_START_INSTRUMENTATION;
+    }
+#endif
     sync();
     const auto t0 = std::chrono::steady_clock::now();
     step();
@@ -523,6 +540,11 @@ void run_alone(
                      std::chrono::steady_clock::now() - t0)
                      .count());
   }
+#ifdef ADVTRAIN_BENCH_CACHEGRIND
+  if (count_from >= 0) {
+    CACHEGRIND_STOP_INSTRUMENTATION;
+  }
+#endif
   // Steps after the first two (first touches of pages and optimizer state).
   const std::vector<double> warm(
       ms.begin() + std::min<size_t>(2, ms.size()), ms.end());
@@ -739,7 +761,7 @@ int main(int argc, char** argv) {
   std::string device_name = "cpu";
   std::vector<std::string> methods = all_methods();
   std::string runner;
-  int repeats = 15, warmup = 3, threads = 2, steps = 0;
+  int repeats = 15, warmup = 3, threads = 2, steps = 0, count_from = -1;
   bool sweep = false, no_table = false, raw = false, bag = false;
   app.add_option("--vocab", shape.vocab)->capture_default_str();
   app.add_option("--hidden", shape.hidden)->capture_default_str();
@@ -756,6 +778,9 @@ int main(int argc, char** argv) {
   app.add_flag("--sweep", sweep, "also the vocabulary sweep");
   app.add_flag("--no-table", no_table, "skip the per-method table");
   app.add_flag("--raw", raw, "also print 'ms NAME MEDIAN' per runner");
+  bool list_methods = false;
+  app.add_flag(
+      "--list-methods", list_methods, "print the methods, comma-separated");
   app.add_flag(
       "--bag", bag, "no encoder layer: embedding -> mean -> tanh -> linear");
   app.add_option(
@@ -766,12 +791,44 @@ int main(int argc, char** argv) {
          "(own loop: fgsm, fgm, pgd)")
       ->needs(app.add_option("--steps", steps, "steps of --runner")
                   ->check(CLI::NonNegativeNumber));
+  app.add_option(
+         "--count-from",
+         count_from,
+         "under valgrind --tool=cachegrind --instr-at-start=no: count the "
+         "steps of --runner from this one (0-based) on")
+      ->check(CLI::NonNegativeNumber)
+      ->needs("--runner");
   app.add_flag("--sparse", shape.sparse, "sparse table gradients");
   app.add_option("--optimizer", shape.optimizer)
       ->check(CLI::IsMember({"adam", "sgd", "adagrad"}))
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   shape.encoder = !bag;
+  if (list_methods) {
+    std::string list;
+    for (const auto& m : all_methods()) {
+      list += (list.empty() ? "" : ",") + m;
+    }
+    fmt::print("{}\n", list);
+    return 0;
+  }
+#ifndef ADVTRAIN_BENCH_CACHEGRIND
+  if (count_from >= 0) {
+    fmt::print(
+        stderr,
+        "error: --count-from needs a bench built with valgrind >= 3.22's "
+        "<valgrind/cachegrind.h>\n");
+    return 3;
+  }
+#endif
+  if (count_from >= steps && count_from >= 0) {
+    fmt::print(
+        stderr,
+        "error: --count-from {} counts nothing in {} steps\n",
+        count_from,
+        steps);
+    return 1;
+  }
   if (shape.sparse && shape.optimizer == "adam") {
     fmt::print(
         stderr,
@@ -798,7 +855,7 @@ int main(int argc, char** argv) {
       };
     }
     if (!runner.empty()) {
-      run_alone(shape, device, runner, steps, sync);
+      run_alone(shape, device, runner, steps, count_from, sync);
       return 0;
     }
     const char* tunables = std::getenv("GLIBC_TUNABLES");

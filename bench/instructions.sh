@@ -3,16 +3,20 @@
 # runner (a plain step; each method written by hand, its "floor"; the
 # library's Trainer::step; the library in the user's own loop; the Python
 # classes of bench/python/) runs as its own process for N and N + K steps,
-# and (I(N + K) - I(N)) / K is its cost per step. Unlike wall time on a shared
-# VM, the count does not move between runs: every runner runs in ROUNDS
-# rounds and the script reports how far they disagree.
+# and (I(N + K) - I(N)) / K is its cost per step; where the bench was built
+# with valgrind >= 3.22's client requests, one process per runner counts
+# its steps N+1..N+K alone (--count-from; half the processes, and LibTorch's
+# start-up runs uncounted). Unlike wall time on a shared VM, the count does
+# not move between runs: every runner runs in ROUNDS rounds and the script
+# reports how far they disagree.
 #
 #   bench/instructions.sh                      (after cmake --build build)
 #   bench/instructions.sh --methods fgm,pgd --rounds 1 --no-python
 #   bench/instructions.sh --methods fgm,pgd,freelb --guard 1.02 --rounds 1
 #
 # Options:
-#   --methods LIST   comma-separated (default: every method of the bench)
+#   --methods LIST   comma-separated (default: every method of the bench,
+#                    from its --list-methods)
 #   --shape "ARGS"   the model's bench arguments (default: --bag --vocab 30000
 #                    --hidden 64 --batch 16 --length 32)
 #   --steps N        the base step count (default 2)
@@ -24,15 +28,20 @@
 #   --no-own         skip the own-loop runners
 #   --wall REPEATS   also time every runner (medians of REPEATS, interleaved)
 #   --guard RATIO    exit 1 when a method's library/floor ratio exceeds RATIO
+#   --ceilings FILE  exit 1 when a method's library/floor ratio exceeds its
+#                    ceiling in FILE (lines "method ratio"; # comments), or
+#                    when FILE names no ceiling for a method
+#   --in-process-only  skip (exit 77) unless the bench counts in process
 # Exits 77 (skipped) when valgrind is not installed, or cannot run LibTorch
 # on this processor.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bench=${ADVTRAIN_BENCH:-$root/build/bench/advtrain_bench}
 python=${ADVTRAIN_PYTHON:-/usr/bin/python3}
-methods=fgsm,fgm,pgd,freeat,freelb,smart,vat,r3f,llr,awp,yopo
+methods=
 shape="--bag --vocab 30000 --hidden 64 --batch 16 --length 32"
 steps=2 extra=30 rounds=2 jobs=$(nproc) use_python=1 use_own=1 wall=0 guard=
+ceilings= in_process_only=0
 while [ $# -gt 0 ]; do
   case $1 in
     --methods) methods=$2; shift 2 ;;
@@ -45,6 +54,8 @@ while [ $# -gt 0 ]; do
     --no-own) use_own=0; shift ;;
     --wall) wall=$2; shift 2 ;;
     --guard) guard=$2; shift 2 ;;
+    --ceilings) ceilings=$2; shift 2 ;;
+    --in-process-only) in_process_only=1; shift ;;
     *) echo "error: unknown option $1 (see the head of $0)" >&2; exit 2 ;;
   esac
 done
@@ -53,6 +64,9 @@ if ! command -v valgrind >/dev/null; then
   exit 77
 fi
 [ -x "$bench" ] || { echo "error: build $bench first" >&2; exit 1; }
+methods=${methods:-$("$bench" --list-methods)}
+[ -z "$ceilings" ] || [ -r "$ceilings" ] ||
+  { echo "error: cannot read $ceilings" >&2; exit 2; }
 if [ "$use_python" = 1 ] && ! "$python" -c 'import torch' 2>/dev/null; then
   echo "note: $python has no torch (apt-get install python3-torch): no" \
     "Python runners" >&2
@@ -74,26 +88,47 @@ done
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# Counting inside one process needs the bench's client requests (exit 3
+# without them) and runs the C++ runners only.
+in_process=0
+if [ "$use_python" = 0 ] &&
+  "$bench" $shape --threads 1 --runner plain --steps 1 --count-from 0 \
+    >/dev/null 2>&1; then
+  in_process=1
+elif [ "$in_process_only" = 1 ]; then
+  echo "the bench cannot count in process (built without valgrind >= 3.22's" \
+    "<valgrind/cachegrind.h>, or with Python runners): skipped" >&2
+  exit 77
+fi
 # One line per process: round runner steps.
 for r in $(seq "$rounds"); do
   for name in $runners; do
-    for s in "$steps" $((steps + extra)); do echo "$r $name $s"; done
+    if [ "$in_process" = 1 ]; then echo "$r $name $((steps + extra))"
+    else for s in "$steps" $((steps + extra)); do echo "$r $name $s"; done; fi
   done
 done >"$work/jobs"
 total=$(wc -l <"$work/jobs")
 echo "cachegrind: $total processes, $jobs at a time ($shape, 1 thread," \
-  "GLIBC_TUNABLES=${GLIBC_TUNABLES:-(unset)})" >&2
+  "GLIBC_TUNABLES=${GLIBC_TUNABLES:-(unset)}, counted" \
+  "$([ "$in_process" = 1 ] && echo "in process" || echo "by difference"))" >&2
 
-# Runs one process under cachegrind; prints "round runner steps instructions".
+# Runs one process under cachegrind; prints "round runner steps instructions"
+# (counted in process: also "round runner base 0", so that the difference
+# below is the count itself).
 count() {
-  local round=$1 name=$2 n=$3 cmd
+  local round=$1 name=$2 n=$3 cmd vg=()
   case $name in
     *_python) cmd=("$python" "$root/bench/python/bench_python.py" $shape
                    --threads 1 --runner "${name%_python}" --steps "$n") ;;
     *) cmd=("$bench" $shape --threads 1 --runner "$name" --steps "$n") ;;
   esac
+  if [ "$in_process" = 1 ]; then
+    cmd+=(--count-from "$steps")
+    vg=(--instr-at-start=no)
+    echo "$round $name $steps 0"
+  fi
   local log
-  log=$(valgrind --tool=cachegrind --cache-sim=no \
+  log=$(valgrind --tool=cachegrind --cache-sim=no "${vg[@]}" \
     --cachegrind-out-file=/dev/null "${cmd[@]}" 2>&1) || {
     echo "error: $name x $n failed:" >&2
     echo "$log" | tail -5 >&2
@@ -118,7 +153,7 @@ if grep -q "Unrecognised instruction" <<<"$probe"; then
 fi
 
 export -f count
-export python root shape bench
+export python root shape bench steps in_process
 xargs -P "$jobs" -L 1 bash -c 'count "$@"' _ <"$work/jobs" >"$work/counts"
 
 # Wall time (optional): the bench's interleaved medians, and Python's.
@@ -135,9 +170,11 @@ if [ "$wall" -gt 0 ]; then
 fi
 
 awk -v steps="$steps" -v extra="$extra" -v methods="$methods" \
-  -v guard="$guard" -v shape="$shape" '
+  -v guard="$guard" -v shape="$shape" -v has_ceilings="${ceilings:+1}" '
   FILENAME == ARGV[1] { c[$1 " " $2 " " $3] = $4; seen[$2] = 1; rr[$1] = 1; next }
-  { ms[$1] = $2 }
+  FILENAME == ARGV[2] { ms[$1] = $2; next }
+  /^[ \t]*(#|$)/ { next }
+  { ceiling[$1] = $2 }
   function per_step(name,   r, a, n, lo, hi, v) {
     n = 0; a = 0
     for (r in rr) {
@@ -170,9 +207,14 @@ awk -v steps="$steps" -v extra="$extra" -v methods="$methods" \
         mi(i[name "_python"]), ratio(i[name], i[name "_floor"]),
         ratio(i[name], i["plain"]), ratio(i[name], i[name "_python"]),
         wall(name "_floor"), wall(name), wall(name "_python")
-      if (guard != "" && !(i[name "_floor"] > 0 && i[name] / i[name "_floor"] <= guard + 0)) {
+      limit = (name in ceiling) ? ceiling[name] : guard
+      if (has_ceilings && !(name in ceiling)) {
+        printf "GUARD: %s has no ceiling in the ceilings file\n", name
+        bad = 1
+      }
+      if (limit != "" && !(i[name "_floor"] > 0 && i[name] / i[name "_floor"] <= limit + 0)) {
         printf "GUARD: %s library/floor %s > %s\n", name,
-          ratio(i[name], i[name "_floor"]), guard
+          ratio(i[name], i[name "_floor"]), limit
         bad = 1
       }
     }
@@ -181,4 +223,4 @@ awk -v steps="$steps" -v extra="$extra" -v methods="$methods" \
         mi(i["plain_python"]), ratio(i["plain"], i["plain_python"])
     printf "largest disagreement between rounds: %.3f %%\n", worst
     exit bad
-  }' "$work/counts" "$work/wall"
+  }' "$work/counts" "$work/wall" ${ceilings:+"$ceilings"}

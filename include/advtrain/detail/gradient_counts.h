@@ -52,14 +52,17 @@ class GradientCounts {
   }
 
   /// Where no norm of a whole tensor is taken (per example): whether `g`
-  /// (undefined: no gradient) is finite, kept like a norm (log 1 = 0 where
-  /// finite, log 0 = -inf where not); it belongs to no attack's group.
+  /// (undefined: no gradient) is finite, kept like a norm: Σ g·0 is 0 where
+  /// every element is finite and NaN where one is not (±inf·0 and NaN·0 are
+  /// NaN; zeros cannot overflow). Two vectorized passes, where `isfinite`
+  /// and `all` took about 1 M instructions on a 16 × 32 × 64 gradient. It
+  /// belongs to no attack's group.
   void note_finite(size_t i, const torch::Tensor& g) {
     if (!g.defined()) {
       return;
     }
     pending_.push_back(Pending{i, -1, false});
-    norms_.push_back(torch::isfinite(g.detach()).all().to(torch::kFloat).log());
+    norms_.push_back(g.detach().mul(0).sum());
   }
 
   /// Appends the norms kept since the last read to `values`; returns how
