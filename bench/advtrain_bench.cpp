@@ -431,7 +431,9 @@ const std::map<std::string, MethodFloor>& floors() {
 /// The library in the user's own loop (the README's "In your own loop"),
 /// for the methods the widely copied classes cover.
 std::function<void()> own_loop(
-    const std::string& m, Setup& s, advtrain::Attacker& a) {
+    const std::string& m, Setup& s, advtrain::Attacker& attacker) {
+  // The own loops are those of FGSM, FGM and PGD, which search.
+  auto& a = dynamic_cast<advtrain::SearchAttacker&>(attacker);
   if (m == "fgm" || m == "fgsm") {
     return [&s, &a] {
       s.clear();
@@ -620,11 +622,13 @@ void methods_table(
   // (per example, δ exists only inside a step).
   std::vector<double> own_ms(methods.size(), -1.0);
   for (size_t k = 0; k < methods.size(); ++k) {
-    if (attackers[k]->per_example()) {
+    auto* searching =
+        dynamic_cast<advtrain::SearchAttacker*>(attackers[k].get());
+    if (attackers[k]->per_example() || searching == nullptr) {
       continue;
     }
     Setup& s = *setups[2 * k + 1];
-    auto& a = *attackers[k];
+    auto& a = *searching;
     s.opt->zero_grad();
     s.loss().backward();
     const int attacks = methods[k] == "pgd" ? 3 : 1;

@@ -12,9 +12,19 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace fixture {
+
+/// Whether `T` has an own-loop `attack()` (a `SearchAttacker`), detected
+/// at compile time.
+template <typename T, typename = void>
+constexpr bool has_attack = false;
+template <typename T>
+constexpr bool
+    has_attack<T, std::void_t<decltype(std::declval<T&>().attack())>> = true;
 
 constexpr int64_t kVocab = 7;
 constexpr int64_t kHidden = 4;

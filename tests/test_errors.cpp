@@ -251,8 +251,8 @@ TEST_CASE(
   advtrain::FGSM fgsm(*model, "embedding");
   advtrain::PGD pgd(*model, "embedding");
   WarningCapture warnings;
-  for (advtrain::Attacker* a :
-       std::vector<advtrain::Attacker*>{&fgm, &fgsm, &pgd}) {
+  for (advtrain::SearchAttacker* a :
+       std::vector<advtrain::SearchAttacker*>{&fgm, &fgsm, &pgd}) {
     W.mutable_grad() = torch::full_like(W, fill);
     a->attack();
     CHECK(torch::equal(W, before));

@@ -67,7 +67,7 @@ struct Bound {
 };
 
 struct Made {
-  std::unique_ptr<advtrain::Attacker> attacker;
+  std::unique_ptr<advtrain::SearchAttacker> attacker;
   Bound bound;
   std::string what;
   bool freeat = false;

@@ -235,8 +235,8 @@ TEST_CASE("restore() returns the weights bit for bit", "[attacker]") {
   advtrain::FGSM fgsm(
       *model, "embedding", advtrain::FGSMOptions().epsilon(0.3));
   advtrain::PGD pgd(*model, "embedding");
-  for (advtrain::Attacker* attacker :
-       std::vector<advtrain::Attacker*>{&fgm, &fgsm, &pgd}) {
+  for (advtrain::SearchAttacker* attacker :
+       std::vector<advtrain::SearchAttacker*>{&fgm, &fgsm, &pgd}) {
     model->zero_grad();
     cross_entropy(model->forward(x), y).backward();
     attacker->attack();
@@ -676,4 +676,25 @@ TEST_CASE(
       CHECK(max_diff_all(run(true), run(false)) < 1e-12);
     }
   }
+}
+
+TEST_CASE(
+    "A strategy has attack() exactly when its traits say it searches",
+    "[attacker]") {
+  // The base is chosen from the traits: SearchAttacker (attack(), the rule)
+  // or Attacker (no rule to stub).
+  for (const auto& c : fixture::strategies()) {
+    DYNAMIC_SECTION(c.name) {
+      auto model = make_act();
+      const auto a = c.per_example ? c.per_example(model->embedding, false)
+                                   : c.on_table(*model, "embedding", false);
+      const bool searches =
+          dynamic_cast<advtrain::SearchAttacker*>(a.get()) != nullptr;
+      CHECK(searches == a->traits().searches());
+    }
+  }
+  CHECK_FALSE(fixture::has_attack<advtrain::ASCC>);
+  CHECK_FALSE(fixture::has_attack<advtrain::DNE>);
+  CHECK(fixture::has_attack<advtrain::FreeAT>);
+  CHECK(fixture::has_attack<advtrain::AWP>);
 }

@@ -18,6 +18,7 @@
 #include <advtrain/pgd.h>
 #include <advtrain/r3f.h>
 #include <advtrain/regularizer.h>
+#include <advtrain/search.h>
 #include <advtrain/smart.h>
 #include <advtrain/step.h>
 #include <advtrain/strategy.h>

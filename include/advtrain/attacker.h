@@ -1,8 +1,11 @@
-// The base of every strategy: `Attacker` holds a `Target` and the
-// strategy's `Traits`, moves the target by the strategy's rule (`attack`),
-// puts it back bit for bit (`restore`), saves and restores gradients, and
-// runs the strategy's protocol for one batch (`run`). `Strategy<Options>`
-// (strategy.h) adds the options and the three ways to name a target.
+// The base of every strategy, in the shape of LibTorch's `Optimizer`: the
+// protocol for one batch (`run_step`, run by `run`) and the state that
+// outlives it (`save`/`load`) are the strategy's; the base holds the
+// `Target` and the strategy's `Traits`, puts the target back bit for bit
+// (`restore`), saves and restores gradients and reads a step's figures once.
+// Strategies that search derive from `SearchAttacker` (search.h), which adds
+// `attack()` and the rule; `Strategy<Options>` (strategy.h) picks the base
+// from the traits and adds the options and the ways to name a target.
 #pragma once
 
 #include <advtrain/detail/archive.h>
@@ -20,7 +23,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <string>
 #include <typeinfo>
 #include <utility>
@@ -28,18 +30,16 @@
 
 namespace advtrain {
 
-/// Base of every strategy: it backs up its target before the first
-/// perturbation, moves it by the strategy's rule, and puts it back bit for
-/// bit. It also saves and restores the gradients of the parameters it
+/// Base of every strategy: it puts its target back bit for bit after a
+/// perturbation, saves and restores the gradients of the parameters it
 /// watches, for PGD-style loops, and saves the state that outlives a batch
 /// (`save`/`load`, or `torch::save(attacker, path)`).
 ///
-/// A strategy supplies its protocol for one batch (`run_step`), its rule
-/// (`perturb`) when it searches, `save_state`/`load_state` when it keeps
-/// state across batches and `on_new_step` when a step starts from a δ of
-/// its own; what it supports and needs is data, its `Traits`
-/// (`Options::traits`), which the base reads. No call leaves the target
-/// perturbed when it throws.
+/// A strategy supplies its protocol for one batch (`run_step`),
+/// `save_state`/`load_state` when it keeps state across batches and
+/// `on_new_step` when a step starts from a δ of its own; what it supports
+/// and needs is data, its `Traits` (`Options::traits`), which the base
+/// reads. No call leaves the target perturbed when it throws.
 class Attacker {
  public:
   /// Restores the target if it is still perturbed.
@@ -53,102 +53,19 @@ class Attacker {
   Attacker(const Attacker&) = delete;
   Attacker& operator=(const Attacker&) = delete;
 
-  /// Backs the target up if it is not perturbed yet, then moves it by the
-  /// strategy's rule (along its current gradient, for all but FreeAT).
-  void attack() {
-    attack(/*is_first_attack=*/!is_perturbed());
-  }
-
-  /// PGD-style: the first attack of a sequence backs the target up. The
-  /// backup is taken whenever the target is not perturbed and never
-  /// overwritten while it is (that case warns: a `restore()` is missing), so
-  /// `restore()` always returns to the values of before the first attack.
-  void attack(bool is_first_attack) {
-    TORCH_CHECK(
-        traits_.searches(),
-        "advtrain: ",
-        kind_,
-        ": its perturbation is not a move of the target along its gradient "
-        "(drawn noise, or a search of its own), so there is no attack(); "
-        "train with Trainer::step");
-    target_->sync(kind_);
-    const std::vector<torch::Tensor> grads = target_grads();
-    torch::NoGradGuard no_grad;
-    if (is_perturbed() && is_first_attack) {
-      TORCH_WARN(
-          "advtrain: attack(is_first_attack=true) while the targets are still "
-          "perturbed (restore() was not called after the last attack); the "
-          "original backup is kept");
-    }
-    backup();
-    try {
-      const auto usable =
-          [this](size_t i, const torch::Tensor& gnorm, bool on_device) {
-            if (!on_device) {
-              note_norm(i, gnorm);
-              return torch::Tensor();
-            }
-            return usable_norm(i, gnorm);
-          };
-      const auto rule = [this](
-                            size_t i,
-                            torch::Tensor& w,
-                            const torch::Tensor& g,
-                            const Geometry& geo,
-                            const torch::Tensor& origin) {
-        return perturb(i, w, g, geo, origin);
-      };
-      std::vector<torch::Tensor> norms;
-      // The gradient norms this attack measures form one group: all zero is
-      // the sign of a zero_grad() between the backward and attack(), counted
-      // when the step is read. (Per example nothing is measured: δ is no
-      // optimizer or module parameter, so zero_grad() does not touch its
-      // gradient.)
-      const auto in_group = counts_.group(traits_.uses_gradient());
-      for (size_t i = 0; i < grads.size(); ++i) {
-        const Move m = target_->move(
-            i,
-            grads[i],
-            traits_.uses_gradient(),
-            traits_.moves_gradient_rows(),
-            traits_.untracked_writes(),
-            usable,
-            rule);
-        norms.push_back(std::move(m.norm));
-        if (traits_.uses_gradient() && !target_->measures_gradient_norm()) {
-          note_finite_gradient(i, grads[i]);
-        }
-      }
-      perturbation_norm_ = detail::combined_norm(norms);
-      peak_bytes_ = std::max(peak_bytes_, held_bytes());
-      target_->consume_gradients();
-      if (running_step() == nullptr) { // a Trainer restores before it steps
-        target_->note_written();
-      }
-    } catch (...) {
-      target_->forget_written(); // the writes so far are this attack's own
-      restore();
-      throw;
-    }
-    if (running_step() == nullptr) {
-      settle(); // an own loop: counted and warned at once
-    }
-  }
-
   /// Puts the backed-up target back, bit for bit; a no-op when nothing is
   /// backed up. Refused, changing nothing, when a perturbed tensor changed
   /// since the last `attack()` (an optimizer step in between): writing the
   /// backup would discard that update.
   void restore() {
     if (is_perturbed()) {
-      peak_bytes_ = std::max(peak_bytes_, held_bytes());
+      note_peak();
     }
     target_->restore(this, kind_);
   }
 
   /// Drops the backup without writing it back: the targets keep their
-  /// current values, the perturbation included (after `restore()` refused
-  /// because an optimizer step came between `attack()` and `restore()`).
+  /// current values, δ included (after `restore()` refused).
   void release() {
     target_->release(this);
   }
@@ -159,17 +76,15 @@ class Attacker {
     grad_backup_.save();
   }
 
-  /// Puts the gradients saved by `backup_grad()` back in place of the current
-  /// ones, exactly: a parameter whose grad was undefined then gets an
-  /// undefined grad again. The backup is handed over, not copied: a call
-  /// without a `backup_grad()` since the last one throws and changes nothing
-  /// (the clean gradient would otherwise be missing from the step).
+  /// Puts the gradients saved by `backup_grad()` back, exactly (undefined
+  /// stays undefined). The backup is handed over: a second call without a
+  /// `backup_grad()` throws and changes nothing.
   void restore_grad() {
     grad_backup_.put_back(kind_);
   }
 
   /// Sets the parameters whose gradients `backup_grad()`/`restore_grad()`
-  /// handle (`Trainer` gives it the optimizer's parameters when none are set).
+  /// handle (a `Trainer` sets the optimizer's parameters when none are).
   void watch_grads(std::vector<torch::Tensor> params) {
     grad_backup_.watch(std::move(params));
   }
@@ -218,10 +133,9 @@ class Attacker {
     save_state(archive);
   }
 
-  /// Reads what `save` wrote; the archive must come from the same strategy
-  /// (its norm variant included: FreeAT's archive does not load into
-  /// FreeATL2). All or nothing: the state is checked (its checksum, shapes,
-  /// finiteness, FreeAT's δ within ε) before anything changes.
+  /// Reads what `save` wrote, from the same strategy and norm variant; all
+  /// or nothing: the state is checked (checksum, shapes, finiteness,
+  /// FreeAT's δ within ε) before anything changes.
   void load(torch::serialize::InputArchive& archive) {
     TORCH_CHECK(
         !is_perturbed(),
@@ -283,13 +197,11 @@ class Attacker {
     }
     return n + grad_backup_.bytes();
   }
-  /// The largest `held_bytes()` seen after an `attack()` or before a
-  /// `restore()`.
+  /// The largest `held_bytes()` seen after an `attack()` or at a restore.
   int64_t peak_held_bytes() const noexcept {
     return peak_bytes_;
   }
-  /// Whether this attacker perturbs embedding outputs per example
-  /// (`PerturbedEmbedding`) rather than parameters.
+  /// Whether it perturbs embedding outputs per example, not parameters.
   bool per_example() const noexcept {
     return target_->per_example();
   }
@@ -308,8 +220,7 @@ class Attacker {
     return counts_.nonfinite();
   }
   /// How many times `attack()` found every target's gradient exactly zero
-  /// (nothing moved; typically `zero_grad()` ran between the backward and
-  /// `attack()`), as of the last host read.
+  /// (`zero_grad()` before `attack()`?), as of the last host read.
   int64_t zero_gradients() const noexcept {
     return counts_.zero();
   }
@@ -332,25 +243,6 @@ class Attacker {
         grad_backup_(
             module != nullptr ? module->tensors()
                               : std::vector<torch::Tensor>{}) {}
-
-  /// The rule: moves tensor `i` (`w`, its data, or the rows of it that
-  /// moved) along its gradient `g`; `geo` says where norms are taken (on a
-  /// parameter, `geo.gnorm` = ‖g‖, and where ‖g‖ is zero or not finite `g`
-  /// is zero and `geo.gnorm` 1); `origin` is its backed-up value (per
-  /// example δ = 0). Returns ‖δᵢ‖ after the move, a 0-dim tensor on the
-  /// device (undefined: not measured); nothing in it may read the device to
-  /// the host. Runs under NoGradGuard. Where `traits().uses_gradient()` is
-  /// false, `g` is undefined. Only strategies whose traits say they search
-  /// define it: `attack()` refuses the others before it gets here.
-  virtual torch::Tensor perturb(
-      size_t /*i*/,
-      torch::Tensor& /*w*/,
-      const torch::Tensor& /*g*/,
-      const Geometry& /*geo*/,
-      const torch::Tensor& /*origin*/) {
-    TORCH_INTERNAL_ASSERT(false, kind_, " declares no search rule");
-    return {};
-  }
 
   /// The protocol for one batch (docs/design.md, "Protocols"), reporting in
   /// `ctx.figures`; called by `run`, whose caller (`Trainer`) restores
@@ -387,50 +279,6 @@ class Attacker {
     return target_->origin(i);
   }
 
-  /// Whether a gradient norm measured on a whole tensor gives a step (0-dim
-  /// bool, on the device): not when it is zero or not finite. The norm is
-  /// kept, and read with the step: non-finite ones are then counted and
-  /// warned about (once per attacker).
-  torch::Tensor usable_norm(size_t i, const torch::Tensor& gnorm) {
-    note_norm(i, gnorm);
-    return detail::usable_norm(gnorm);
-  }
-
-  /// Keeps tensor i's gradient norm `gnorm` (0-dim) to be read with the
-  /// step: a non-finite one is counted, once per step where `once` (a
-  /// regularizer's search, which stops moving at the first).
-  void note_norm(size_t i, const torch::Tensor& gnorm, bool once = false) {
-    counts_.note_norm(i, gnorm, once);
-  }
-
-  /// Per example, where no norm of a whole tensor is taken: whether `g` is
-  /// finite, kept to be read and counted as a norm is.
-  void note_finite_gradient(size_t i, const torch::Tensor& g) {
-    counts_.note_finite(i, g);
-  }
-
-  /// The geometry of a step of tensor `i` along its gradient `g`, or none
-  /// when `g` is undefined. Where the target measures norms on whole
-  /// tensors, ‖g‖ is measured and checked (`usable_norm`): where it is zero
-  /// or not finite, `g` is replaced by zeros, so the step moves by 0; per
-  /// example, such examples are left in place by the step itself.
-  std::optional<Geometry> step_geometry(size_t i, torch::Tensor& g) {
-    if (!g.defined()) {
-      return std::nullopt;
-    }
-    check_sparse(i, g, /*accepted=*/false);
-    if (!target_->measures_gradient_norm()) {
-      note_finite_gradient(i, g);
-      return target_->geometry(i);
-    }
-    const torch::Tensor gnorm = detail::l2_norm(g);
-    if (!detail::sync_free(g)) { // host memory: a read waits for nothing
-      note_norm(i, gnorm);
-      return detail::read_geometry(gnorm);
-    }
-    return detail::whole_tensor(g, gnorm, usable_norm(i, gnorm));
-  }
-
   /// Reads the step's figures (`ctx.figures`), the 0-dim tensors `extra`
   /// and the attacker's counts of zero and non-finite gradients to the host
   /// in one copy; counts and warns; returns extra's values.
@@ -463,38 +311,16 @@ class Attacker {
     return perturbation_norm_;
   }
 
-  /// Reads the pending counts now (outside a `Trainer` step): one host read,
-  /// none when nothing is pending.
-  void settle() {
-    std::vector<torch::Tensor> counts;
-    const size_t n = counts_.append(counts);
-    if (n > 0) {
-      counts_.take(detail::to_host(counts).data(), n, kind_, target_names());
-    }
+  /// Keeps `held_bytes()` if it is the largest yet.
+  void note_peak() {
+    peak_bytes_ = std::max(peak_bytes_, held_bytes());
   }
-
-  /// The protocol of FGSM and FGM: clean pass, one attack, adversarial pass,
-  /// restore, optimizer step.
-  void run_single_attack(StepContext& ctx) {
-    ctx.figures.loss = ctx.pass();
-    attack();
-    ctx.figures.perturbation_norm = perturbation_norm_;
-    ctx.figures.adv_loss = ctx.pass();
-    restore();
-    ctx.step_optimizer();
+  /// The gradient norms and checks kept for the step's host read.
+  detail::GradientCounts& counts() noexcept {
+    return counts_;
   }
 
  private:
-  /// The target's gradients, checked; undefined where a tensor got none.
-  std::vector<torch::Tensor> target_grads() const {
-    return detail::checked_gradients(
-        targets(),
-        target_names(),
-        kind_,
-        traits_.accepts_sparse(),
-        /*needs_one=*/traits_.uses_gradient());
-  }
-
   std::unique_ptr<Target> target_;
   const char* kind_;
   Traits traits_;

@@ -128,45 +128,49 @@ class Regularizer : public Strategy<Options> {
     // regularizer is left out of the loss, decided at the step's one host
     // read, before the backward.
     torch::Tensor finite;
-    TORCH_INTERNAL_ASSERT(
-        Options::traits.searches() || search_steps() == 0,
-        Options::kind,
-        " declares no search but has search steps");
-    for (; search_step_ < search_steps(); ++search_step_) {
-      const torch::Tensor objective =
-          search_objective(perturbed(), clean.detach());
-      const auto grads = torch::autograd::grad(
-          {objective},
-          this->targets(),
-          /*grad_outputs=*/{},
-          /*retain_graph=*/false,
-          /*create_graph=*/false,
-          /*allow_unused=*/true);
-      ++ctx.passes;
-      torch::NoGradGuard no_grad;
-      std::vector<torch::Tensor> moved(n);
-      for (size_t i = 0; i < n; ++i) {
-        this->check_sparse(i, grads[i], /*accepted=*/false);
-        torch::Tensor w = this->data(i);
-        torch::Tensor g = grads[i].defined() ? grads[i] : torch::zeros_like(w);
-        if (grads[i].defined()) {
-          const torch::Tensor gnorm = detail::l2_norm(g);
-          // (Counted once a step: the search stops moving at the first.)
-          this->note_norm(i, gnorm, /*once=*/true);
-          torch::Tensor ok = gnorm.lt(kInf); // NaN: false
-          finite = finite.defined()
-                       ? finite.logical_and_(ok.to(finite.device()))
-                       : std::move(ok);
+    if constexpr (!Options::traits.searches()) {
+      TORCH_INTERNAL_ASSERT(
+          search_steps() == 0,
+          Options::kind,
+          " declares no search but has search steps");
+    } else { // (R3F's instantiation has no rule to call)
+      for (; search_step_ < search_steps(); ++search_step_) {
+        const torch::Tensor objective =
+            search_objective(perturbed(), clean.detach());
+        const auto grads = torch::autograd::grad(
+            {objective},
+            this->targets(),
+            /*grad_outputs=*/{},
+            /*retain_graph=*/false,
+            /*create_graph=*/false,
+            /*allow_unused=*/true);
+        ++ctx.passes;
+        torch::NoGradGuard no_grad;
+        std::vector<torch::Tensor> moved(n);
+        for (size_t i = 0; i < n; ++i) {
+          this->check_sparse(i, grads[i], /*accepted=*/false);
+          torch::Tensor w = this->data(i);
+          torch::Tensor g =
+              grads[i].defined() ? grads[i] : torch::zeros_like(w);
+          if (grads[i].defined()) {
+            const torch::Tensor gnorm = detail::l2_norm(g);
+            // (Counted once a step: the search stops moving at the first.)
+            this->note_norm(i, gnorm, /*once=*/true);
+            torch::Tensor ok = gnorm.lt(kInf); // NaN: false
+            finite = finite.defined()
+                         ? finite.logical_and_(ok.to(finite.device()))
+                         : std::move(ok);
+          }
+          Geometry geo = this->target().geometry(i);
+          if (finite.defined()) { // once not finite, δ stays where it is
+            const torch::Tensor usable = finite.to(g.device());
+            g = at::where(usable, g, at::zeros({}, g.options()));
+            geo.usable = usable;
+          }
+          moved[i] = this->perturb(i, w, g, geo, this->origin(i));
         }
-        Geometry geo = this->target().geometry(i);
-        if (finite.defined()) { // once not finite, δ stays where it is
-          const torch::Tensor usable = finite.to(g.device());
-          g = at::where(usable, g, at::zeros({}, g.options()));
-          geo.usable = usable;
-        }
-        moved[i] = this->perturb(i, w, g, geo, this->origin(i));
+        norm = detail::combined_norm(moved);
       }
-      norm = detail::combined_norm(moved);
     }
     this->set_perturbation_norm(norm);
     const torch::Tensor adv = perturbed();

@@ -1,7 +1,8 @@
 // `Strategy<Options>`, the base a strategy derives from: the three ways to
 // name its target (tensors, a module and a name, a `PerturbedEmbedding` or a
 // perturbation slot), its options validated once, and its traits passed to
-// `Attacker`; `check_option`, the refusal of an invalid option.
+// the base they choose (`SearchAttacker` where the strategy searches, else
+// `Attacker`); `check_option`, the refusal of an invalid option.
 #pragma once
 
 #include <advtrain/activation_target.h>
@@ -9,6 +10,7 @@
 #include <advtrain/parameter_target.h>
 #include <advtrain/parameters.h>
 #include <advtrain/perturbed_embedding.h>
+#include <advtrain/search.h>
 
 #include <torch/torch.h>
 
@@ -54,13 +56,19 @@ void check_option(
 /// `PerturbedEmbedding` (each example's embedded tokens) — which strategies
 /// inherit (`using Strategy::Strategy`), and the options, validated once by
 /// `check_options(options, attacker)` (an overload next to each options
-/// struct, which names the strategy in `Options::kind`).
+/// struct, which names the strategy in `Options::kind`). Its base is
+/// `SearchAttacker` where `Options::traits.searches()`, else `Attacker`.
 template <typename Options>
-class Strategy : public Attacker {
+class Strategy
+    : public std::
+          conditional_t<Options::traits.searches(), SearchAttacker, Attacker> {
+  using Base =
+      std::conditional_t<Options::traits.searches(), SearchAttacker, Attacker>;
+
  public:
   /// Perturbs `params` (e.g. embedding tables).
   explicit Strategy(std::vector<torch::Tensor> params, Options options = {})
-      : Attacker(
+      : Base(
             std::make_unique<ParameterTarget>(std::move(params), Options::kind),
             Options::kind,
             Options::traits,
@@ -75,7 +83,7 @@ class Strategy : public Attacker {
       const NamedParameters& module,
       const std::string& name_contains,
       Options options = {})
-      : Attacker(
+      : Base(
             std::make_unique<ParameterTarget>(
                 module, name_contains, Options::kind),
             Options::kind,
@@ -97,7 +105,7 @@ class Strategy : public Attacker {
   /// (`(*slot)(embeds, mask)`), for a model that takes embeddings
   /// (`inputs_embeds`) rather than owning a `PerturbedEmbedding`.
   explicit Strategy(std::shared_ptr<Perturbation> slot, Options options = {})
-      : Attacker(
+      : Base(
             std::make_unique<ActivationTarget>(
                 std::vector<std::shared_ptr<Perturbation>>{std::move(slot)},
                 Options::kind),
