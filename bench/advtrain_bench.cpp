@@ -546,6 +546,8 @@ void run_alone(
   if (count_from >= 0) {
     CACHEGRIND_STOP_INSTRUMENTATION;
   }
+#else
+  (void)count_from; // main() refuses --count-from without client requests
 #endif
   // Steps after the first two (first touches of pages and optimizer state).
   const std::vector<double> warm(

@@ -151,10 +151,10 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
       const torch::Tensor loss = ctx.pass();
       if (j == 0) { // the figures report the first replay and the last
         r.loss = loss;
-        r.start_norm = target().norm();
+        r.start_norm = delta_norm();
       }
       if (j == m - 1) {
-        r.perturbation_norm = j == 0 ? r.start_norm : target().norm();
+        r.perturbation_norm = j == 0 ? r.start_norm : delta_norm();
         r.adv_loss = loss;
       }
       // A replay whose optimizer step does not happen (a throwing hook, a
@@ -228,6 +228,19 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   }
 
  private:
+  /// ‖δ‖ in place, over all tensors: on a parameter read from the kept δ
+  /// itself (one pass, where ‖W − W0‖ takes a subtraction more).
+  torch::Tensor delta_norm() const {
+    if (target().per_example()) {
+      return target().norm();
+    }
+    std::vector<torch::Tensor> norms;
+    for (const auto& d : persistent_) {
+      norms.push_back(d.defined() ? detail::l2_norm(d) : torch::Tensor());
+    }
+    return detail::combined_norm(norms);
+  }
+
   /// Refuses a saved δ that is not finite or lies outside the ball of ε
   /// (within rounding), as no FreeAT with these options makes one.
   void check_saved(size_t i, const torch::Tensor& d) const {

@@ -36,6 +36,10 @@ struct Geometry {
   /// waits for no device): then it is positive and finite, and `usable` is
   /// not set (0: not read).
   double host_gnorm = 0.0;
+  /// Whether the rule's figures are wanted (the norm a whole tensor's L∞
+  /// step or projection returns, a pass over the tensor each): not where
+  /// they would be dropped (FreeAT's δ kept apart from its target).
+  bool measure = true;
   bool per_example() const noexcept {
     return mask.defined();
   }
@@ -171,7 +175,8 @@ struct LInf {
   static constexpr const char* name = "LInf";
 
   /// Adds `alpha * sign(g)` to `w` in place. On a whole tensor returns the
-  /// step's L2 norm (0 where not `geo.usable`, whose `g` is zero). Per
+  /// step's L2 norm (0 where not `geo.usable`, whose `g` is zero; undefined
+  /// where not `geo.measure`). Per
   /// example: over the unmasked positions, examples with a non-finite
   /// ‖g_i‖ left in place (returns undefined).
   static torch::Tensor step(
@@ -184,6 +189,9 @@ struct LInf {
       return {};
     }
     w.add_(g.sign(), alpha);
+    if (!geo.measure) {
+      return {};
+    }
     return g.count_nonzero().to(torch::kDouble).sqrt() * alpha;
   }
 
@@ -204,7 +212,7 @@ struct LInf {
     } else {
       delta.clamp_(-eps, eps);
     }
-    if (geo.per_example()) {
+    if (geo.per_example() || !geo.measure) {
       return {};
     }
     return {detail::l2_norm(delta), torch::Tensor()};
@@ -315,14 +323,16 @@ torch::Tensor projected_step(
 }
 
 /// A step of `Norm` of size alpha along g on a perturbation `d` kept apart
-/// from its target (FreeAT's), then back into the ball of radius eps.
+/// from its target (FreeAT's), then back into the ball of radius eps; the
+/// rule's figures are not measured (nothing reads them).
 template <typename Norm>
 void step_and_project(
     torch::Tensor& d,
     const torch::Tensor& g,
     double alpha,
     double eps,
-    const Geometry& geo) {
+    Geometry geo) {
+  geo.measure = false;
   Norm::step(d, g, alpha, geo);
   Norm::project(d, eps, geo);
 }

@@ -192,7 +192,9 @@ class ParameterTarget : public Target {
     Target::end_step();
     start_ = nullptr;
   }
-  /// Backs the tensors up and writes origin + start on each.
+  /// Backs the tensors up and writes origin + start on each: the start
+  /// writes δ into the tensor, the backed-up origin is then added (no
+  /// zero-filled δ in between).
   void restart(const void* owner, const char* kind) override {
     backup(owner, kind, /*rows_only=*/false, /*untracked=*/false);
     if (!start_) {
@@ -201,9 +203,8 @@ class ParameterTarget : public Target {
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < tensors_.size(); ++i) {
       torch::Tensor w = data(i, /*untracked=*/false);
-      torch::Tensor d = torch::zeros_like(w);
-      start_(i, d, torch::Tensor());
-      at::add_out(w, backup_[i], d);
+      start_(i, w, torch::Tensor());
+      w.add_(backup_[i]);
     }
   }
 

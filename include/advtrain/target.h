@@ -49,8 +49,10 @@ class Target {
   /// returns whether it gives a step as a 0-dim bool (else undefined).
   using NormCheck = std::function<torch::Tensor(
       size_t i, const torch::Tensor& gnorm, bool on_device)>;
-  /// Fills the start of tensor i's perturbation `d` (zero before; `mask`
-  /// broadcast against it per example, undefined on a parameter).
+  /// Writes the start of tensor i's perturbation into `d`, overwriting it
+  /// (per example `d` is δ, zero before; on a parameter it is the tensor
+  /// itself, to which the target then adds its backed-up value); `mask`
+  /// broadcast against it per example, undefined on a parameter.
   using Start =
       std::function<void(size_t i, torch::Tensor& d, const torch::Tensor& m)>;
 
