@@ -293,7 +293,9 @@ torch::Tensor projected_step(
     double eps,
     const torch::Tensor& origin,
     const Geometry& geo) {
-  Norm::step(w, g, alpha, geo);
+  Geometry moving = geo; // the step's own norm is not read here
+  moving.measure = false;
+  Norm::step(w, g, alpha, moving);
   if (geo.per_example()) {
     if (eps > 0) {
       Norm::project(w, eps, geo);
