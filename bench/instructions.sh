@@ -64,7 +64,10 @@ if ! command -v valgrind >/dev/null; then
   exit 77
 fi
 [ -x "$bench" ] || { echo "error: build $bench first" >&2; exit 1; }
-methods=${methods:-$("$bench" --list-methods)}
+if [ -z "$methods" ]; then
+  methods=$("$bench" --list-methods) ||
+    { echo "error: $bench has no --list-methods (rebuild it)" >&2; exit 1; }
+fi
 [ -z "$ceilings" ] || [ -r "$ceilings" ] ||
   { echo "error: cannot read $ceilings" >&2; exit 2; }
 if [ "$use_python" = 1 ] && ! "$python" -c 'import torch' 2>/dev/null; then
@@ -90,11 +93,17 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # Counting inside one process needs the bench's client requests (exit 3
 # without them) and runs the C++ runners only.
-in_process=0
-if [ "$use_python" = 0 ] &&
-  "$bench" $shape --threads 1 --runner plain --steps 1 --count-from 0 \
-    >/dev/null 2>&1; then
+in_process=0 probe_rc=3
+if [ "$use_python" = 0 ]; then
+  probe_log=$("$bench" $shape --threads 1 --runner plain --steps 1 \
+    --count-from 0 2>&1) && probe_rc=0 || probe_rc=$?
+fi
+if [ "$probe_rc" = 0 ]; then
   in_process=1
+elif [ "$probe_rc" != 3 ]; then # not the "no client requests" refusal
+  echo "error: the bench failed (exit $probe_rc):" >&2
+  echo "$probe_log" | tail -5 >&2
+  exit 1
 elif [ "$in_process_only" = 1 ]; then
   echo "the bench cannot count in process (built without valgrind >= 3.22's" \
     "<valgrind/cachegrind.h>, or with Python runners): skipped" >&2
@@ -170,11 +179,20 @@ if [ "$wall" -gt 0 ]; then
 fi
 
 awk -v steps="$steps" -v extra="$extra" -v methods="$methods" \
-  -v guard="$guard" -v shape="$shape" -v has_ceilings="${ceilings:+1}" '
+  -v guard="$guard" -v shape="$shape" -v has_ceilings="${ceilings:+1}" \
+  -v in_process="$in_process" '
   FILENAME == ARGV[1] { c[$1 " " $2 " " $3] = $4; seen[$2] = 1; rr[$1] = 1; next }
   FILENAME == ARGV[2] { ms[$1] = $2; next }
   /^[ \t]*(#|$)/ { next }
-  { ceiling[$1] = $2 }
+  {
+    sub(/\r$/, "")
+    if (NF != 2 || $2 !~ /^[0-9]*\.?[0-9]+$/) {
+      printf "GUARD: %s, line %d: not \"method ratio\": %s\n", FILENAME, FNR, $0
+      bad = 1
+      next
+    }
+    ceiling[$1] = $2
+  }
   function per_step(name,   r, a, n, lo, hi, v) {
     n = 0; a = 0
     for (r in rr) {
@@ -193,13 +211,16 @@ awk -v steps="$steps" -v extra="$extra" -v methods="$methods" \
   function wall(name) { return (name in ms) ? sprintf("%.2f", ms[name]) : "-" }
   END {
     for (name in seen) i[name] = per_step(name)
-    printf "instructions per step (M), %s, 1 thread; (I(%d) - I(%d)) / %d\n",
-      shape, steps + extra, steps, extra
+    if (in_process)
+      printf "instructions per step (M), %s, 1 thread; steps %d-%d counted in process\n",
+        shape, steps + 1, steps + extra
+    else
+      printf "instructions per step (M), %s, 1 thread; (I(%d) - I(%d)) / %d\n",
+        shape, steps + extra, steps, extra
     printf "%-8s %8s %8s %8s %8s %8s %10s %10s %10s %8s %8s %8s\n",
       "method", "plain", "floor", "library", "own", "python",
       "lib/floor", "lib/plain", "lib/python", "ms floor", "ms lib", "ms py"
     n = split(methods, m, ",")
-    bad = 0
     for (k = 1; k <= n; k++) {
       name = m[k]
       printf "%-8s %8s %8s %8s %8s %8s %10s %10s %10s %8s %8s %8s\n", name,

@@ -228,10 +228,17 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   }
 
  private:
-  /// ‖δ‖ in place, over all tensors: on a parameter read from the kept δ
-  /// itself (one pass, where ‖W − W0‖ takes a subtraction more).
+  /// ‖δ‖ in place, over all tensors: on a float32 or float64 parameter
+  /// read from the kept δ itself (one pass, where ‖W − W0‖ takes a
+  /// subtraction more; they differ by rounding). In a 16-bit table much of δ
+  /// may round away in W0 + δ, so there ‖W − W0‖ is measured.
   torch::Tensor delta_norm() const {
-    if (target().per_example()) {
+    bool wide = !target().per_example();
+    for (const auto& t : targets()) {
+      wide = wide && (t.scalar_type() == torch::kFloat ||
+                      t.scalar_type() == torch::kDouble);
+    }
+    if (!wide) {
       return target().norm();
     }
     std::vector<torch::Tensor> norms;

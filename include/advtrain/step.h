@@ -323,11 +323,11 @@ struct StepContext {
   /// true (a term the protocol leaves out).
   void note_finite(
       const torch::Tensor& value, const torch::Tensor& unless = {}) {
-    // Beyond one element, Σ value·0 is 0 where every element is finite and
-    // NaN where one is not: two vectorized passes over a gradient, where
-    // isfinite + all cost several times that.
+    // (A gradient's check allocates booleans, a byte per element, where
+    // Σ value·0 would take a copy of the gradient's size.)
     const torch::Tensor v = value.detach();
-    torch::Tensor ok = torch::isfinite(v.dim() == 0 ? v : v.mul(0).sum());
+    torch::Tensor ok =
+        v.dim() == 0 ? torch::isfinite(v) : torch::isfinite(v).all();
     if (unless.defined()) {
       ok = ok.logical_or(unless.to(ok.device()));
     }

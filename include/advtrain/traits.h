@@ -23,7 +23,9 @@ class Traits {
   }
 
   /// Whether `attack()` moves the target by a rule (`perturb`); false where
-  /// the perturbation is drawn (R3F): an own-loop `attack()` is refused.
+  /// there is no search (R3F's drawn noise, ASCC's and DNE's combinations):
+  /// the strategy then derives from `Attacker`, not `SearchAttacker`, and
+  /// has no `attack()`.
   ADVTRAIN_TRAIT(searches)
   /// Whether the rule moves along the gradient (and so `attack()` needs
   /// one); false for FreeAT, whose δ comes from the previous replay.

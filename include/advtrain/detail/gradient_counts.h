@@ -62,7 +62,7 @@ class GradientCounts {
       return;
     }
     pending_.push_back(Pending{i, -1, false});
-    norms_.push_back(g.detach().mul(0).sum());
+    norms_.push_back(g.detach().mul(0).sum(torch::kFloat)); // as the norms
   }
 
   /// Appends the norms kept since the last read to `values`; returns how
