@@ -30,13 +30,38 @@ struct StrategyCase {
   using PerExample = std::function<std::unique_ptr<advtrain::Attacker>(
       const advtrain::PerturbedEmbedding& embedding, bool share_dropout_mask)>;
 
+  /// What the general tests expect of a strategy beyond its passes, declared
+  /// with its entry (flags, or-ed).
+  enum Expect : unsigned {
+    kNothing = 0,
+    /// A step draws random numbers (then CPU and CUDA runs differ).
+    kDrawsRandom = 1,
+    /// Trains on a sparse table gradient as on the dense one (else refuses
+    /// it).
+    kSparseTable = 2,
+    /// Its search follows the task loss's gradient, so a non-finite one is
+    /// counted and skips the optimizer step.
+    kTaskGradient = 4,
+  };
+
   std::string name;
   /// Forward passes through the whole model per `Trainer::step`.
   int64_t passes = 2;
   /// Optimizer steps per `Trainer::step` (FreeAT: one per replay).
   int64_t optimizer_steps = 1;
+  unsigned expect = kNothing;
   /// Whether a step draws random numbers (then CPU and CUDA runs differ).
-  bool draws_random = false;
+  bool draws_random() const {
+    return (expect & kDrawsRandom) != 0;
+  }
+  /// Whether it trains on a sparse table gradient (else refuses it).
+  bool takes_sparse_table() const {
+    return (expect & kSparseTable) != 0;
+  }
+  /// Whether its search follows the task loss's gradient.
+  bool follows_task_gradient() const {
+    return (expect & kTaskGradient) != 0;
+  }
   /// On a weight table (module + parameter name); null: not supported.
   OnTable on_table;
   /// On each example's embedded tokens; null: not supported (YOPO, which
@@ -55,11 +80,13 @@ StrategyCase both(
     std::string name,
     int64_t passes,
     int64_t optimizer_steps,
+    unsigned expect,
     std::function<Options(bool)> options) {
   StrategyCase c;
   c.name = std::move(name);
   c.passes = passes;
   c.optimizer_steps = optimizer_steps;
+  c.expect = expect;
   c.on_table = [options](
                    const advtrain::NamedParameters& module,
                    const std::string& target,
@@ -79,22 +106,26 @@ StrategyCase both(
 /// in a bfloat16 table (see docs/guide.md).
 inline const std::vector<StrategyCase>& strategies() {
   using namespace advtrain;
+  using Case = StrategyCase;
   static const std::vector<StrategyCase> list = [] {
     std::vector<StrategyCase> l = {
         detail::both<FGSM, FGSMOptions>(
             "FGSM",
             2,
             1,
+            Case::kSparseTable | Case::kTaskGradient,
             [](bool s) { return FGSMOptions().share_dropout_mask(s); }),
         detail::both<FGM, FGMOptions>(
             "FGM",
             2,
             1,
+            Case::kSparseTable | Case::kTaskGradient,
             [](bool s) { return FGMOptions().share_dropout_mask(s); }),
         detail::both<PGD, PGDOptions>(
             "PGD",
             3,
             1,
+            Case::kSparseTable | Case::kTaskGradient,
             [](bool s) {
               // ε below 2α: the projection binds.
               return PGDOptions().steps(2).epsilon(0.2).share_dropout_mask(s);
@@ -103,6 +134,7 @@ inline const std::vector<StrategyCase>& strategies() {
             "FreeAT",
             3,
             3,
+            Case::kTaskGradient,
             [](bool s) {
               return FreeATOptions().replays(3).share_dropout_mask(s);
             }),
@@ -110,6 +142,7 @@ inline const std::vector<StrategyCase>& strategies() {
             "FreeLB",
             3,
             1,
+            Case::kSparseTable | Case::kTaskGradient,
             [](bool s) {
               return FreeLBOptions().steps(3).share_dropout_mask(s);
             }),
@@ -117,6 +150,7 @@ inline const std::vector<StrategyCase>& strategies() {
             "FreeLBLInf",
             3,
             1,
+            Case::kSparseTable,
             [](bool s) {
               return FreeLBOptions().steps(3).epsilon(0.5).share_dropout_mask(
                   s);
@@ -125,6 +159,7 @@ inline const std::vector<StrategyCase>& strategies() {
             "SMART", // with the proximal teacher's pass
             5,
             1,
+            Case::kDrawsRandom,
             [](bool s) {
               return SMARTOptions()
                   .steps(2)
@@ -136,6 +171,7 @@ inline const std::vector<StrategyCase>& strategies() {
             "VAT",
             3,
             1,
+            Case::kDrawsRandom,
             [](bool s) {
               return VATOptions().epsilon(1.0).share_dropout_mask(s);
             }),
@@ -143,17 +179,20 @@ inline const std::vector<StrategyCase>& strategies() {
             "LLR",
             3,
             1,
+            Case::kDrawsRandom,
             [](bool s) { return LLROptions().share_dropout_mask(s); }),
         detail::both<R3F, R3FOptions>(
             "R3F",
             2,
             1,
+            Case::kDrawsRandom,
             [](bool s) {
               return R3FOptions().sigma(1e-2).share_dropout_mask(s);
             }),
     };
     StrategyCase awp; // weights only: no per-example target
     awp.name = "AWP";
+    awp.expect = Case::kSparseTable;
     awp.on_table =
         [](const NamedParameters& module, const std::string& target, bool s) {
           return std::make_unique<AWP>(
@@ -174,6 +213,7 @@ inline const std::vector<StrategyCase>& strategies() {
     };
     StrategyCase ascc; // per example only: it needs the ids of a lookup
     ascc.name = "ASCC";
+    ascc.expect = Case::kDrawsRandom;
     ascc.passes = 5;
     ascc.substitutes_lookup = true;
     ascc.per_example = [candidates](const PerturbedEmbedding& e, bool s) {
@@ -185,6 +225,7 @@ inline const std::vector<StrategyCase>& strategies() {
     l.push_back(std::move(ascc));
     StrategyCase dne; // per example only, as ASCC
     dne.name = "DNE";
+    dne.expect = Case::kDrawsRandom;
     dne.passes = 3;
     dne.substitutes_lookup = true;
     dne.per_example = [candidates](const PerturbedEmbedding& e, bool s) {
@@ -194,11 +235,6 @@ inline const std::vector<StrategyCase>& strategies() {
           DNEOptions().steps(2).step_size(1.0).share_dropout_mask(s));
     };
     l.push_back(std::move(dne));
-    for (auto& c : l) { // their noise
-      c.draws_random = c.name == "SMART" || c.name == "VAT" ||
-                       c.name == "R3F" || c.name == "LLR" || c.name == "ASCC" ||
-                       c.name == "DNE";
-    }
     return l;
   }();
   return list;

@@ -688,7 +688,7 @@ TEST_CASE(
       Contains("NoiseReg: Invalid sigma: 0"));
   // One entry makes it part of the general tests' list.
   const auto c = fixture::detail::both<NoiseReg, NoiseRegOptions>(
-      "NoiseReg", 2, 1, [](bool s) {
+      "NoiseReg", 2, 1, fixture::StrategyCase::kDrawsRandom, [](bool s) {
         return NoiseRegOptions().share_dropout_mask(s);
       });
   check_before_optimizer_step(c);

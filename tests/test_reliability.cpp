@@ -1084,8 +1084,7 @@ TEST_CASE(
   // count has its own test), with the gradients checked: counted, and the
   // step skipped.
   for (const auto& c : strategies()) {
-    if (c.name != "FGSM" && c.name != "FGM" && c.name != "PGD" &&
-        c.name != "FreeLB" && c.name != "FreeAT") {
+    if (!c.follows_task_gradient()) {
       continue;
     }
     INFO(c.name);

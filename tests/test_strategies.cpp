@@ -430,11 +430,6 @@ std::vector<std::vector<torch::Tensor>> train_steps(
   return after;
 }
 
-bool takes_sparse(const std::string& name) {
-  return name == "FGSM" || name == "FGM" || name == "PGD" || name == "FreeLB" ||
-         name == "FreeLBLInf" || name == "AWP";
-}
-
 } // namespace
 
 TEST_CASE(
@@ -460,7 +455,7 @@ TEST_CASE(
               m->parameters(), torch::optim::AdagradOptions(kLr));
           return train_steps(m, a, opt);
         };
-        if (takes_sparse(c.name)) {
+        if (c.takes_sparse_table()) {
           const auto want = run(dense, *a_dense);
           const auto got = run(sparse, *a_sparse);
           REQUIRE(got.size() == want.size());

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <optional>
 #include <stdexcept>
@@ -101,9 +102,81 @@ struct Config {
   }
 };
 
+/// The strategy options (those a method's row in a --tuned file may set
+/// too), with their allowed values, into `c`.
+inline void add_strategy_options(CLI::App& app, Config& c) {
+  app.add_option(
+         "--train-synonyms",
+         c.train_synonyms,
+         "the substitution set ASCC and DNE train with: counterfitted or "
+         "wordnet "
+         "(attacking with the other source gives the cross-source figure)")
+      ->check(CLI::IsMember({"counterfitted", "wordnet"}))
+      ->capture_default_str();
+  app.add_option(
+      "--epsilon",
+      c.epsilon,
+      "radius: fgsm fgm pgd freeat freelb yopo vat llr awp (relative)");
+  app.add_option(
+      "--alpha",
+      c.alpha,
+      "ascent step: pgd freeat freelb smart yopo llr awp dne; ascc: its "
+      "Adam's learning rate");
+  app.add_option(
+      "--steps",
+      c.steps,
+      "steps: pgd freelb smart yopo (m) vat (power iterations) llr awp "
+      "ascc (Adam steps) dne (ascent passes)");
+  app.add_option("--inner-steps", c.inner_steps, "YOPO's inner steps n");
+  app.add_option(
+      "--init-mag", c.init_mag, "random start: freelb yopo (activations)");
+  app.add_option("--replays", c.replays, "FreeAT's replays m");
+  app.add_option(
+         "--norm",
+         c.norm,
+         "the ball of pgd and freelb (default l2) and freeat (default linf)")
+      ->check(CLI::IsMember({"l2", "linf"}));
+  app.add_option(
+      "--weight", c.weight, "regularizer weight: smart vat r3f llr ascc (KL)");
+  app.add_option("--noise-var", c.noise_var, "noise scale: smart r3f (sigma)");
+  app.add_option(
+      "--dir-alpha",
+      c.dir_alpha,
+      "dne: Dirichlet concentration of a word and its substitutes");
+  app.add_option(
+      "--dir-decay",
+      c.dir_decay,
+      "dne: factor on --dir-alpha for the substitutes' substitutes");
+  app.add_option(
+         "--augment-share",
+         c.augment_share,
+         "a2t: share of the training texts attacked each epoch after the "
+         "first (their successful adversarial texts join the epoch)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  app.add_option(
+         "--augment-rate",
+         c.augment_rate,
+         "a2t: largest share of a text's words its attack changes (at least "
+         "4 words)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  app.add_option(
+         "--ensemble",
+         c.ensemble,
+         "dne: drawn combinations averaged per prediction (clean accuracy "
+         "and the attacks)")
+      ->check(CLI::Range(int64_t{1}, std::numeric_limits<int64_t>::max()))
+      ->capture_default_str();
+}
+
 /// `c` with the strategy options of `options` ("name=value;...", as
-/// Config::options() writes them) set. Throws on an unknown name.
+/// Config::options() and sweep.sh's tuned.csv write them) set, read by the
+/// command line's own definitions (`--name value`, `_` read as `-`), so the
+/// same names and values are allowed. Throws on an unknown name or a bad
+/// value.
 inline Config with_options(Config c, const std::string& options) {
+  std::vector<std::string> args; // reversed, as CLI::App::parse takes them
   size_t start = 0;
   while (start < options.size()) {
     auto end = options.find(';', start);
@@ -114,63 +187,23 @@ inline Config with_options(Config c, const std::string& options) {
     if (eq == std::string::npos) {
       throw std::invalid_argument("option '" + item + "' has no value");
     }
-    const auto name = item.substr(0, eq), value = item.substr(eq + 1);
-    if (name == "norm" || name == "train_synonyms") {
-      const bool known = name == "norm"
-                             ? value == "l2" || value == "linf"
-                             : value == "counterfitted" || value == "wordnet";
-      if (!known) {
-        throw std::invalid_argument(
-            "option '" + name + "': '" + value + "' is not one of " +
-            (name == "norm" ? "l2 linf" : "counterfitted wordnet"));
-      }
-      (name == "norm" ? c.norm : c.train_synonyms) = value;
-      continue;
-    }
-    double* setting = name == "augment_share"  ? &c.augment_share
-                      : name == "augment_rate" ? &c.augment_rate
-                                               : nullptr;
-    std::optional<double>* real = name == "epsilon"     ? &c.epsilon
-                                  : name == "alpha"     ? &c.alpha
-                                  : name == "weight"    ? &c.weight
-                                  : name == "noise_var" ? &c.noise_var
-                                  : name == "init_mag"  ? &c.init_mag
-                                  : name == "dir_alpha" ? &c.dir_alpha
-                                  : name == "dir_decay" ? &c.dir_decay
-                                                        : nullptr;
-    std::optional<int64_t>* count = name == "steps"         ? &c.steps
-                                    : name == "replays"     ? &c.replays
-                                    : name == "inner_steps" ? &c.inner_steps
-                                                            : nullptr;
-    if (real == nullptr && count == nullptr && setting == nullptr &&
-        name != "ensemble") {
-      throw std::invalid_argument("unknown option '" + name + "'");
-    }
-    size_t used = 0;
-    try {
-      if (real != nullptr) {
-        *real = std::stod(value, &used);
-      } else if (setting != nullptr) {
-        *setting = std::stod(value, &used);
-      } else if (count != nullptr) {
-        *count = std::stoll(value, &used);
-      } else {
-        c.ensemble = std::stoll(value, &used);
-      }
-    } catch (const std::logic_error&) {
-      used = 0;
-    }
-    if (used == 0 || used != value.size()) {
+    std::string name = item.substr(0, eq);
+    std::replace(name.begin(), name.end(), '_', '-');
+    args.insert(args.begin(), {item.substr(eq + 1), "--" + name});
+  }
+  CLI::App app;
+  add_strategy_options(app, c);
+  for (size_t k = 1; k < args.size(); k += 2) {
+    if (app.get_option_no_throw(args[k]) == nullptr) {
       throw std::invalid_argument(
-          "option '" + name + "': '" + value + "' is not a number");
+          "options '" + options + "': " + args[k].substr(2) +
+          " is not a strategy option");
     }
-    // The ranges the command line holds these to.
-    if ((setting != nullptr && !(*setting >= 0 && *setting <= 1)) ||
-        (name == "ensemble" && c.ensemble < 1)) {
-      throw std::invalid_argument(
-          "option '" + name + "': " + value +
-          (name == "ensemble" ? " is not >= 1" : " is not in [0, 1]"));
-    }
+  }
+  try {
+    app.parse(args);
+  } catch (const CLI::ParseError& e) {
+    throw std::invalid_argument("options '" + options + "': " + e.what());
   }
   return c;
 }
@@ -313,14 +346,6 @@ inline std::optional<int> parse_command_line(
       ->check(CLI::IsMember({"wordnet", "counterfitted", "both"}))
       ->capture_default_str();
   app.add_option(
-         "--train-synonyms",
-         c.train_synonyms,
-         "the substitution set ASCC and DNE train with: counterfitted or "
-         "wordnet "
-         "(attacking with the other source gives the cross-source figure)")
-      ->check(CLI::IsMember({"counterfitted", "wordnet"}))
-      ->capture_default_str();
-  app.add_option(
          "--neighbours",
          c.neighbours,
          "the counter-fitted neighbours' JSON file {word: [substitutes]}")
@@ -347,61 +372,7 @@ inline std::optional<int> parse_command_line(
          "--epochs", c.epochs, "epochs (FreeAT: divided by its replays)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
-  app.add_option(
-      "--epsilon",
-      c.epsilon,
-      "radius: fgsm fgm pgd freeat freelb yopo vat llr awp (relative)");
-  app.add_option(
-      "--alpha",
-      c.alpha,
-      "ascent step: pgd freeat freelb smart yopo llr awp dne; ascc: its "
-      "Adam's learning rate");
-  app.add_option(
-      "--steps",
-      c.steps,
-      "steps: pgd freelb smart yopo (m) vat (power iterations) llr awp "
-      "ascc (Adam steps) dne (ascent passes)");
-  app.add_option("--inner-steps", c.inner_steps, "YOPO's inner steps n");
-  app.add_option(
-      "--init-mag", c.init_mag, "random start: freelb yopo (activations)");
-  app.add_option("--replays", c.replays, "FreeAT's replays m");
-  app.add_option(
-         "--norm",
-         c.norm,
-         "the ball of pgd and freelb (default l2) and freeat (default linf)")
-      ->check(CLI::IsMember({"l2", "linf"}));
-  app.add_option(
-      "--weight", c.weight, "regularizer weight: smart vat r3f llr ascc (KL)");
-  app.add_option("--noise-var", c.noise_var, "noise scale: smart r3f (sigma)");
-  app.add_option(
-      "--dir-alpha",
-      c.dir_alpha,
-      "dne: Dirichlet concentration of a word and its substitutes");
-  app.add_option(
-      "--dir-decay",
-      c.dir_decay,
-      "dne: factor on --dir-alpha for the substitutes' substitutes");
-  app.add_option(
-         "--augment-share",
-         c.augment_share,
-         "a2t: share of the training texts attacked each epoch after the "
-         "first (their successful adversarial texts join the epoch)")
-      ->check(CLI::Range(0.0, 1.0))
-      ->capture_default_str();
-  app.add_option(
-         "--augment-rate",
-         c.augment_rate,
-         "a2t: largest share of a text's words its attack changes (at least "
-         "4 words)")
-      ->check(CLI::Range(0.0, 1.0))
-      ->capture_default_str();
-  app.add_option(
-         "--ensemble",
-         c.ensemble,
-         "dne: drawn combinations averaged per prediction (clean accuracy "
-         "and the attacks)")
-      ->check(CLI::PositiveNumber)
-      ->capture_default_str();
+  add_strategy_options(app, c);
   app.add_option("--lr", c.lr, "Adam's learning rate")->capture_default_str();
   app.add_option("--batch-size", c.batch_size)
       ->check(CLI::PositiveNumber)

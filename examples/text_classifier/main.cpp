@@ -38,7 +38,6 @@
 #include <fmt/core.h>
 #include <torch/torch.h>
 
-#include <algorithm>
 #include <exception>
 #include <map>
 #include <stdexcept>

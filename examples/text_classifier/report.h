@@ -58,8 +58,8 @@ inline void print_data(const Config& c, const Data& d) {
   if (!d.unlabeled.empty()) {
     fmt::print(
         "labels: {} of the {} training texts are labeled; the label-free "
-        "methods (VAT, SMART, R3F) also train on the other {}, the others "
-        "on the labeled ones alone\n",
+        "methods (whose attacker's traits are label_free) also train on the "
+        "other {}, the others on the labeled ones alone\n",
         d.train.size(),
         d.train.size() + d.unlabeled.size(),
         d.unlabeled.size());

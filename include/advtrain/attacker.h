@@ -284,12 +284,10 @@ class Attacker {
   /// in one copy; counts and warns; returns extra's values.
   std::vector<double> read_step(
       StepContext& ctx, const std::vector<torch::Tensor>& extra = {}) {
-    std::vector<torch::Tensor> all = extra;
-    const size_t counts = counts_.append(all);
-    std::vector<double> values = ctx.read_figures(all);
-    counts_.take(values.data() + extra.size(), counts, kind_, target_names());
-    values.resize(extra.size());
-    return values;
+    const auto read = [&ctx](const std::vector<torch::Tensor>& all) {
+      return ctx.read_figures(all);
+    };
+    return counts_.read(extra, read, kind_, target_names());
   }
 
   /// Refuses a sparse gradient `g` of tensor `i` unless `accepted`.

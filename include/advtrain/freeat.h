@@ -61,8 +61,11 @@ inline void check_options(
 /// One `Trainer::step` (m passes, m optimizer steps): m times: a pass at
 /// `W + δ`, δ updated from its gradient, restore, optimizer step, clear the
 /// gradients. `Trainer::accumulate` refuses it; the hooks run once per
-/// replay. δ is state: `torch::save`/`torch::load` keep it, checked
-/// (checksum, shape, finite, within ε).
+/// replay. `StepResult`: `loss` and `start_norm` from the first replay (at
+/// the kept δ), `adv_loss`, `perturbation_norm` and `finite` from the last;
+/// `skipped` counts each replay's skipped optimizer step. δ is state:
+/// `torch::save`/`torch::load` keep it, checked (checksum, shape, finite,
+/// within ε).
 ///
 /// Official code: mahyarnajibi/FreeAdversarialTraining `main_free.py`
 /// (`train`), `lib/utils.py` (`fgsm`), per example on the input, δ kept by

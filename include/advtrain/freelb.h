@@ -97,6 +97,8 @@ inline void check_options(const FreeLBOptions& o, const Attacker& attacker) {
 /// of `loss / K`, then (t < K) an ascent step; restore; step. The random
 /// start is drawn before the first pass's dropout masks, and with
 /// `share_dropout_mask` every pass draws the first pass's masks.
+/// `StepResult`: `loss` is the first pass's (at the random start, if any),
+/// `adv_loss` the K-th's.
 ///
 /// Official code: zhuchen03/FreeLB
 /// `huggingface-transformers/examples/run_glue_freelb.py` (`train`).

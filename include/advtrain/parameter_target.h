@@ -1,7 +1,8 @@
 // The parameter target: tensors of the model perturbed in place (embedding
-// tables). A rule that moves only rows with a gradient (FGSM, FGM, PGD,
-// FreeLB) backs up and moves those rows alone, so a step costs the rows a
-// batch touches, not the vocabulary; norms are taken over whole tensors.
+// tables). A rule that moves only rows with a gradient (its traits say
+// `moves_gradient_rows`) backs up and moves those rows alone, so a step
+// costs the rows a batch touches, not the vocabulary; norms are taken over
+// whole tensors.
 #pragma once
 
 #include <advtrain/parameters.h>

@@ -1,6 +1,6 @@
 // The protocol of the strategies that add a penalty on the model's output at
-// a perturbation to the task loss, written once: SMART, VAT and R3F supply
-// the start, the search and the penalty.
+// a perturbation to the task loss, written once: each strategy derived from
+// `Regularizer<Options>` supplies the start, the search and the penalty.
 #pragma once
 
 #include <advtrain/strategy.h>
@@ -124,53 +124,15 @@ class Regularizer : public Strategy<Options> {
       return forward();
     };
     // Whether every search gradient so far had a finite norm (0-dim bool,
-    // on the device). Once one has not, what follows is discarded: the
-    // regularizer is left out of the loss, decided at the step's one host
-    // read, before the backward.
+    // on the device; undefined: no search step).
     torch::Tensor finite;
-    if constexpr (!Options::traits.searches()) {
+    if constexpr (Options::traits.searches()) { // (R3F has no rule to call)
+      search(ctx, perturbed, clean.detach(), norm, finite);
+    } else {
       TORCH_INTERNAL_ASSERT(
           search_steps() == 0,
           Options::kind,
           " declares no search but has search steps");
-    } else { // (R3F's instantiation has no rule to call)
-      for (; search_step_ < search_steps(); ++search_step_) {
-        const torch::Tensor objective =
-            search_objective(perturbed(), clean.detach());
-        const auto grads = torch::autograd::grad(
-            {objective},
-            this->targets(),
-            /*grad_outputs=*/{},
-            /*retain_graph=*/false,
-            /*create_graph=*/false,
-            /*allow_unused=*/true);
-        ++ctx.passes;
-        torch::NoGradGuard no_grad;
-        std::vector<torch::Tensor> moved(n);
-        for (size_t i = 0; i < n; ++i) {
-          this->check_sparse(i, grads[i], /*accepted=*/false);
-          torch::Tensor w = this->data(i);
-          torch::Tensor g =
-              grads[i].defined() ? grads[i] : torch::zeros_like(w);
-          if (grads[i].defined()) {
-            const torch::Tensor gnorm = detail::l2_norm(g);
-            // (Counted once a step: the search stops moving at the first.)
-            this->note_norm(i, gnorm, /*once=*/true);
-            torch::Tensor ok = gnorm.lt(kInf); // NaN: false
-            finite = finite.defined()
-                         ? finite.logical_and_(ok.to(finite.device()))
-                         : std::move(ok);
-          }
-          Geometry geo = this->target().geometry(i);
-          if (finite.defined()) { // once not finite, δ stays where it is
-            const torch::Tensor usable = finite.to(g.device());
-            g = at::where(usable, g, at::zeros({}, g.options()));
-            geo.usable = usable;
-          }
-          moved[i] = this->perturb(i, w, g, geo, this->origin(i));
-        }
-        norm = detail::combined_norm(moved);
-      }
     }
     this->set_perturbation_norm(norm);
     const torch::Tensor adv = perturbed();
@@ -221,6 +183,57 @@ class Regularizer : public Strategy<Options> {
   }
 
  private:
+  /// Step 3, the search: `search_steps()` passes at the perturbation
+  /// (`perturbed()`), each moving δ along the gradient of the objective;
+  /// sets `norm` to ‖δ‖ after the last move. `finite` says whether every
+  /// search gradient so far had a finite norm: once one has not, δ stays
+  /// where it is, and the regularizer is left out of the loss, decided at
+  /// the step's one host read, before the backward.
+  template <typename Pass>
+  void search(
+      StepContext& ctx,
+      const Pass& perturbed,
+      const torch::Tensor& clean,
+      torch::Tensor& norm,
+      torch::Tensor& finite) {
+    const size_t n = this->targets().size();
+    for (; search_step_ < search_steps(); ++search_step_) {
+      const torch::Tensor objective = search_objective(perturbed(), clean);
+      const auto grads = torch::autograd::grad(
+          {objective},
+          this->targets(),
+          /*grad_outputs=*/{},
+          /*retain_graph=*/false,
+          /*create_graph=*/false,
+          /*allow_unused=*/true);
+      ++ctx.passes;
+      torch::NoGradGuard no_grad;
+      std::vector<torch::Tensor> moved(n);
+      for (size_t i = 0; i < n; ++i) {
+        this->check_sparse(i, grads[i], /*accepted=*/false);
+        torch::Tensor w = this->data(i);
+        torch::Tensor g = grads[i].defined() ? grads[i] : torch::zeros_like(w);
+        if (grads[i].defined()) {
+          const torch::Tensor gnorm = detail::l2_norm(g);
+          // (Counted once a step: the search stops moving at the first.)
+          this->note_norm(i, gnorm, /*once=*/true);
+          torch::Tensor ok = gnorm.lt(kInf); // NaN: false
+          finite = finite.defined()
+                       ? finite.logical_and_(ok.to(finite.device()))
+                       : std::move(ok);
+        }
+        Geometry geo = this->target().geometry(i);
+        if (finite.defined()) { // once not finite, δ stays where it is
+          const torch::Tensor usable = finite.to(g.device());
+          g = at::where(usable, g, at::zeros({}, g.options()));
+          geo.usable = usable;
+        }
+        moved[i] = this->perturb(i, w, g, geo, this->origin(i));
+      }
+      norm = detail::combined_norm(moved);
+    }
+  }
+
   static constexpr double kInf = std::numeric_limits<double>::infinity();
   int64_t search_step_ = 0;
 };

@@ -1,6 +1,6 @@
 // `SearchAttacker`, the base of the strategies whose perturbation is a move
-// of the target by a rule (FGSM, FGM, PGD, FreeAT, FreeLB, SMART, VAT, LLR,
-// AWP, YOPO): the own-loop `attack()`, the rule each of them defines
+// of the target by a rule (those whose traits say they search): the
+// own-loop `attack()`, the rule each of them defines
 // (`perturb`), and the one path every search takes to a step's geometry
 // (`step_geometry`: the gradient checked, its norm kept for the step's one
 // host read). Strategies without a search (R3F's drawn noise, ASCC's and
@@ -162,10 +162,8 @@ class SearchAttacker : public Attacker {
   /// Reads the pending counts now (outside a `Trainer` step): one host read,
   /// none when nothing is pending.
   void settle() {
-    std::vector<torch::Tensor> pending;
-    const size_t n = counts().append(pending);
-    if (n > 0) {
-      counts().take(detail::to_host(pending).data(), n, kind(), target_names());
+    if (counts().has_unread()) {
+      counts().read({}, detail::to_host, kind(), target_names());
     }
   }
 

@@ -22,39 +22,42 @@ using ForwardFunction = std::function<torch::Tensor()>;
 using LossFunction = std::function<torch::Tensor(const torch::Tensor&)>;
 
 /// What one `Trainer::step` did. Each field means the same for every
-/// strategy and both targets.
+/// strategy and both targets; which pass each figure comes from in a
+/// strategy's protocol is in its header's documentation (e.g. FreeAT: its
+/// last replay).
 struct StepResult {
   /// Task loss of the step's first pass, run at the step's starting point δ₀:
-  /// δ₀ = 0 (a clean pass) except for FreeLB and YOPO with a random start and
-  /// for FreeAT, whose δ persists across batches; `start_norm` is ‖δ₀‖.
+  /// δ₀ = 0 (a clean pass) unless the strategy starts elsewhere (a random
+  /// start, or a δ kept across batches); `start_norm` is ‖δ₀‖.
   double loss = 0.0;
   /// ‖δ₀‖ at the first pass (0: `loss` is the clean loss).
   double start_norm = 0.0;
-  /// Task loss of the step's last pass at a perturbation (FGSM/FGM: the
-  /// adversarial pass; PGD, FreeLB: the K-th; FreeAT: the m-th replay; YOPO:
-  /// the m-th full pass; SMART: the task loss of the final perturbed
-  /// output). With a single pass (FreeLB K = 1), that pass.
+  /// Task loss of the step's last pass at a perturbation (a regularizer: the
+  /// task loss at its final perturbed output). With a single pass, that
+  /// pass.
   double adv_loss = 0.0;
   /// ‖δ‖₂ at the pass of `adv_loss`: the L2 norm over everything perturbed
   /// (all targets; on the per-example target, all examples together:
   /// sqrt(Σᵢ ‖δᵢ‖²)). 0 when no perturbation was applied.
   double perturbation_norm = 0.0;
-  /// The regularizer added to the task loss, before its weight (SMART's
-  /// symmetric divergence); 0 for strategies without one, or when SMART
-  /// skipped it (non-finite ascent gradient).
+  /// The penalty a regularizer adds to the task loss, before its weight; 0
+  /// for strategies without one, or when the regularizer left it out
+  /// (non-finite search gradient).
   double regularizer = 0.0;
-  /// SMART's Bregman proximal term `sym_kl(f(x; θ), f(x; θ̃))` before its
-  /// weight μ (0 when off).
+  /// A proximal term added after the target is restored (SMART's Bregman
+  /// term `sym_kl(f(x; θ), f(x; θ̃))`), before its weight (0: none).
   double proximal = 0.0;
   /// Forward passes through the whole model (each followed by a backward,
-  /// except SMART's ascent passes, which use autograd::grad).
+  /// except a regularizer's search passes, which use autograd::grad).
   int64_t passes = 0;
   /// Whether every loss of the step was finite (the passes' task losses and
-  /// the regularizer's terms); with FreeAT, those of its last replay.
+  /// the regularizer's terms); where the protocol steps the optimizer more
+  /// than once, those of its last optimizer step.
   bool finite = true;
   /// Optimizer steps skipped because a loss was not finite (NaN or ±Inf):
   /// the weights and the optimizer's state stay as before them, and the
-  /// step's gradients are dropped. At most one, FreeAT: one per replay.
+  /// step's gradients are dropped. At most one per optimizer step of the
+  /// protocol.
   int64_t skipped = 0;
 };
 

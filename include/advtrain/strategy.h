@@ -51,6 +51,14 @@ void check_option(
       ok, kind, ": Invalid ", field, ": ", value, " (must be ", rule, ")");
 }
 
+namespace detail {
+/// The base a strategy with options `Options` derives from: `SearchAttacker`
+/// where its traits say it searches, else `Attacker`.
+template <typename Options>
+using StrategyBase =
+    std::conditional_t<Options::traits.searches(), SearchAttacker, Attacker>;
+} // namespace detail
+
 /// The base of a strategy with options `Options`: the three ways to name its
 /// target — tensors, a module and a substring of parameter names, or a
 /// `PerturbedEmbedding` (each example's embedded tokens) — which strategies
@@ -59,11 +67,8 @@ void check_option(
 /// struct, which names the strategy in `Options::kind`). Its base is
 /// `SearchAttacker` where `Options::traits.searches()`, else `Attacker`.
 template <typename Options>
-class Strategy
-    : public std::
-          conditional_t<Options::traits.searches(), SearchAttacker, Attacker> {
-  using Base =
-      std::conditional_t<Options::traits.searches(), SearchAttacker, Attacker>;
+class Strategy : public detail::StrategyBase<Options> {
+  using Base = detail::StrategyBase<Options>;
 
  public:
   /// Perturbs `params` (e.g. embedding tables).

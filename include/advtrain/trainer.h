@@ -48,8 +48,8 @@ class Trainer {
 
   /// One labeled batch and one unlabeled batch, one optimizer step: the task
   /// loss on the labeled batch (`forward`, `loss_fn`) plus a label-free
-  /// regularizer (VAT, R3F, SMART) taken on the unlabeled one (`unlabeled()`
-  /// gives the model's output there). Other strategies refuse it.
+  /// regularizer taken on the unlabeled one (`unlabeled()` gives the model's
+  /// output there). Strategies whose traits are not `label_free` refuse it.
   StepResult step(
       const ForwardFunction& forward,
       const LossFunction& loss_fn,
@@ -61,7 +61,8 @@ class Trainer {
         "advtrain: ",
         attacker_.kind(),
         " needs labels for its perturbed passes, so it cannot train on an "
-        "unlabeled batch; use a label-free regularizer (VAT, R3F, SMART)");
+        "unlabeled batch; use a label-free regularizer (a strategy whose "
+        "traits() are label_free())");
     return run(forward, loss_fn, /*accumulating=*/false, unlabeled);
   }
 

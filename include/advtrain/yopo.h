@@ -68,7 +68,8 @@ inline void check_options(const YOPOOptions& o, const Attacker& /*attacker*/) {
 ///
 /// One `Trainer::step`: m full passes, (m − 1)·n inner passes through
 /// `first` alone (`StepResult::passes` counts the former, `inner_passes()`
-/// the latter); restore; one optimizer step.
+/// the latter); restore; one optimizer step. `StepResult::adv_loss` is the
+/// m-th full pass's loss.
 ///
 /// Official code: FreeLB's fairseq YOPO, zhuchen03/FreeLB
 /// `fairseq-RoBERTa/fairseq/tasks/sentence_prediction.py`

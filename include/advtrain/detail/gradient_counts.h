@@ -65,22 +65,45 @@ class GradientCounts {
     norms_.push_back(g.detach().mul(0).sum(torch::kFloat)); // as the norms
   }
 
-  /// Appends the norms kept since the last read to `values`; returns how
-  /// many.
-  size_t append(std::vector<torch::Tensor>& values) const {
-    values.insert(values.end(), norms_.begin(), norms_.end());
-    return norms_.size();
+  /// Whether kept norms are waiting to be read.
+  bool has_unread() const noexcept {
+    return !norms_.empty();
   }
 
-  /// Takes the `n` values `append` appended, read: counts the non-finite
-  /// norms and the groups whose norms were all zero, warns (naming `kind`
-  /// and the tensor from `names`), and forgets them.
-  void take(
-      const double* values,
-      size_t n,
+  /// Reads the 0-dim tensors `extra` and the kept norms to the host with
+  /// `read` (one copy of a vector of tensors); counts the non-finite norms
+  /// and the groups whose norms were all zero, warns (naming `kind` and the
+  /// tensor from `names`), forgets the norms, and returns extra's values.
+  template <typename Read>
+  std::vector<double> read(
+      std::vector<torch::Tensor> extra,
+      const Read& read,
       const char* kind,
       const std::vector<std::string>& names) {
-    TORCH_INTERNAL_ASSERT(n == pending_.size());
+    const size_t n_extra = extra.size();
+    extra.insert(extra.end(), norms_.begin(), norms_.end());
+    std::vector<double> values = read(extra);
+    take(values.data() + n_extra, kind, names);
+    values.resize(n_extra);
+    return values;
+  }
+
+  /// Non-finite norms met so far.
+  int64_t nonfinite() const noexcept {
+    return nonfinite_;
+  }
+  /// Attacks whose norms were all zero so far.
+  int64_t zero() const noexcept {
+    return zero_;
+  }
+
+ private:
+  /// Takes the kept norms' `values`, read (see `read`).
+  void take(
+      const double* values,
+      const char* kind,
+      const std::vector<std::string>& names) {
+    const size_t n = pending_.size();
     bool once_counted = false;
     for (size_t k = 0; k < n; ++k) {
       const Pending& p = pending_[k];
@@ -105,16 +128,6 @@ class GradientCounts {
     norms_.clear();
   }
 
-  /// Non-finite norms met so far.
-  int64_t nonfinite() const noexcept {
-    return nonfinite_;
-  }
-  /// Attacks whose norms were all zero so far.
-  int64_t zero() const noexcept {
-    return zero_;
-  }
-
- private:
   void note_nonfinite(const char* kind, const std::string& name) {
     ++nonfinite_;
     if (!warned_nonfinite_) {
