@@ -37,10 +37,12 @@ struct StrategyCase {
     /// A step draws random numbers (then CPU and CUDA runs differ).
     kDrawsRandom = 1,
     /// Trains on a sparse table gradient as on the dense one (else refuses
-    /// it).
+    /// it); its traits must say `accepts_sparse()` exactly then.
     kSparseTable = 2,
-    /// Its search follows the task loss's gradient, so a non-finite one is
-    /// counted and skips the optimizer step.
+    /// Per example (it needs `per_example`), a non-finite task-loss
+    /// gradient is counted by its search and skips the optimizer step (the
+    /// searches along the task loss's gradient that the reliability test
+    /// runs).
     kTaskGradient = 4,
   };
 

@@ -455,6 +455,8 @@ TEST_CASE(
               m->parameters(), torch::optim::AdagradOptions(kLr));
           return train_steps(m, a, opt);
         };
+        // What the entry expects is what the strategy declares.
+        CHECK(c.takes_sparse_table() == a_dense->traits().accepts_sparse());
         if (c.takes_sparse_table()) {
           const auto want = run(dense, *a_dense);
           const auto got = run(sparse, *a_sparse);

@@ -173,9 +173,12 @@ inline void add_strategy_options(CLI::App& app, Config& c) {
 /// `c` with the strategy options of `options` ("name=value;...", as
 /// Config::options() and sweep.sh's tuned.csv write them) set, read by the
 /// command line's own definitions (`--name value`, `_` read as `-`), so the
-/// same names and values are allowed. Throws on an unknown name or a bad
-/// value.
+/// same names and values are allowed. Throws on an unknown name, an empty or
+/// bad value, or a name given twice.
 inline Config with_options(Config c, const std::string& options) {
+  CLI::App app;
+  app.set_help_flag(); // "help" is no strategy option
+  add_strategy_options(app, c);
   std::vector<std::string> args; // reversed, as CLI::App::parse takes them
   size_t start = 0;
   while (start < options.size()) {
@@ -187,18 +190,18 @@ inline Config with_options(Config c, const std::string& options) {
     if (eq == std::string::npos) {
       throw std::invalid_argument("option '" + item + "' has no value");
     }
-    std::string name = item.substr(0, eq);
-    std::replace(name.begin(), name.end(), '_', '-');
-    args.insert(args.begin(), {item.substr(eq + 1), "--" + name});
-  }
-  CLI::App app;
-  add_strategy_options(app, c);
-  for (size_t k = 1; k < args.size(); k += 2) {
-    if (app.get_option_no_throw(args[k]) == nullptr) {
+    const std::string name = item.substr(0, eq), value = item.substr(eq + 1);
+    std::string flag = "--" + name;
+    std::replace(flag.begin(), flag.end(), '_', '-');
+    if (value.empty()) { // CLI11 would reset the option to unset
       throw std::invalid_argument(
-          "options '" + options + "': " + args[k].substr(2) +
-          " is not a strategy option");
+          "options '" + options + "': " + name + " has no value");
     }
+    if (app.get_option_no_throw(flag) == nullptr) {
+      throw std::invalid_argument(
+          "options '" + options + "': " + name + " is not a strategy option");
+    }
+    args.insert(args.begin(), {value, flag});
   }
   try {
     app.parse(args);
@@ -419,8 +422,8 @@ inline std::optional<int> parse_command_line(
          "--labeled",
          c.labeled,
          "labeled share of the training split: a fraction in (0, 1] or a "
-         "number of texts > 1; the rest is unlabeled, used by VAT, SMART and "
-         "R3F")
+         "number of texts > 1; the rest is unlabeled, used by the label-free "
+         "methods")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app.add_option("--csv", c.csv, "append one row per method to this CSV");

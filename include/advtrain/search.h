@@ -3,8 +3,8 @@
 // own-loop `attack()`, the rule each of them defines
 // (`perturb`), and the one path every search takes to a step's geometry
 // (`step_geometry`: the gradient checked, its norm kept for the step's one
-// host read). Strategies without a search (R3F's drawn noise, ASCC's and
-// DNE's combinations) derive from `Attacker` and have no `attack()`.
+// host read). Strategies without a search (e.g. R3F's drawn noise, ASCC's
+// combinations) derive from `Attacker` and have no `attack()`.
 #pragma once
 
 #include <advtrain/attacker.h>

@@ -29,8 +29,9 @@ enum class NonFinite {
 /// The step starts from zero gradients and ends with the optimizer's update;
 /// the targets are restored before every `optimizer.step()`. If a closure
 /// throws, the weights and gradients are put back as they were before the
-/// step and the exception reaches the caller (FreeAT, which steps the
-/// optimizer once per replay, keeps the replays that completed, δ included).
+/// step and the exception reaches the caller (a protocol that steps the
+/// optimizer more than once, as FreeAT once per replay, keeps the optimizer
+/// steps that completed, its state included).
 class Trainer {
  public:
   Trainer(torch::optim::Optimizer& optimizer, Attacker& attacker)
@@ -70,26 +71,27 @@ class Trainer {
   /// but adds the resulting gradient to the gradients already there and does
   /// not step the optimizer. Scale the loss by 1 / (number of micro-batches),
   /// then call `optimizer.step()` and `optimizer.zero_grad()` yourself.
-  /// (Not for FreeAT, which steps the optimizer once per replay.)
+  /// (Not for a protocol that steps the optimizer more than once a step, as
+  /// FreeAT: it refuses.)
   StepResult accumulate(
       const ForwardFunction& forward, const LossFunction& loss_fn) {
     return run(forward, loss_fn, /*accumulating=*/true);
   }
 
   /// Runs `hook` before every `optimizer.step()` the protocol makes, after
-  /// the method's passes and never between them: once per step, m times per
-  /// step for FreeAT. It sees the final gradients and may change them, e.g.
-  /// average them across workers (`advtrain::DataParallel`). It runs also
-  /// where the step is then skipped: whether the gradients it leaves are
-  /// finite decides the skip, so that every data-parallel worker joins the
-  /// all-reduce and all decide alike. An empty function removes it.
+  /// the method's passes and never between them: once per optimizer step of
+  /// the protocol (FreeAT: m per step). It sees the final gradients and may
+  /// change them, e.g. average them across workers (`advtrain::DataParallel`).
+  /// It runs also where the step is then skipped: whether the gradients it
+  /// leaves are finite decides the skip, so that every data-parallel worker
+  /// joins the all-reduce and all decide alike. An empty function removes it.
   Trainer& before_optimizer_step(std::function<void()> hook) {
     before_optimizer_step_ = std::move(hook);
     return *this;
   }
 
   /// Runs `hook` after every `optimizer.step()` the protocol makes, with the
-  /// updated parameters: once per step, m times per step for FreeAT, never
+  /// updated parameters: once per optimizer step of the protocol, never
   /// while accumulating (e.g. a moving average of the parameters). An empty
   /// function removes it.
   Trainer& after_optimizer_step(std::function<void()> hook) {

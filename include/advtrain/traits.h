@@ -23,7 +23,7 @@ class Traits {
   }
 
   /// Whether `attack()` moves the target by a rule (`perturb`); false where
-  /// there is no search (R3F's drawn noise, ASCC's and DNE's combinations):
+  /// there is no search (e.g. R3F's drawn noise, ASCC's combinations):
   /// the strategy then derives from `Attacker`, not `SearchAttacker`, and
   /// has no `attack()`.
   ADVTRAIN_TRAIT(searches)
