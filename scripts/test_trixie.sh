@@ -62,12 +62,25 @@ echo "trixie: ready after $(($(date +%s) - start)) s:" \
     libtorch-dev g++ catch2)"
 
 # The working tree, as git sees it; the chroot's build directory is kept.
+# Files are stamped with the time of the copy, except those whose content
+# the last copy (the one the kept build was made from) already had, which
+# keep its time: the build then redoes exactly what changed, whatever the
+# times of the files here (an older edit than another tree's build, as
+# after a CI run of another commit, would otherwise be taken as built).
 src="$root/advtrain"
+stage="$root/advtrain.copy"
 mkdir -p "$src"
-find "$src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+rm -rf "$stage" && mkdir -p "$stage"
 git ls-files -z --cached --others --exclude-standard |
   while IFS= read -r -d '' f; do if [ -e "$f" ]; then printf '%s\0' "$f"; fi; done |
-  tar -cf - --null -T - | tar -xf - -C "$src"
+  tar -cf - --null -T - | tar -xf - --touch -C "$stage"
+(cd "$stage" && find . -type f -print0) |
+  while IFS= read -r -d '' f; do
+    if cmp -s "$stage/$f" "$src/$f"; then touch -r "$src/$f" "$stage/$f"; fi
+  done
+find "$src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
+tar -C "$stage" -cf - . | tar -xf - -C "$src"
+rm -rf "$stage"
 
 # The README's test command, exactly (extra arguments go to ctest).
 chroot "$root" bash -c 'cd /advtrain &&

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 #include <string>
@@ -1124,6 +1125,55 @@ TEST_CASE(
       });
   CHECK(r.skipped == 1);
   CHECK(yopo.nonfinite_gradients() >= 1);
+}
+
+TEST_CASE(
+    "FreeAT's sign step on a table checks that the gradient is finite, "
+    "not its norm",
+    "[nonfinite]") {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (const bool sync_free : {false, true}) {
+    INFO((sync_free ? "the device's path" : "the host's path"));
+    std::optional<SyncFree> on_device;
+    if (sync_free) {
+      on_device.emplace();
+    }
+    auto table = torch::zeros({4, 3}).requires_grad_();
+    advtrain::FreeAT freeat(
+        {table}, advtrain::FreeATOptions().epsilon(0.25).alpha(0.1));
+    const auto replay = [&](const torch::Tensor& g) {
+      freeat.attack();
+      table.mutable_grad() = g.clone();
+      freeat.update_delta();
+      freeat.restore();
+      return freeat.deltas().at(0).clone();
+    };
+    WarningCapture warnings;
+    // Elements of 1e20 are finite, though their float32 norm is not: the
+    // sign step takes them, clamped to ε; written out: clamp(0.1·sign(g)).
+    auto big = torch::full({4, 3}, 1e20);
+    big[1] = -1e20;
+    big[2][1] = 0;
+    const auto d1 = replay(big);
+    CHECK(torch::equal(d1, (0.1 * big.sign()).clamp(-0.25, 0.25)));
+    CHECK(freeat.nonfinite_gradients() == 0);
+    // One infinite or NaN element: counted, δ kept bit for bit.
+    auto with_inf = torch::ones({4, 3});
+    with_inf[3][2] = -inf;
+    CHECK(torch::equal(replay(with_inf), d1));
+    auto with_nan = torch::ones({4, 3});
+    with_nan[0][0] = nan;
+    CHECK(torch::equal(replay(with_nan), d1));
+    CHECK(freeat.nonfinite_gradients() == 2);
+    CHECK(warnings.count("non-finite") == 1);
+    // A zero gradient moves nothing and is no failure.
+    CHECK(torch::equal(replay(torch::zeros({4, 3})), d1));
+    CHECK(freeat.nonfinite_gradients() == 2);
+    // The next finite gradient steps from the kept δ.
+    CHECK(torch::equal(
+        replay(torch::ones({4, 3})), (d1 + 0.1).clamp(-0.25, 0.25)));
+  }
 }
 
 TEST_CASE(

@@ -100,6 +100,8 @@ struct Projection {
 /// of size `alpha` is `alpha * g / ‖g‖`; projection rescales onto the ball.
 struct L2 {
   static constexpr const char* name = "L2";
+  /// Whether a whole tensor's step reads ‖g‖ (`geo.gnorm`).
+  static constexpr bool reads_gradient_norm = true;
 
   /// Adds the step `alpha * g / ‖g‖` to `w` in place. On a whole tensor
   /// ‖g‖ is `geo.gnorm` and the step's norm, `alpha` (0 where not
@@ -173,6 +175,8 @@ struct L2 {
 /// is `alpha * sign(g)`; projection clamps each element to [-eps, eps].
 struct LInf {
   static constexpr const char* name = "LInf";
+  /// A sign step reads no norm of g, only whether it is usable.
+  static constexpr bool reads_gradient_norm = false;
 
   /// Adds `alpha * sign(g)` to `w` in place. On a whole tensor returns the
   /// step's L2 norm (0 where not `geo.usable`, whose `g` is zero; undefined
@@ -227,6 +231,7 @@ struct LInf {
 /// sign(g) instead.
 struct LInfScaled {
   static constexpr const char* name = "LInfScaled";
+  static constexpr bool reads_gradient_norm = true;
 
   /// Adds `alpha * g / max(‖g‖∞, 1e-8)` to `w` in place. On a whole tensor
   /// returns the step's L2 norm (0 where not `geo.usable`). Per example:

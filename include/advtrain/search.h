@@ -11,6 +11,7 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -125,8 +126,13 @@ class SearchAttacker : public Attacker {
   /// measures norms on whole tensors, ‖g‖ is measured and checked
   /// (`usable_norm`): where it is zero or not finite, `g` is replaced by
   /// zeros, so the step moves by 0; per example, such examples are left in
-  /// place by the step itself, and whether `g` is finite is kept.
-  std::optional<Geometry> step_geometry(size_t i, torch::Tensor& g) {
+  /// place by the step itself, and whether `g` is finite is kept. For a step
+  /// that reads no norm of g (`norm_read` false: a sign step), only whether
+  /// g is finite is measured, by its sum (one pass without a square: finite
+  /// exactly when every element is, unless it overflows, which the norm's
+  /// sum of squares would first); a zero g then steps by 0 itself.
+  std::optional<Geometry> step_geometry(
+      size_t i, torch::Tensor& g, bool norm_read = true) {
     if (!g.defined()) {
       return std::nullopt;
     }
@@ -134,6 +140,18 @@ class SearchAttacker : public Attacker {
     if (!target().measures_gradient_norm()) {
       counts().note_finite(i, g);
       return target().geometry(i);
+    }
+    if (!norm_read) {
+      const torch::Tensor sum = g.sum(detail::norm_dtype(g));
+      note_norm(i, sum); // kept like a norm: a non-finite one is counted
+      Geometry geo = target().geometry(i);
+      if (!detail::sync_free(g)) { // host memory: a read waits for nothing
+        return std::isfinite(sum.item<double>()) ? std::optional(geo)
+                                                 : std::nullopt;
+      }
+      geo.usable = torch::isfinite(sum);
+      g = at::where(geo.usable, g, 0);
+      return geo;
     }
     const torch::Tensor gnorm = detail::l2_norm(g);
     if (!detail::sync_free(g)) { // host memory: a read waits for nothing
