@@ -25,7 +25,10 @@ namespace advtrain {
 /// whether it is positive and finite, and where it is not, the gradient the
 /// rule gets is zero and `gnorm` is 1, so a rule that steps along g moves
 /// by 0 (one whose step from a zero gradient is not zero keeps δ with
-/// `detail::add_if_usable`).
+/// `detail::add_if_usable`). For a step that reads no norm (a sign step:
+/// `SearchAttacker::step_geometry` with `norm_read` false), `usable` says
+/// only whether g is finite (a zero g is usable and steps by 0) and `gnorm`
+/// is not measured: only such a step may take that geometry.
 struct Geometry {
   torch::Tensor mask;
   /// ‖g‖ (0-dim; 1 where not `usable`); whole tensors only.
