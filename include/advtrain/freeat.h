@@ -101,7 +101,7 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
     torch::NoGradGuard no_grad;
     for (size_t i = 0; i < targets().size(); ++i) {
       torch::Tensor g = targets()[i].grad();
-      if (const auto geo = step_geometry(i, g, Norm::reads_gradient_norm)) {
+      if (const auto geo = step_geometry(i, g, {Norm::reads_gradient_norm})) {
         detail::step_and_project<Norm>(
             delta(i, g), g, options_.alpha(), options_.epsilon(), *geo);
       }

@@ -28,12 +28,16 @@ namespace advtrain {
 /// `detail::add_if_usable`). For a step that reads no norm (a sign step:
 /// `SearchAttacker::step_geometry` with `norm_read` false), `usable` says
 /// only whether g is finite (a zero g is usable and steps by 0) and `gnorm`
-/// is not measured: only such a step may take that geometry.
+/// is not measured: only such a step may take that geometry. In a
+/// regularizer's search (`GradientCheck::all_finite`), on either target,
+/// `usable` says whether every gradient of the step so far was finite (a
+/// zero g is a step), and `gnorm` is not measured: its rules read neither.
 struct Geometry {
   torch::Tensor mask;
   /// ‖g‖ (0-dim; 1 where not `usable`); whole tensors only.
   torch::Tensor gnorm;
-  /// Whether ‖g‖ is positive and finite (0-dim bool); whole tensors only.
+  /// Whether ‖g‖ is positive and finite (0-dim bool; where g is zero
+  /// otherwise); whole tensors, and a regularizer's search (see above).
   torch::Tensor usable;
   /// ‖g‖ read to the host, where the tensor lives in host memory (a read
   /// waits for no device): then it is positive and finite, and `usable` is
@@ -55,7 +59,7 @@ namespace detail {
 /// norm by 1, so any rule moves by 0, decided on the device.
 inline Geometry whole_tensor(
     torch::Tensor& g, const torch::Tensor& gnorm, const torch::Tensor& usable) {
-  g = at::where(usable, g, 0);
+  g = zero_unless(usable, g);
   return Geometry{torch::Tensor(), at::where(usable, gnorm, 1), usable};
 }
 

@@ -5,9 +5,7 @@
 
 #include <advtrain/strategy.h>
 
-#include <cmath>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 namespace advtrain {
@@ -22,10 +20,12 @@ namespace advtrain {
 ///     perturbation, the gradient `g` of `search_objective(adv, clean)` with
 ///     respect to δ by `torch::autograd::grad` (nothing accumulates into
 ///     `.grad`), and `perturb(i, w, g, geometry, origin(i))` moves each
-///     tensor along it. A gradient with a non-finite norm is counted and
-///     warned about (once), and the batch is trained on the task loss alone:
-///     the remaining passes still run (no pass waits for the device), and
-///     the decision is taken at the step's one host read;
+///     tensor along it, its geometry from `step_geometry` (with
+///     `GradientCheck::all_finite`). A gradient with a non-finite norm is
+///     counted and warned about (once), δ stays where it is, and the batch
+///     is trained on the task loss alone: the remaining passes still run
+///     (no pass waits for the device), and the decision is taken at the
+///     step's one host read;
 ///  4. a pass at the final δ: `loss = task + weight() * penalty(adv, clean)`;
 ///  5. `restore()`, the step's figures read to the host (once), one
 ///     backward, the optimizer step.
@@ -208,33 +208,19 @@ class Regularizer : public Strategy<Options> {
           /*allow_unused=*/true);
       ++ctx.passes;
       torch::NoGradGuard no_grad;
+      GradientCheck check;
+      check.all_finite = &finite;
       std::vector<torch::Tensor> moved(n);
       for (size_t i = 0; i < n; ++i) {
-        this->check_sparse(i, grads[i], /*accepted=*/false);
         torch::Tensor w = this->data(i);
-        torch::Tensor g = grads[i].defined() ? grads[i] : torch::zeros_like(w);
-        if (grads[i].defined()) {
-          const torch::Tensor gnorm = detail::l2_norm(g);
-          // (Counted once a step: the search stops moving at the first.)
-          this->note_norm(i, gnorm, /*once=*/true);
-          torch::Tensor ok = gnorm.lt(kInf); // NaN: false
-          finite = finite.defined()
-                       ? finite.logical_and_(ok.to(finite.device()))
-                       : std::move(ok);
-        }
-        Geometry geo = this->target().geometry(i);
-        if (finite.defined()) { // once not finite, δ stays where it is
-          const torch::Tensor usable = finite.to(g.device());
-          g = at::where(usable, g, at::zeros({}, g.options()));
-          geo.usable = usable;
-        }
+        torch::Tensor g = grads[i];
+        const Geometry geo = *this->step_geometry(i, g, check);
         moved[i] = this->perturb(i, w, g, geo, this->origin(i));
       }
       norm = detail::combined_norm(moved);
     }
   }
 
-  static constexpr double kInf = std::numeric_limits<double>::infinity();
   int64_t search_step_ = 0;
 };
 

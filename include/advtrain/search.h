@@ -12,11 +12,26 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
 
 namespace advtrain {
+
+/// What `step_geometry` checks of a gradient, as the step reads it.
+struct GradientCheck {
+  /// Whether the step reads ‖g‖; false: a sign step, which reads only
+  /// whether g is finite.
+  bool norm_read = true;
+  /// Set by a search whose every gradient must be finite (a regularizer's,
+  /// whose penalty is left out otherwise): whether all of this step's so
+  /// far were (0-dim bool, on the device; undefined before the first),
+  /// updated here. A zero or missing g is then a step like any other (the
+  /// rule's own: SMART normalizes δ), and once one g is not finite, no
+  /// tensor moves for the rest of the step.
+  torch::Tensor* all_finite = nullptr;
+};
 
 /// An `Attacker` whose perturbation is a search: `attack()` backs the target
 /// up and moves it by the strategy's rule, `restore()` puts it back.
@@ -122,27 +137,32 @@ class SearchAttacker : public Attacker {
 
   /// The geometry of a step of tensor `i` along its gradient `g`, or none
   /// when `g` is undefined: the one path from a gradient to a step outside
-  /// `attack()` (FreeAT's δ, LLR's and YOPO's searches). Where the target
-  /// measures norms on whole tensors, ‖g‖ is measured and checked
-  /// (`usable_norm`): where it is zero or not finite, `g` is replaced by
-  /// zeros, so the step moves by 0; per example, such examples are left in
-  /// place by the step itself, and whether `g` is finite is kept. For a step
-  /// that reads no norm of g (`norm_read` false: a sign step), only whether
-  /// g is finite is measured, by its sum (one pass without a square: finite
-  /// exactly when every element is, unless it overflows, which the norm's
-  /// sum of squares would first); a zero g then steps by 0 itself.
+  /// `attack()` (FreeAT's δ, LLR's, YOPO's and the regularizers' searches).
+  /// Where the target measures norms on whole tensors, ‖g‖ is measured and
+  /// checked (`usable_norm`): where it is zero or not finite, `g` is
+  /// replaced by zeros, so the step moves by 0; per example, such examples
+  /// are left in place by the step itself, and whether `g` is finite is
+  /// kept. For a step that reads no norm of g (`check.norm_read` false: a
+  /// sign step), only whether g is finite is measured, by its sum (one pass
+  /// without a square: finite exactly when every element is, unless it
+  /// overflows, which the norm's sum of squares would first); a zero g then
+  /// steps by 0 itself. A search that sets `check.all_finite` gets the
+  /// geometry of `search_geometry`, never none.
   std::optional<Geometry> step_geometry(
-      size_t i, torch::Tensor& g, bool norm_read = true) {
+      size_t i, torch::Tensor& g, GradientCheck check = {}) {
+    check_sparse(i, g, /*accepted=*/false);
+    if (check.all_finite != nullptr) {
+      return search_geometry(i, g, *check.all_finite);
+    }
     if (!g.defined()) {
       return std::nullopt;
     }
-    check_sparse(i, g, /*accepted=*/false);
     if (!target().measures_gradient_norm()) {
       counts().note_finite(i, g);
       return target().geometry(i);
     }
-    if (!norm_read) {
-      const torch::Tensor sum = g.sum(detail::norm_dtype(g));
+    if (!check.norm_read) {
+      const torch::Tensor sum = detail::finite_probe(g, /*exact=*/false);
       note_norm(i, sum); // kept like a norm: a non-finite one is counted
       Geometry geo = target().geometry(i);
       if (!detail::sync_free(g)) { // host memory: a read waits for nothing
@@ -150,7 +170,7 @@ class SearchAttacker : public Attacker {
                                                  : std::nullopt;
       }
       geo.usable = torch::isfinite(sum);
-      g = at::where(geo.usable, g, 0);
+      g = detail::zero_unless(geo.usable, g);
       return geo;
     }
     const torch::Tensor gnorm = detail::l2_norm(g);
@@ -195,6 +215,36 @@ class SearchAttacker : public Attacker {
     restore();
     ctx.step_optimizer();
   }
+
+ private:
+  /// `step_geometry` for a search whose gradients must all be finite: ‖g‖
+  /// is measured on the whole tensor (per example too: one non-finite
+  /// example stops the search) and kept, a non-finite one counted once a
+  /// step; `all_finite` takes it in, and where it is false g is zero and
+  /// `usable` false, so the rule keeps δ (`detail::add_if_usable`). Nothing
+  /// is read to the host, even in host memory: the search's verdict waits
+  /// for the step's one read, which decides whether the penalty counts.
+  Geometry search_geometry(
+      size_t i, torch::Tensor& g, torch::Tensor& all_finite) {
+    Geometry geo = target().geometry(i);
+    if (g.defined()) {
+      const torch::Tensor gnorm = detail::l2_norm(g);
+      note_norm(i, gnorm, /*once=*/true);    // the search stops at the first
+      torch::Tensor finite = gnorm.lt(kInf); // NaN: false
+      all_finite = all_finite.defined()
+                       ? all_finite.logical_and_(finite.to(all_finite.device()))
+                       : std::move(finite);
+    } else {
+      g = torch::zeros_like(data(i));
+    }
+    if (all_finite.defined()) { // once not finite, δ stays where it is
+      geo.usable = all_finite.to(g.device());
+      g = detail::zero_unless(geo.usable, g);
+    }
+    return geo;
+  }
+
+  static constexpr double kInf = std::numeric_limits<double>::infinity();
 };
 
 } // namespace advtrain

@@ -80,6 +80,18 @@ inline void scale_by(torch::Tensor& t, const torch::Tensor& factor) {
   }
 }
 
+/// A 0-dim value that is finite exactly when every element of `g` is, on
+/// its device. `exact`: Σ g·0 in float32 (0, or NaN where an element is
+/// ±inf or NaN; zeros cannot overflow), two vectorized passes and a
+/// temporary the size of g (about 1 M instructions fewer than `isfinite`
+/// and `all` on a 16 × 32 × 64 gradient). Otherwise Σ g in the norms' dtype:
+/// one pass and no temporary, for gradients as large as a table, which reads
+/// as not finite also where huge finite elements overflow the sum (as
+/// their norm's squares would first).
+inline torch::Tensor finite_probe(const torch::Tensor& g, bool exact) {
+  return exact ? g.detach().mul(0).sum(torch::kFloat) : g.sum(norm_dtype(g));
+}
+
 /// `t` where `keep` (a 0-dim bool tensor) holds, else 0; on the device.
 inline torch::Tensor zero_unless(
     const torch::Tensor& keep, const torch::Tensor& t) {
