@@ -315,8 +315,8 @@ class BasicFreeAT : public Strategy<FreeATOptions> {
   }
 };
 
-/// FreeAT with sign steps and element-wise clamp to [-ε, ε] (docs/design.md,
-/// "Protocols").
+/// FreeAT with sign steps and element-wise clamp to [-ε, ε] (`BasicFreeAT`
+/// above).
 using FreeAT = BasicFreeAT<LInf>;
 /// FreeAT with L2 steps `α * g / ‖g‖` and projection onto ‖δ‖ ≤ ε.
 using FreeATL2 = BasicFreeAT<L2>;

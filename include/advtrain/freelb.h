@@ -175,8 +175,8 @@ class BasicFreeLB : public detail::ProjectedAscent<Norm, FreeLBOptions> {
   }
 };
 
-/// FreeLB with L2 steps `α * g / ‖g‖` and L2 projection (docs/design.md,
-/// "Protocols").
+/// FreeLB with L2 steps `α * g / ‖g‖` and L2 projection (`BasicFreeLB`
+/// above).
 using FreeLB = BasicFreeLB<L2>;
 /// The official L∞ FreeLB: steps `α * g / ‖g‖∞` (per example on embedding
 /// outputs), element-wise clamp to [-ε, ε] when ε > 0, random start

@@ -130,8 +130,7 @@ class BasicPGD : public detail::ProjectedAscent<Norm, PGDOptions> {
   }
 };
 
-/// PGD with L2 steps `α * g / ‖g‖` and L2 projection (docs/design.md,
-/// "Protocols").
+/// PGD with L2 steps `α * g / ‖g‖` and L2 projection (`BasicPGD` above).
 using PGD = BasicPGD<L2>;
 /// PGD with sign steps `α * sign(g)` and element-wise clamp to [-ε, ε].
 using PGDLInf = BasicPGD<LInf>;
