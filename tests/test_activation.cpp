@@ -6,6 +6,7 @@
 #include "catch.h"
 
 #include <cmath>
+#include <set>
 #include <sstream>
 
 using namespace fixture;
@@ -405,6 +406,77 @@ TEST_CASE(
   const auto now = model->parameters();
   for (size_t i = 0; i < now.size(); ++i) {
     CHECK(max_abs_diff(now[i], params[i].detach() - kLr * sum[i]) < kTol);
+  }
+}
+
+TEST_CASE(
+    "A regularizer's passes share the lookup of the same ids, and the step "
+    "is the same",
+    "[activation][smart][vat][llr]") {
+  const auto x = padded_ids();
+  const auto y = batch_labels();
+  for (const std::string name : {"SMART", "VAT", "LLR"}) {
+    INFO(name);
+    // Two steps of the strategy (SMART with its proximal term, whose pass
+    // at the teacher's parameters must look up again), the forward taking
+    // `ids()` each pass; returns the parameters after them and, for each
+    // step, the node each pass's lookup output hangs from (e = lookup + δ:
+    // the lookup is e's first input; passes without grad have none).
+    using Nodes = std::vector<std::shared_ptr<torch::autograd::Node>>;
+    const auto run = [&](const std::function<torch::Tensor()>& ids) {
+      auto model = make_act();
+      std::unique_ptr<advtrain::Attacker> a;
+      if (name == "SMART") {
+        a = std::make_unique<advtrain::SMART>(
+            model->embedding,
+            advtrain::SMARTOptions().steps(2).alpha(0.5).proximal_weight(0.7));
+      } else if (name == "VAT") {
+        a = std::make_unique<advtrain::VAT>(
+            model->embedding, advtrain::VATOptions().power_iterations(2));
+      } else {
+        a = std::make_unique<advtrain::LLR>(
+            model->embedding, advtrain::LLROptions().steps(2));
+      }
+      torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(kLr));
+      advtrain::Trainer trainer(opt, *a);
+      std::vector<Nodes> steps;
+      torch::manual_seed(5);
+      for (int step = 0; step < 2; ++step) {
+        steps.emplace_back();
+        trainer.step(
+            [&] {
+              const torch::Tensor t = ids();
+              const auto e = model->embedding(t);
+              if (e.grad_fn()) {
+                steps.back().push_back(e.grad_fn()->next_edges()[0].function);
+              }
+              const auto m = mask_of(t);
+              return model->fc((e * m).sum(1) / m.sum(1).clamp_min(1));
+            },
+            [&](const torch::Tensor& out) { return cross_entropy(out, y); });
+      }
+      return std::make_pair(clone_all(model->parameters()), steps);
+    };
+    const auto [shared, shared_nodes] = run([&] { return x; });
+    const auto [apart, apart_nodes] = run([&] { return x.clone(); });
+    for (size_t step = 0; step < 2; ++step) {
+      // Clean, two search passes, the final one.
+      REQUIRE(shared_nodes[step].size() == 4);
+      REQUIRE(apart_nodes[step].size() == 4);
+      CHECK(
+          std::string(shared_nodes[step][0]->name()).find("Embedding") !=
+          std::string::npos);
+      std::set<const torch::autograd::Node*> one, each;
+      for (size_t k = 0; k < 4; ++k) {
+        one.insert(shared_nodes[step][k].get());
+        each.insert(apart_nodes[step][k].get());
+      }
+      CHECK(one.size() == 1);  // the same ids: one lookup
+      CHECK(each.size() == 4); // new ids each pass: a lookup each
+    }
+    // One lookup or one per pass, the same steps (the teacher's term
+    // included: it is not 0 at the second step).
+    CHECK(max_diff_all(shared, apart) < 1e-12);
   }
 }
 

@@ -163,6 +163,7 @@ class ActivationTarget : public Target {
       slot->set_initializer(nullptr);
       slot->set_lookup_hook(nullptr);
       slot->set_detached(false);
+      slot->set_shared_lookups(false);
     }
     tensors_.clear();
   }
@@ -200,6 +201,12 @@ class ActivationTarget : public Target {
   void set_detached(bool detached) override {
     for (auto& slot : slots_) {
       slot->set_detached(detached);
+    }
+  }
+
+  void set_shared_lookups(bool shared) override {
+    for (auto& slot : slots_) {
+      slot->set_shared_lookups(shared);
     }
   }
 

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -102,6 +103,9 @@ class BasicLLR : public Strategy<LLROptions> {
 
   void run_step(StepContext& ctx) override {
     StepFigures& r = ctx.figures;
+    // Every pass ends in the one backward: they share their lookups (per
+    // example, one embedding backward).
+    std::optional<detail::SharedLookups> shared(std::in_place, target());
     const torch::Tensor clean = ctx.loss_of(ctx.run_forward());
     ++ctx.passes;
     r.loss = clean.detach();
@@ -170,6 +174,7 @@ class BasicLLR : public Strategy<LLROptions> {
       set_perturbation_norm(detail::combined_norm(moved));
     }
     const torch::Tensor adv = ctx.loss_of(ctx.run_forward());
+    shared.reset();
     ++ctx.passes;
     r.adv_loss = adv.detach();
     const auto terms = gamma(adv, /*search=*/false);

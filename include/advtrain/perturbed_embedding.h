@@ -198,6 +198,48 @@ class Perturbation {
   void set_detached(bool detached) {
     detached_ = detached;
   }
+  /// While set (a step whose passes all end in one backward: a
+  /// regularizer's), a `PerturbedEmbedding`'s lookup of the ids tensor the
+  /// same lookup of the last pass took (unchanged, as the table) returns
+  /// that pass's output instead of looking up again: the passes share one
+  /// lookup, as the official SMART and VAT add their noise to one embedding
+  /// output, and the table's gradient is one embedding backward instead of
+  /// one per pass. Unset: forgets the kept outputs.
+  void set_shared_lookups(bool shared) {
+    sharing_ = shared;
+    if (!shared) {
+      shared_.clear();
+    }
+  }
+  /// The output the next lookup shares (see `set_shared_lookups`), or
+  /// undefined: look up `ids` in `table` and `share_lookup` the result.
+  torch::Tensor shared_lookup(
+      const torch::Tensor& ids, const torch::Tensor& table) const {
+    if (!sharing_ || next_ >= shared_.size()) {
+      return {};
+    }
+    const Shared& s = shared_[next_];
+    const bool same =
+        s.ids.unsafeGetTensorImpl() == ids.unsafeGetTensorImpl() &&
+        s.ids_version == ids._version() &&
+        s.table_version == table._version() && torch::GradMode::is_enabled();
+    return same ? s.output : torch::Tensor();
+  }
+  /// Keeps the output of the next lookup, of `ids` in `table`, for the
+  /// passes after it to share (while `set_shared_lookups` is set and autograd
+  /// is on).
+  void share_lookup(
+      const torch::Tensor& ids,
+      const torch::Tensor& table,
+      const torch::Tensor& output) {
+    if (!sharing_ || !torch::GradMode::is_enabled()) {
+      return;
+    }
+    if (next_ >= shared_.size()) {
+      shared_.resize(next_ + 1);
+    }
+    shared_[next_] = Shared{ids, ids._version(), table._version(), output};
+  }
   void arm() {
     ++armers_;
   }
@@ -208,6 +250,7 @@ class Perturbation {
       lookup_hook_ = nullptr;
       substitution_ = nullptr;
       detached_ = false;
+      set_shared_lookups(false);
     }
   }
   bool armed() const noexcept {
@@ -217,6 +260,13 @@ class Perturbation {
  private:
   struct Lookup {
     torch::Tensor delta, mask, embedded;
+  };
+  /// A lookup's output kept for the next passes, and what it was taken from.
+  struct Shared {
+    torch::Tensor ids;
+    int64_t ids_version = 0;
+    int64_t table_version = 0;
+    torch::Tensor output;
   };
   static const torch::Tensor& undefined() {
     static const torch::Tensor none;
@@ -231,6 +281,8 @@ class Perturbation {
   int armers_ = 0;
   bool detached_ = false;
   bool held_ = false;
+  bool sharing_ = false;
+  std::vector<Shared> shared_; // by the lookup's index in the pass
 };
 
 /// An `nn::Embedding` whose output can carry a per-example perturbation.
@@ -253,9 +305,15 @@ class PerturbedEmbeddingImpl : public torch::nn::EmbeddingImpl {
         return torch::nn::EmbeddingImpl::forward(x);
       });
     }
-    const torch::Tensor e = torch::nn::EmbeddingImpl::forward(ids);
-    if (!perturbation_->armed() || !is_training()) {
-      return e;
+    const bool perturbing = perturbation_->armed() && is_training();
+    torch::Tensor e = perturbing ? perturbation_->shared_lookup(ids, weight)
+                                 : torch::Tensor();
+    if (!e.defined()) {
+      e = torch::nn::EmbeddingImpl::forward(ids);
+      if (!perturbing) {
+        return e;
+      }
+      perturbation_->share_lookup(ids, weight, e);
     }
     torch::Tensor m = mask;
     if (!m.defined() && options.padding_idx().has_value()) {

@@ -6,6 +6,8 @@
 #include <advtrain/strategy.h>
 
 #include <cstdint>
+#include <optional>
+#include <utility>
 #include <vector>
 
 namespace advtrain {
@@ -85,6 +87,11 @@ class Regularizer : public Strategy<Options> {
 
   void run_step(StepContext& ctx) override {
     StepFigures& r = ctx.figures;
+    // Every pass up to the final perturbed one ends in the one backward, so
+    // they share their lookups (per example: one embedding backward, as the
+    // official code's one embedding output); the extra term's passes (the
+    // teacher's parameters) do not.
+    std::optional<detail::SharedLookups> shared(std::in_place, this->target());
     const torch::Tensor labeled = ctx.run_forward();
     torch::Tensor clean = labeled;
     torch::Tensor loss = ctx.loss_of(clean);
@@ -136,6 +143,7 @@ class Regularizer : public Strategy<Options> {
     }
     this->set_perturbation_norm(norm);
     const torch::Tensor adv = perturbed();
+    shared.reset();
     const torch::Tensor reg = penalty(adv, clean);
     ++ctx.passes;
     r.regularizer = reg.detach();

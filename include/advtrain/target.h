@@ -253,6 +253,10 @@ class Target {
   /// detached from the table (per example; a parameter has no lookup, so its
   /// perturbed passes reach it as always).
   virtual void set_detached(bool /*detached*/) {}
+  /// While set, the passes share the lookups of the ids they share (per
+  /// example, on a `PerturbedEmbedding`: `Perturbation::set_shared_lookups`);
+  /// only for passes that all end in one backward.
+  virtual void set_shared_lookups(bool /*shared*/) {}
 
   /// A perturbation saved for tensor i (FreeAT's δ), checked against the
   /// tensor and moved to its device and dtype where the shape is fixed.
@@ -331,4 +335,25 @@ class Target {
   StepContext* step_ = nullptr;
 };
 
+namespace detail {
+
+/// While alive, the target's passes share their lookups
+/// (`Target::set_shared_lookups`): for a protocol whose passes, from its
+/// first to the last it declares, all end in one backward.
+class SharedLookups {
+ public:
+  explicit SharedLookups(Target& target) : target_(target) {
+    target_.set_shared_lookups(true);
+  }
+  ~SharedLookups() {
+    target_.set_shared_lookups(false);
+  }
+  SharedLookups(const SharedLookups&) = delete;
+  SharedLookups& operator=(const SharedLookups&) = delete;
+
+ private:
+  Target& target_;
+};
+
+} // namespace detail
 } // namespace advtrain
