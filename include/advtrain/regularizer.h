@@ -34,8 +34,9 @@ namespace advtrain {
 /// The clean pass's graph stays alive while the target is perturbed, so it
 /// is written without bumping its autograd version and is restored before
 /// the backward. Per example, the passes up to the final one share the
-/// first's lookup of the same ids (`Perturbation::set_shared_lookups`). `StepResult`: `regularizer` is the penalty, `adv_loss` the
-/// task loss at the final perturbed output (0 on an unlabeled batch).
+/// first's lookup of the same ids (`Perturbation::set_shared_lookups`).
+/// `StepResult`: `regularizer` is the penalty, `adv_loss` the task loss at the
+/// final perturbed output (0 on an unlabeled batch).
 template <typename Options>
 class Regularizer : public Strategy<Options> {
  public:
